@@ -1,0 +1,18 @@
+//! Pure types and logic of tabula: sizes, identifiers, mapping tables, entry states,
+//! space allocation and the metadata invariant checker.
+//!
+//! **Architecture invariant:** this crate does no I/O, spawns nothing and uses no async
+//! runtime, so every rule about tables and space can be tested exhaustively and fuzzed in
+//! isolation. The controller and the agent wrap it with storage and sockets.
+#![forbid(unsafe_code)]
+
+pub mod alloc;
+pub mod check;
+pub mod ids;
+pub mod table;
+pub mod units;
+
+pub use alloc::{FreeMap, Pool};
+pub use ids::{ContainerId, Generation, VdiskId};
+pub use table::{Entry, MappingTable, Phys, Piece, State};
+pub use units::{BLOCK_SIZE, format_size, parse_size};

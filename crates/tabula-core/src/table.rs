@@ -1,0 +1,617 @@
+//! The mapping table: ordered entries, each mapping a run of contiguous virtual blocks
+//! `[begin, end)` to a container and a physical start block, with a state.
+//!
+//! ```text
+//!  virtual blocks   0        256       512            1024
+//!                   |--------|---------|--------------|
+//!  entries          [ c1@0   ][  gap   ][ c2@4096 New  ]
+//!                    Normal    (zero)
+//! ```
+//!
+//! Blocks not covered by any entry are unallocated and read as zeros (the `Zero` state).
+//! Entries that are contiguous both virtually and physically, with equal states, are merged,
+//! so a table of sequentially allocated segments stays one entry.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::ContainerId;
+
+/// The state flags of an entry (seed 002 c2-5, 17-23; 003 c24-27).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    /// Mapped: reads and writes go to the container.
+    Normal,
+    /// Reads are zeros without container I/O; a write faults so the controller allocates.
+    Zero,
+    /// No usable mapping: any I/O faults to the controller.
+    Invalid,
+    /// Reads go to the container; writes fault.
+    NoWrite,
+    /// Shared with a snapshot or clone: reads go to the container, the first write faults so
+    /// the controller can break the sharing (copy-on-write).
+    New,
+    /// A known failure: I/O fails fast and is reported.
+    Error,
+}
+
+impl State {
+    pub const ALL: [State; 6] = [
+        State::Normal,
+        State::Zero,
+        State::Invalid,
+        State::NoWrite,
+        State::New,
+        State::Error,
+    ];
+
+    /// Whether reads of this state may be served by the agent without the controller.
+    pub fn readable(self) -> bool {
+        matches!(self, State::Normal | State::NoWrite | State::New | State::Zero)
+    }
+
+    /// Whether writes of this state may be served by the agent without the controller.
+    pub fn writable(self) -> bool {
+        matches!(self, State::Normal)
+    }
+
+    pub fn as_u8(self) -> u8 {
+        match self {
+            State::Normal => 0,
+            State::Zero => 1,
+            State::Invalid => 2,
+            State::NoWrite => 3,
+            State::New => 4,
+            State::Error => 5,
+        }
+    }
+
+    pub fn from_u8(v: u8) -> Option<State> {
+        State::ALL.into_iter().find(|s| s.as_u8() == v)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Normal => "normal",
+            State::Zero => "zero",
+            State::Invalid => "invalid",
+            State::NoWrite => "no-write",
+            State::New => "new",
+            State::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A physical position: container and block within it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Phys {
+    pub container: ContainerId,
+    pub block: u64,
+}
+
+impl Phys {
+    pub fn offset(self, blocks: u64) -> Phys {
+        Phys {
+            container: self.container,
+            block: self.block + blocks,
+        }
+    }
+}
+
+/// One table entry, as stored and as sent to agents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub begin: u64,
+    pub end: u64,
+    /// Where `begin` lives; `None` for states that need no storage (invalid, error, zero).
+    pub target: Option<Phys>,
+    pub state: State,
+}
+
+impl Entry {
+    pub fn len(&self) -> u64 {
+        self.end - self.begin
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end <= self.begin
+    }
+}
+
+/// The part of one lookup that falls in a single entry (or a single gap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    pub begin: u64,
+    pub end: u64,
+    /// Physical position of `begin`, already offset into the entry.
+    pub target: Option<Phys>,
+    pub state: State,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Value {
+    end: u64,
+    target: Option<Phys>,
+    state: State,
+}
+
+/// Errors from table edits: each is a bug in the caller, reported rather than panicking so the
+/// controller can refuse a bad request from the network.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TableError {
+    #[error("range {begin}..{end} is empty or inverted")]
+    BadRange { begin: u64, end: u64 },
+    #[error("range {begin}..{end} lies beyond the table size {size} blocks")]
+    OutOfRange { begin: u64, end: u64, size: u64 },
+    #[error("state {0} needs a physical target")]
+    NeedsTarget(State),
+}
+
+/// A vdisk's mapping table. Cloning is O(entries); agents keep one per exported vdisk.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MappingTable {
+    size: u64,
+    map: BTreeMap<u64, Value>,
+}
+
+impl MappingTable {
+    /// An empty table over `size` blocks: everything reads as zeros.
+    pub fn new(size: u64) -> MappingTable {
+        MappingTable {
+            size,
+            map: BTreeMap::new(),
+        }
+    }
+
+    /// Builds a table from stored entries, validating and merging them.
+    pub fn from_entries(
+        size: u64,
+        entries: impl IntoIterator<Item = Entry>,
+    ) -> Result<MappingTable, TableError> {
+        let mut t = MappingTable::new(size);
+        for e in entries {
+            t.set(e.begin, e.end, e.target, e.state)?;
+        }
+        Ok(t)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Changes the size; shrinking drops every mapping beyond the new end.
+    pub fn resize(&mut self, size: u64) {
+        if size < self.size {
+            self.cut(size, self.size);
+            self.map.retain(|&b, _| b < size);
+        }
+        self.size = size;
+    }
+
+    /// Entries in order.
+    pub fn entries(&self) -> impl Iterator<Item = Entry> + '_ {
+        self.map.iter().map(|(&begin, v)| Entry {
+            begin,
+            end: v.end,
+            target: v.target,
+            state: v.state,
+        })
+    }
+
+    /// Entries overlapping `[begin, end)`, clipped to it.
+    pub fn entries_in(&self, begin: u64, end: u64) -> Vec<Entry> {
+        self.lookup(begin, end)
+            .into_iter()
+            .filter(|p| p.target.is_some() || p.state != State::Zero)
+            .map(|p| Entry {
+                begin: p.begin,
+                end: p.end,
+                target: p.target,
+                state: p.state,
+            })
+            .collect()
+    }
+
+    /// Splits `[begin, end)` into the pieces it covers, gaps included as `Zero` pieces with no
+    /// target. The pieces are contiguous and cover the whole range (clipped to the table size).
+    pub fn lookup(&self, begin: u64, end: u64) -> Vec<Piece> {
+        let mut out = Vec::new();
+        self.for_each_piece(begin, end, |p| out.push(p));
+        out
+    }
+
+    /// Like [`lookup`](Self::lookup) without allocating: the hot path's form.
+    pub fn for_each_piece(&self, begin: u64, end: u64, mut f: impl FnMut(Piece)) {
+        let end = end.min(self.size);
+        if begin >= end {
+            return;
+        }
+        let mut pos = begin;
+        // The entry that starts at or before `begin` may cover it.
+        if let Some((&b, v)) = self.map.range(..=begin).next_back() {
+            if v.end > begin {
+                let e = v.end.min(end);
+                f(Piece {
+                    begin,
+                    end: e,
+                    target: v.target.map(|t| t.offset(begin - b)),
+                    state: v.state,
+                });
+                pos = e;
+            }
+        }
+        if pos >= end {
+            return;
+        }
+        for (&b, v) in self.map.range(pos..end) {
+            if b > pos {
+                f(Piece {
+                    begin: pos,
+                    end: b,
+                    target: None,
+                    state: State::Zero,
+                });
+            }
+            let e = v.end.min(end);
+            f(Piece {
+                begin: b,
+                end: e,
+                target: v.target,
+                state: v.state,
+            });
+            pos = e;
+        }
+        if pos < end {
+            f(Piece {
+                begin: pos,
+                end,
+                target: None,
+                state: State::Zero,
+            });
+        }
+    }
+
+    /// Maps `[begin, end)` to `target` with `state`, replacing whatever was there, and merges
+    /// with neighbours. `Zero` without a target is the same as [`remove`](Self::remove).
+    pub fn set(
+        &mut self,
+        begin: u64,
+        end: u64,
+        target: Option<Phys>,
+        state: State,
+    ) -> Result<(), TableError> {
+        self.check_range(begin, end)?;
+        if target.is_none() && matches!(state, State::Normal | State::NoWrite | State::New) {
+            return Err(TableError::NeedsTarget(state));
+        }
+        self.cut(begin, end);
+        if target.is_none() && state == State::Zero {
+            return Ok(());
+        }
+        self.map.insert(begin, Value { end, target, state });
+        self.merge_around(begin);
+        Ok(())
+    }
+
+    /// Unmaps `[begin, end)`: it reads as zeros again.
+    pub fn remove(&mut self, begin: u64, end: u64) -> Result<(), TableError> {
+        self.check_range(begin, end)?;
+        self.cut(begin, end);
+        Ok(())
+    }
+
+    fn check_range(&self, begin: u64, end: u64) -> Result<(), TableError> {
+        if begin >= end {
+            return Err(TableError::BadRange { begin, end });
+        }
+        if end > self.size {
+            return Err(TableError::OutOfRange {
+                begin,
+                end,
+                size: self.size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Removes every mapping inside `[begin, end)`, trimming entries that straddle its edges.
+    fn cut(&mut self, begin: u64, end: u64) {
+        // An entry starting before `begin` that reaches into the range: keep its head, and its
+        // tail if it also runs past `end`.
+        if let Some((&b, &v)) = self.map.range(..begin).next_back() {
+            if v.end > begin {
+                self.map.insert(b, Value { end: begin, ..v });
+                if v.end > end {
+                    self.map.insert(
+                        end,
+                        Value {
+                            end: v.end,
+                            target: v.target.map(|t| t.offset(end - b)),
+                            state: v.state,
+                        },
+                    );
+                }
+            }
+        }
+        let inside: Vec<u64> = self.map.range(begin..end).map(|(&b, _)| b).collect();
+        for b in inside {
+            let v = self.map.remove(&b).expect("key just listed");
+            if v.end > end {
+                self.map.insert(
+                    end,
+                    Value {
+                        end: v.end,
+                        target: v.target.map(|t| t.offset(end - b)),
+                        state: v.state,
+                    },
+                );
+            }
+        }
+    }
+
+    fn mergeable(b1: u64, v1: &Value, b2: u64, v2: &Value) -> bool {
+        if v1.end != b2 || v1.state != v2.state {
+            return false;
+        }
+        match (v1.target, v2.target) {
+            (None, None) => true,
+            (Some(t1), Some(t2)) => t1.offset(v1.end - b1) == t2,
+            _ => false,
+        }
+    }
+
+    fn merge_around(&mut self, begin: u64) {
+        let mut begin = begin;
+        if let Some((&pb, &pv)) = self.map.range(..begin).next_back() {
+            let v = self.map[&begin];
+            if Self::mergeable(pb, &pv, begin, &v) {
+                self.map.remove(&begin);
+                self.map.get_mut(&pb).expect("present").end = v.end;
+                begin = pb;
+            }
+        }
+        let v = self.map[&begin];
+        if let Some(nv) = self.map.get(&v.end).copied() {
+            if Self::mergeable(begin, &v, v.end, &nv) {
+                self.map.remove(&v.end);
+                self.map.get_mut(&begin).expect("present").end = nv.end;
+            }
+        }
+    }
+
+    /// Blocks that have a physical target.
+    pub fn mapped_blocks(&self) -> u64 {
+        self.map
+            .values()
+            .zip(self.map.keys())
+            .filter(|(v, _)| v.target.is_some())
+            .map(|(v, &b)| v.end - b)
+            .sum()
+    }
+
+    /// Structural invariants: entries sorted, non-overlapping, inside the size, never
+    /// mergeable with their successor, and states that need storage have it.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut prev: Option<(u64, Value)> = None;
+        for (&b, v) in &self.map {
+            if v.end <= b {
+                return Err(format!("entry at {b} is empty (end {})", v.end));
+            }
+            if v.end > self.size {
+                return Err(format!("entry {b}..{} beyond size {}", v.end, self.size));
+            }
+            if v.target.is_none() && matches!(v.state, State::Normal | State::NoWrite | State::New)
+            {
+                return Err(format!("entry at {b} in state {} has no target", v.state));
+            }
+            if v.target.is_none() && v.state == State::Zero {
+                return Err(format!("entry at {b} is an explicit unmapped zero"));
+            }
+            if let Some((pb, pv)) = prev {
+                if pv.end > b {
+                    return Err(format!("entries at {pb} and {b} overlap"));
+                }
+                if Self::mergeable(pb, &pv, b, v) {
+                    return Err(format!("entries at {pb} and {b} should have merged"));
+                }
+            }
+            prev = Some((b, *v));
+        }
+        Ok(())
+    }
+}
+
+/// The segment indexes covering the block range `[begin, end)`.
+pub fn segments_covering(begin: u64, end: u64, segment_blocks: u64) -> (u64, u64) {
+    (begin / segment_blocks, end.div_ceil(segment_blocks))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn phys(c: u32, b: u64) -> Option<Phys> {
+        Some(Phys {
+            container: ContainerId(c),
+            block: b,
+        })
+    }
+
+    #[test]
+    fn empty_table_reads_as_one_zero_piece() {
+        let t = MappingTable::new(100);
+        assert_eq!(
+            t.lookup(10, 20),
+            vec![Piece {
+                begin: 10,
+                end: 20,
+                target: None,
+                state: State::Zero
+            }]
+        );
+        assert!(t.lookup(100, 120).is_empty());
+    }
+
+    #[test]
+    fn sequential_segments_merge_into_one_entry() {
+        let mut t = MappingTable::new(1024);
+        t.set(0, 256, phys(1, 0), State::Normal).unwrap();
+        t.set(256, 512, phys(1, 256), State::Normal).unwrap();
+        assert_eq!(t.len(), 1);
+        t.set(512, 768, phys(1, 1000), State::Normal).unwrap();
+        assert_eq!(t.len(), 2);
+        t.validate().unwrap();
+    }
+
+    #[test]
+    fn lookup_splits_across_entries_and_gaps() {
+        let mut t = MappingTable::new(1000);
+        t.set(100, 200, phys(1, 0), State::Normal).unwrap();
+        t.set(300, 400, phys(2, 50), State::New).unwrap();
+        let p = t.lookup(150, 350);
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[0].target, phys(1, 50));
+        assert_eq!((p[1].begin, p[1].end, p[1].state), (200, 300, State::Zero));
+        assert_eq!(p[2].target, phys(2, 50));
+    }
+
+    #[test]
+    fn rejects_bad_edits() {
+        let mut t = MappingTable::new(10);
+        assert!(t.set(5, 5, phys(1, 0), State::Normal).is_err());
+        assert!(t.set(5, 11, phys(1, 0), State::Normal).is_err());
+        assert_eq!(
+            t.set(0, 1, None, State::Normal),
+            Err(TableError::NeedsTarget(State::Normal))
+        );
+    }
+
+    #[test]
+    fn shrink_drops_tail() {
+        let mut t = MappingTable::new(100);
+        t.set(0, 100, phys(1, 0), State::Normal).unwrap();
+        t.resize(40);
+        assert_eq!(t.entries().collect::<Vec<_>>().len(), 1);
+        assert_eq!(t.mapped_blocks(), 40);
+        t.validate().unwrap();
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Set(u64, u64, Option<(u32, u64)>, State),
+        Remove(u64, u64),
+        Resize(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let state = proptest::sample::select(State::ALL.to_vec());
+        prop_oneof![
+            4 => (0u64..64, 1u64..16, proptest::option::of((0u32..2, 0u64..8)), state)
+                .prop_map(|(b, l, t, s)| Op::Set(b, b + l, t.map(|(c, x)| (c, x * 8)), s)),
+            2 => (0u64..64, 1u64..16).prop_map(|(b, l)| Op::Remove(b, b + l)),
+            1 => (32u64..80).prop_map(Op::Resize),
+        ]
+    }
+
+    /// The naive model: one optional (target, state) per block.
+    type Model = Vec<Option<(Option<Phys>, State)>>;
+
+    fn model_piece(m: &Model, i: u64) -> (Option<Phys>, State) {
+        m[i as usize].unwrap_or((None, State::Zero))
+    }
+
+    proptest! {
+        #[test]
+        fn table_matches_per_block_model(ops in proptest::collection::vec(op(), 1..60)) {
+            let mut t = MappingTable::new(64);
+            let mut m: Model = vec![None; 64];
+            for op in ops {
+                match op {
+                    Op::Set(b, e, target, state) => {
+                        let target = target.and_then(|(c, x)| phys(c, x));
+                        let r = t.set(b, e, target, state);
+                        let needs = target.is_none()
+                            && matches!(state, State::Normal | State::NoWrite | State::New);
+                        if e > m.len() as u64 || needs {
+                            prop_assert!(r.is_err());
+                            continue;
+                        }
+                        prop_assert!(r.is_ok());
+                        for i in b..e {
+                            m[i as usize] = if target.is_none() && state == State::Zero {
+                                None
+                            } else {
+                                Some((target.map(|p| p.offset(i - b)), state))
+                            };
+                        }
+                    }
+                    Op::Remove(b, e) => {
+                        let r = t.remove(b, e);
+                        if e > m.len() as u64 {
+                            prop_assert!(r.is_err());
+                            continue;
+                        }
+                        for i in b..e {
+                            m[i as usize] = None;
+                        }
+                    }
+                    Op::Resize(n) => {
+                        t.resize(n);
+                        m.resize(n as usize, None);
+                    }
+                }
+                prop_assert_eq!(t.validate(), Ok(()));
+                // Every block agrees with the model, through a whole-table lookup and through
+                // random sub-range lookups.
+                let pieces = t.lookup(0, t.size());
+                let mut pos = 0;
+                for p in &pieces {
+                    prop_assert_eq!(p.begin, pos);
+                    for i in p.begin..p.end {
+                        let got = (p.target.map(|x| x.offset(i - p.begin)), p.state);
+                        prop_assert_eq!(got, model_piece(&m, i));
+                    }
+                    pos = p.end;
+                }
+                prop_assert_eq!(pos, m.len() as u64);
+                let mapped = (0..m.len()).filter(|&i| m[i].is_some_and(|x| x.0.is_some())).count();
+                prop_assert_eq!(t.mapped_blocks(), mapped as u64);
+            }
+        }
+
+        #[test]
+        fn lookup_of_subrange_is_contiguous(b in 0u64..64, l in 1u64..64) {
+            let mut t = MappingTable::new(64);
+            t.set(8, 16, phys(0, 0), State::Normal).unwrap();
+            t.set(20, 40, phys(1, 100), State::New).unwrap();
+            let e = (b + l).min(64);
+            let pieces = t.lookup(b, e);
+            let mut pos = b;
+            for p in &pieces {
+                prop_assert_eq!(p.begin, pos);
+                prop_assert!(p.end > p.begin);
+                pos = p.end;
+            }
+            prop_assert_eq!(pos, e.max(b));
+        }
+    }
+}
