@@ -1,3 +1,20 @@
-fn main() {
-    println!("Hello, world!");
+//! `tabula`: the command-line tool and the daemons (thin: parse, set up logging, run).
+#![forbid(unsafe_code)]
+
+mod cli;
+mod client;
+mod output;
+mod serve;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let args = cli::Cli::parse();
+    match cli::run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -1,14 +1,17 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! The tabula controller: sole owner of the authoritative mapping tables.
+//!
+//! - [`store`]: persistence in redb (what is durable and when);
+//! - [`service`]: vdisks, containers, allocation and fault resolution, agent commands;
+//! - [`http`]: the admin API (JSON over HTTP) used by the CLI;
+//! - [`check`]: the offline metadata check behind `tabula check`.
+//!
+//! **Architecture invariant:** the controller is never in the data path. It answers faults
+//! and commands agents; bytes flow between hosts and containers through agents only.
+#![forbid(unsafe_code)]
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod check;
+pub mod http;
+pub mod service;
+pub mod store;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use service::{Controller, ControllerConfig, ControllerError};

@@ -69,6 +69,19 @@ impl FreeMap {
         self.runs.iter().map(|(&s, &l)| (s, l))
     }
 
+    /// The runs that touch the closed interval `[a, b]`: the only runs an allocation or free
+    /// of `[a, b)` can change, so persisting a change means replacing just these.
+    pub fn touching(&self, a: u64, b: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        if let Some((&s, &l)) = self.runs.range(..a).next_back() {
+            if s + l >= a {
+                out.push((s, l));
+            }
+        }
+        out.extend(self.runs.range(a..=b).map(|(&s, &l)| (s, l)));
+        out
+    }
+
     /// Grows the container; the new tail is free.
     pub fn grow(&mut self, new_size: u64) -> Result<(), AllocError> {
         if new_size > self.size {
@@ -81,7 +94,13 @@ impl FreeMap {
 
     /// Takes between `min` and `max` blocks (in multiples of `unit`) as one run, preferring to
     /// start at `hint`. Returns the start and the length taken.
-    pub fn alloc(&mut self, unit: u64, min: u64, max: u64, hint: Option<u64>) -> Option<(u64, u64)> {
+    pub fn alloc(
+        &mut self,
+        unit: u64,
+        min: u64,
+        max: u64,
+        hint: Option<u64>,
+    ) -> Option<(u64, u64)> {
         debug_assert!(unit > 0 && min > 0 && min <= max && min % unit == 0 && max % unit == 0);
         if let Some(h) = hint {
             if let Some((&s, &l)) = self.runs.range(..=h).next_back() {
@@ -123,7 +142,12 @@ impl FreeMap {
     }
 
     /// Returns `[start, start+len)` to the free map, coalescing with neighbours.
-    pub fn free_run(&mut self, container: ContainerId, start: u64, len: u64) -> Result<(), AllocError> {
+    pub fn free_run(
+        &mut self,
+        container: ContainerId,
+        start: u64,
+        len: u64,
+    ) -> Result<(), AllocError> {
         let end = start + len;
         if end > self.size || len == 0 {
             return Err(AllocError::OutOfContainer {
@@ -197,7 +221,13 @@ impl Pool {
 
     /// Allocates one run of `min..=max` blocks in multiples of `unit`: right after `hint` if
     /// that space is free, else in the container with the most free space.
-    pub fn alloc(&mut self, unit: u64, min: u64, max: u64, hint: Option<Phys>) -> Option<(Phys, u64)> {
+    pub fn alloc(
+        &mut self,
+        unit: u64,
+        min: u64,
+        max: u64,
+        hint: Option<Phys>,
+    ) -> Option<(Phys, u64)> {
         if let Some(h) = hint {
             if let Some(m) = self.containers.get_mut(&h.container) {
                 if let Some((b, n)) = m.alloc(unit, min, max, Some(h.block)) {
@@ -261,8 +291,14 @@ mod tests {
         let mut m = FreeMap::all_free(100);
         let (s, n) = m.alloc(10, 10, 10, None).unwrap();
         m.free_run(C, s, n).unwrap();
-        assert!(matches!(m.free_run(C, s, n), Err(AllocError::DoubleFree { .. })));
-        assert!(matches!(m.free_run(C, 95, 10), Err(AllocError::OutOfContainer { .. })));
+        assert!(matches!(
+            m.free_run(C, s, n),
+            Err(AllocError::DoubleFree { .. })
+        ));
+        assert!(matches!(
+            m.free_run(C, 95, 10),
+            Err(AllocError::OutOfContainer { .. })
+        ));
         assert_eq!(m, FreeMap::all_free(100));
     }
 

@@ -16,7 +16,11 @@ use crate::table::MappingTable;
 /// What a physical run is used for, to name it in a report.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Owner {
-    Vdisk { id: VdiskId, name: String, begin: u64 },
+    Vdisk {
+        id: VdiskId,
+        name: String,
+        begin: u64,
+    },
     Free,
     Zeroing,
 }
@@ -71,7 +75,8 @@ pub fn check(inv: &Inventory) -> Report {
     let mut runs: BTreeMap<ContainerId, Vec<(u64, u64, Owner)>> = BTreeMap::new();
     for (id, name, table) in &inv.vdisks {
         if let Err(e) = table.validate() {
-            r.problems.push(format!("vdisk {name} ({id}): malformed table: {e}"));
+            r.problems
+                .push(format!("vdisk {name} ({id}): malformed table: {e}"));
         }
         for e in table.entries() {
             r.entries += 1;
@@ -177,7 +182,10 @@ mod tests {
     fn accepts_consistent_inventory() {
         let r = check(&inv());
         assert!(r.ok(), "{:?}", r.problems);
-        assert_eq!((r.mapped_blocks, r.free_blocks, r.zeroing_blocks), (10, 30, 10));
+        assert_eq!(
+            (r.mapped_blocks, r.free_blocks, r.zeroing_blocks),
+            (10, 30, 10)
+        );
     }
 
     #[test]
@@ -185,7 +193,11 @@ mod tests {
         let mut i = inv();
         i.free[0] = (ContainerId(1), 5, 35);
         let r = check(&i);
-        assert!(r.problems.iter().any(|p| p.contains("owned twice")), "{:?}", r.problems);
+        assert!(
+            r.problems.iter().any(|p| p.contains("owned twice")),
+            "{:?}",
+            r.problems
+        );
     }
 
     #[test]
@@ -194,8 +206,16 @@ mod tests {
         i.zeroing.clear();
         i.free.push((ContainerId(1), 45, 10));
         let r = check(&i);
-        assert!(r.problems.iter().any(|p| p.contains("leaked")), "{:?}", r.problems);
-        assert!(r.problems.iter().any(|p| p.contains("has only 50")), "{:?}", r.problems);
+        assert!(
+            r.problems.iter().any(|p| p.contains("leaked")),
+            "{:?}",
+            r.problems
+        );
+        assert!(
+            r.problems.iter().any(|p| p.contains("has only 50")),
+            "{:?}",
+            r.problems
+        );
     }
 
     #[test]

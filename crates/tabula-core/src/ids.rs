@@ -15,7 +15,9 @@ pub struct VdiskId(pub u64);
 
 /// Version of one vdisk's table. Every change the controller makes increments it, so an agent
 /// can tell an old copy from a current one and see a gap in the changes it received.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Generation(pub u64);
 
 impl Generation {

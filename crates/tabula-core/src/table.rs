@@ -50,7 +50,10 @@ impl State {
 
     /// Whether reads of this state may be served by the agent without the controller.
     pub fn readable(self) -> bool {
-        matches!(self, State::Normal | State::NoWrite | State::New | State::Zero)
+        matches!(
+            self,
+            State::Normal | State::NoWrite | State::New | State::Zero
+        )
     }
 
     /// Whether writes of this state may be served by the agent without the controller.
@@ -208,6 +211,17 @@ impl MappingTable {
     /// Entries in order.
     pub fn entries(&self) -> impl Iterator<Item = Entry> + '_ {
         self.map.iter().map(|(&begin, v)| Entry {
+            begin,
+            end: v.end,
+            target: v.target,
+            state: v.state,
+        })
+    }
+
+    /// The whole (unclipped) entry holding `block`, if any.
+    pub fn entry_at(&self, block: u64) -> Option<Entry> {
+        let (&begin, v) = self.map.range(..=block).next_back()?;
+        (v.end > block).then_some(Entry {
             begin,
             end: v.end,
             target: v.target,

@@ -81,7 +81,10 @@ mod tests {
         assert!(matches!(parse_size("G"), Err(SizeError::Invalid(_))));
         assert!(matches!(parse_size("10X"), Err(SizeError::Invalid(_))));
         assert!(matches!(parse_size("-1"), Err(SizeError::Invalid(_))));
-        assert!(matches!(parse_size("99999999P"), Err(SizeError::Overflow(_))));
+        assert!(matches!(
+            parse_size("99999999P"),
+            Err(SizeError::Overflow(_))
+        ));
     }
 
     #[test]

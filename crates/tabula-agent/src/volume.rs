@@ -1,0 +1,477 @@
+//! One exported vdisk on an agent: its volatile table copy and the data path (hot path).
+//!
+//! Every I/O: take the gate for reading, split the byte range through the table, and either
+//! do all the pieces against the containers or, if any piece is not allowed in its state,
+//! release the gate, fault to the controller, install the answer and try again.
+//!
+//! The gate is what makes freeing safe: a table command installs the new entries and then
+//! takes the gate for writing once, which waits for every I/O that could have looked up the
+//! superseded entries.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tabula_api::{ControlError, Fault, FaultOp, RangeUpdate, TableSnapshot};
+use tabula_core::{BLOCK_SIZE, ContainerId, Generation, MappingTable, Piece, State, VdiskId};
+use tabula_nbd::server::{Errno, Export, ExportInfo, IoError, StatusExtent, ZeroFlags};
+
+use crate::agent::{OpenContainer, Shared};
+
+/// base:allocation flags (NBD): a hole that reads as zeros.
+const HOLE_ZERO: u32 = 1 | 2;
+
+struct TableCopy {
+    generation: Generation,
+    table: MappingTable,
+}
+
+pub struct Volume {
+    id: VdiskId,
+    name: String,
+    size_bytes: u64,
+    segment_blocks: u64,
+    read_only: bool,
+    table: parking_lot::RwLock<TableCopy>,
+    gate: tokio::sync::RwLock<()>,
+    detached: AtomicBool,
+}
+
+impl Volume {
+    pub fn from_snapshot(snap: TableSnapshot) -> Result<Volume, String> {
+        let table = MappingTable::from_entries(snap.size_bytes / BLOCK_SIZE, snap.entries)
+            .map_err(|e| {
+                format!(
+                    "table of {} from the controller is malformed: {e}",
+                    snap.name
+                )
+            })?;
+        Ok(Volume {
+            id: snap.vdisk,
+            name: snap.name,
+            size_bytes: snap.size_bytes,
+            segment_blocks: snap.segment_blocks,
+            read_only: snap.read_only,
+            table: parking_lot::RwLock::new(TableCopy {
+                generation: snap.generation,
+                table,
+            }),
+            gate: tokio::sync::RwLock::new(()),
+            detached: AtomicBool::new(false),
+        })
+    }
+
+    pub fn id(&self) -> VdiskId {
+        self.id
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn entries(&self) -> usize {
+        self.table.read().table.len()
+    }
+
+    pub fn generation(&self) -> Generation {
+        self.table.read().generation
+    }
+
+    /// Installs the controller's entries for a range, unless this copy is already newer.
+    /// (An older answer overtaken by a newer change is dropped: the I/O that needed it simply
+    /// faults again and gets the current entries.)
+    pub fn install(&self, u: &RangeUpdate) {
+        let mut t = self.table.write();
+        if u.generation < t.generation {
+            return;
+        }
+        let (b, e) = (u.range.0.min(t.table.size()), u.range.1.min(t.table.size()));
+        if b < e {
+            let _ = t.table.remove(b, e);
+        }
+        for x in &u.entries {
+            if x.end <= t.table.size() {
+                let _ = t.table.set(x.begin, x.end, x.target, x.state);
+            }
+        }
+        t.generation = u.generation;
+    }
+
+    pub fn replace(&self, snap: &TableSnapshot) -> Result<(), String> {
+        let table =
+            MappingTable::from_entries(snap.size_bytes / BLOCK_SIZE, snap.entries.iter().copied())
+                .map_err(|e| format!("replacement table of {} is malformed: {e}", snap.name))?;
+        let mut t = self.table.write();
+        if snap.generation >= t.generation {
+            *t = TableCopy {
+                generation: snap.generation,
+                table,
+            };
+        }
+        Ok(())
+    }
+
+    /// Waits until no I/O that started before now is in flight.
+    pub async fn drain(&self) {
+        drop(self.gate.write().await);
+    }
+
+    pub fn detach(&self) {
+        self.detached.store(true, Ordering::Release);
+    }
+
+    fn segment_bytes(&self) -> u64 {
+        self.segment_blocks * BLOCK_SIZE
+    }
+
+    /// Pieces of the byte range `[off, off+len)`, with byte sub-ranges.
+    fn pieces(&self, off: u64, len: u64) -> Vec<Piece> {
+        let b = off / BLOCK_SIZE;
+        let e = (off + len).div_ceil(BLOCK_SIZE);
+        self.table.read().table.lookup(b, e)
+    }
+}
+
+/// Byte sub-range of `[off, off+len)` that a piece covers.
+fn clip(p: &Piece, off: u64, len: u64) -> (u64, u64) {
+    let s = (p.begin * BLOCK_SIZE).max(off);
+    let e = (p.end * BLOCK_SIZE).min(off + len);
+    (s, e)
+}
+
+/// Physical byte offset of virtual byte `v` inside piece `p`.
+fn phys_off(p: &Piece, v: u64) -> Option<(ContainerId, u64)> {
+    p.target.map(|t| {
+        (
+            t.container,
+            t.block * BLOCK_SIZE + (v - p.begin * BLOCK_SIZE),
+        )
+    })
+}
+
+fn ctl_err(e: ControlError) -> IoError {
+    let errno = match e {
+        ControlError::NoSpace => Errno::NoSpc,
+        ControlError::NotFound(_) => Errno::Shutdown,
+        ControlError::Invalid(_) | ControlError::Unavailable(_) | ControlError::Storage(_) => {
+            Errno::Io
+        }
+        ControlError::Exists(_) => Errno::Io,
+    };
+    IoError {
+        errno,
+        message: e.to_string(),
+    }
+}
+
+fn io_err(context: &str, e: std::io::Error) -> IoError {
+    IoError {
+        errno: Errno::Io,
+        message: format!("{context}: {e}"),
+    }
+}
+
+/// One physical operation of an I/O.
+struct PhysOp {
+    container: Arc<OpenContainer>,
+    /// Offset in the container.
+    at: u64,
+    /// Offset in the request buffer.
+    buf_off: usize,
+    len: usize,
+}
+
+/// The NBD face of a volume.
+pub struct VolumeExport {
+    shared: Arc<Shared>,
+    vol: Arc<Volume>,
+}
+
+impl VolumeExport {
+    pub(crate) fn new(shared: Arc<Shared>, vol: Arc<Volume>) -> VolumeExport {
+        VolumeExport { shared, vol }
+    }
+
+    fn check_attached(&self) -> Result<(), IoError> {
+        if self.vol.detached.load(Ordering::Acquire) {
+            return Err(IoError {
+                errno: Errno::Shutdown,
+                message: format!("vdisk {} was deleted", self.vol.name),
+            });
+        }
+        Ok(())
+    }
+
+    async fn fault(&self, op: FaultOp, state: State, segs: (u64, u64)) -> Result<(), IoError> {
+        let fault = Fault {
+            agent: self.shared.cfg.name.clone(),
+            vdisk: self.vol.id,
+            op,
+            segments: segs,
+            state,
+            generation: self.vol.generation(),
+        };
+        let update = self.shared.control.fault(fault).await.map_err(ctl_err)?;
+        self.vol.install(&update);
+        Ok(())
+    }
+
+    fn too_many_faults(&self, off: u64) -> IoError {
+        IoError {
+            errno: Errno::Io,
+            message: format!(
+                "vdisk {}: the table kept changing under an I/O at offset {off}; giving up",
+                self.vol.name
+            ),
+        }
+    }
+
+    /// Segment range covering the blocks of the pieces that need a fault.
+    fn fault_segments(&self, bad: &[Piece]) -> (u64, u64) {
+        let seg = self.vol.segment_blocks;
+        let first = bad.first().expect("non-empty").begin / seg;
+        let last = bad.last().expect("non-empty").end.div_ceil(seg);
+        (first, last)
+    }
+
+    async fn resolve_ops(
+        &self,
+        pieces: &[Piece],
+        off: u64,
+        len: u64,
+    ) -> Result<Vec<PhysOp>, IoError> {
+        let mut ops = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            let (s, e) = clip(p, off, len);
+            if let Some((c, at)) = phys_off(p, s) {
+                let container = self.shared.container(c).await.map_err(ctl_err)?;
+                ops.push(PhysOp {
+                    container,
+                    at,
+                    buf_off: (s - off) as usize,
+                    len: (e - s) as usize,
+                });
+            }
+        }
+        Ok(ops)
+    }
+
+    /// Ensures every block of `[off, off+len)` is writable, faulting as needed, and returns
+    /// with the gate held and the physical operations resolved.
+    async fn writable(
+        &self,
+        off: u64,
+        len: u64,
+    ) -> Result<(tokio::sync::RwLockReadGuard<'_, ()>, Vec<PhysOp>), IoError> {
+        for _ in 0..self.shared.cfg.max_fault_retries {
+            self.check_attached()?;
+            let guard = self.vol.gate.read().await;
+            let pieces = self.vol.pieces(off, len);
+            let bad: Vec<Piece> = pieces
+                .iter()
+                .filter(|p| !(p.state.writable() && p.target.is_some()))
+                .copied()
+                .collect();
+            if bad.is_empty() {
+                let ops = self.resolve_ops(&pieces, off, len).await?;
+                return Ok((guard, ops));
+            }
+            drop(guard);
+            if let Some(p) = bad.iter().find(|p| p.state == State::Error) {
+                return Err(IoError {
+                    errno: Errno::Io,
+                    message: format!(
+                        "vdisk {}: blocks {}..{} are in the error state",
+                        self.vol.name, p.begin, p.end
+                    ),
+                });
+            }
+            self.fault(FaultOp::Write, bad[0].state, self.fault_segments(&bad))
+                .await?;
+        }
+        Err(self.too_many_faults(off))
+    }
+
+    async fn sync_ops(ops: &[PhysOp]) -> Result<(), IoError> {
+        let mut seen: Vec<&Arc<OpenContainer>> = Vec::new();
+        for op in ops {
+            if !seen.iter().any(|c| Arc::ptr_eq(c, &op.container)) {
+                seen.push(&op.container);
+                let c = op.container.clone();
+                tokio::task::spawn_blocking(move || c.file.sync())
+                    .await
+                    .map_err(|e| io_err("sync", std::io::Error::other(e)))?
+                    .map_err(|e| io_err("sync", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Unmaps the whole segments inside `[off, off+len)` through the controller. The last
+    /// segment of a vdisk whose size is not a segment multiple counts as whole when the range
+    /// reaches the end.
+    async fn unmap_whole_segments(&self, op: FaultOp, off: u64, len: u64) -> Result<(), IoError> {
+        let segb = self.vol.segment_bytes();
+        let s0 = off.div_ceil(segb);
+        let end = off + len;
+        let s1 = if end >= self.vol.size_bytes {
+            self.vol.size_bytes.div_ceil(segb)
+        } else {
+            end / segb
+        };
+        if s0 >= s1 {
+            return Ok(());
+        }
+        let seg = self.vol.segment_blocks;
+        let any_mapped = {
+            let t = self.vol.table.read();
+            !t.table.entries_in(s0 * seg, s1 * seg).is_empty()
+        };
+        if any_mapped {
+            self.fault(op, State::Normal, (s0, s1)).await?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Export for VolumeExport {
+    fn info(&self) -> ExportInfo {
+        ExportInfo {
+            size: self.vol.size_bytes,
+            read_only: self.vol.read_only,
+            description: Some(format!("tabula vdisk {}", self.vol.name)),
+            min_block: 1,
+            preferred_block: BLOCK_SIZE as u32,
+            can_multi_conn: true,
+            can_fast_zero: true,
+        }
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, IoError> {
+        let len64 = len as u64;
+        for _ in 0..self.shared.cfg.max_fault_retries {
+            self.check_attached()?;
+            let guard = self.vol.gate.read().await;
+            let pieces = self.vol.pieces(offset, len64);
+            if let Some(bad) = pieces.iter().find(|p| !p.state.readable()) {
+                let bad = *bad;
+                drop(guard);
+                if bad.state == State::Error {
+                    return Err(IoError {
+                        errno: Errno::Io,
+                        message: format!(
+                            "vdisk {}: blocks {}..{} are in the error state",
+                            self.vol.name, bad.begin, bad.end
+                        ),
+                    });
+                }
+                self.fault(FaultOp::Read, bad.state, self.fault_segments(&[bad]))
+                    .await?;
+                continue;
+            }
+            let ops = self.resolve_ops(&pieces, offset, len64).await?;
+            let mut buf = vec![0u8; len as usize];
+            if ops.is_empty() {
+                // Unallocated: zeros without touching any container.
+                return Ok(buf);
+            }
+            let buf = tokio::task::spawn_blocking(move || {
+                for op in &ops {
+                    op.container
+                        .file
+                        .read_at(&mut buf[op.buf_off..op.buf_off + op.len], op.at)?;
+                }
+                Ok::<_, std::io::Error>(buf)
+            })
+            .await
+            .map_err(|e| io_err("read", std::io::Error::other(e)))?
+            .map_err(|e| io_err("read from container", e))?;
+            drop(guard);
+            return Ok(buf);
+        }
+        Err(self.too_many_faults(offset))
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), IoError> {
+        let (guard, ops) = self.writable(offset, data.len() as u64).await?;
+        let ops = tokio::task::spawn_blocking(move || {
+            for op in &ops {
+                op.container.dirty.store(true, Ordering::Release);
+                op.container
+                    .file
+                    .write_at(&data[op.buf_off..op.buf_off + op.len], op.at)?;
+            }
+            Ok::<_, std::io::Error>(ops)
+        })
+        .await
+        .map_err(|e| io_err("write", std::io::Error::other(e)))?
+        .map_err(|e| io_err("write to container", e))?;
+        if fua {
+            Self::sync_ops(&ops).await?;
+        }
+        drop(guard);
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), IoError> {
+        self.shared.flush().await.map_err(|e| io_err("flush", e))
+    }
+
+    async fn trim(&self, offset: u64, len: u32, _fua: bool) -> Result<(), IoError> {
+        self.check_attached()?;
+        // Trim is advisory: whole segments are returned to the pool, partial ones are kept.
+        // The controller's answer is durable before it returns, so FUA needs nothing more.
+        self.unmap_whole_segments(FaultOp::Trim, offset, len as u64)
+            .await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
+        self.check_attached()?;
+        let len64 = len as u64;
+        if !flags.no_hole {
+            self.unmap_whole_segments(FaultOp::WriteZeroes, offset, len64)
+                .await?;
+        }
+        // What is still mapped (partial segments, or everything with NO_HOLE) is zeroed in
+        // place; with NO_HOLE, unallocated space is allocated first (it already reads zeros).
+        if flags.no_hole {
+            drop(self.writable(offset, len64).await?);
+        }
+        let guard = self.vol.gate.read().await;
+        let pieces = self.vol.pieces(offset, len64);
+        let fresh = self.resolve_ops(&pieces, offset, len64).await?;
+        let fresh = tokio::task::spawn_blocking(move || {
+            for op in &fresh {
+                op.container.dirty.store(true, Ordering::Release);
+                op.container.file.zero_range(op.at, op.len as u64)?;
+            }
+            Ok::<_, std::io::Error>(fresh)
+        })
+        .await
+        .map_err(|e| io_err("write zeroes", std::io::Error::other(e)))?
+        .map_err(|e| io_err("zero container range", e))?;
+        if flags.fua {
+            Self::sync_ops(&fresh).await?;
+        }
+        drop(guard);
+        Ok(())
+    }
+
+    async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<StatusExtent>, IoError> {
+        self.check_attached()?;
+        let len64 = len as u64;
+        let mut out: Vec<StatusExtent> = Vec::new();
+        for p in self.vol.pieces(offset, len64) {
+            let (s, e) = clip(&p, offset, len64);
+            let flags = if p.target.is_some() { 0 } else { HOLE_ZERO };
+            match out.last_mut() {
+                Some(last) if last.flags == flags => last.length += (e - s) as u32,
+                _ => out.push(StatusExtent {
+                    length: (e - s) as u32,
+                    flags,
+                }),
+            }
+        }
+        Ok(out)
+    }
+}

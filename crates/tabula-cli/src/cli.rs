@@ -1,0 +1,261 @@
+//! Command-line grammar (clap) and dispatch.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use tabula_api::admin::{AddContainer, CreateVdisk, ResizeVdisk};
+use tabula_core::parse_size;
+
+use crate::client::Client;
+use crate::output;
+
+pub const DEFAULT_API: &str = "127.0.0.1:7700";
+pub const DEFAULT_NBD: &str = "127.0.0.1:10809";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tabula",
+    version,
+    about = "Distributed, table-driven virtual block storage: thin vdisks served over NBD",
+    long_about = "tabula pools storage containers into thin-provisioned virtual disks (vdisks) \
+and serves them to any NBD client (qemu, nbd-client, libnbd tools, fio).\n\n\
+Start everything on one host with `tabula serve`, then create vdisks with \
+`tabula vdisk create NAME --size 10G` and connect to nbd://127.0.0.1:10809/NAME."
+)]
+pub struct Cli {
+    /// Admin API of the controller to talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "TABULA_CONTROLLER",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    pub controller: String,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run controller, agent and a default file container in one process.
+    Serve(ServeArgs),
+    /// Create, inspect, resize and delete virtual disks.
+    #[command(subcommand)]
+    Vdisk(VdiskCmd),
+    /// Add and inspect storage containers.
+    #[command(subcommand)]
+    Container(ContainerCmd),
+    /// Show capacity, allocation, containers and agents.
+    Status(JsonFlag),
+    /// Verify stored metadata against tabula's invariants; exits 1 if any is violated.
+    ///
+    /// With --data-dir, checks a stopped installation's database directly; otherwise asks the
+    /// running controller to check its store.
+    Check(CheckArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Directory for metadata and the default container.
+    #[arg(long, default_value = "./tabula-data")]
+    pub data_dir: PathBuf,
+    /// NBD address: HOST:PORT, [::1]:PORT or unix:/path/to/socket.
+    #[arg(long, default_value = DEFAULT_NBD)]
+    pub nbd_listen: String,
+    /// Admin API address (HOST:PORT).
+    #[arg(long, default_value = DEFAULT_API)]
+    pub api_listen: String,
+    /// Size of the default container created on first start (a sparse file).
+    #[arg(long, default_value = "64G", value_parser = size_arg)]
+    pub container_size: u64,
+    /// Agent name, shown in `tabula status`.
+    #[arg(long, default_value = "local")]
+    pub name: String,
+}
+
+#[derive(Args, Debug)]
+pub struct JsonFlag {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Check the database in this (stopped) data directory instead of asking the controller.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VdiskCmd {
+    /// Create a thin vdisk: it reads as zeros and owns no space until written.
+    Create {
+        name: String,
+        /// Size, e.g. 10G (a multiple of 4K).
+        #[arg(long, value_parser = size_arg)]
+        size: u64,
+        /// Allocation unit (power of two, at least 4K; default 1M).
+        #[arg(long, value_parser = size_arg)]
+        segment_size: Option<u64>,
+    },
+    /// List vdisks.
+    List(JsonFlag),
+    /// Show one vdisk.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a vdisk's mapping table: each entry's virtual range, state and location.
+    Map {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a vdisk; its space is zeroed and returned to the pool.
+    Delete { name: String },
+    /// Grow or shrink a vdisk (shrinking frees the space beyond the new end).
+    Resize {
+        name: String,
+        #[arg(long, value_parser = size_arg)]
+        size: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ContainerCmd {
+    /// Add a file container. With --size, creates a new sparse file of that size; without,
+    /// uses an existing file at its current size.
+    Add {
+        name: String,
+        #[arg(long)]
+        path: PathBuf,
+        #[arg(long, value_parser = size_arg)]
+        size: Option<u64>,
+    },
+    /// List containers with size, used and free space.
+    List(JsonFlag),
+    /// Show one container.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let client = || Client::new(&cli.controller);
+    match cli.command {
+        Cmd::Serve(args) => {
+            crate::serve::run(args)?;
+        }
+        Cmd::Vdisk(cmd) => match cmd {
+            VdiskCmd::Create {
+                name,
+                size,
+                segment_size,
+            } => {
+                let v = client().create_vdisk(&CreateVdisk {
+                    name,
+                    size,
+                    segment_size,
+                })?;
+                println!(
+                    "created vdisk {} ({}), export nbd://HOST:10809/{}",
+                    v.name,
+                    tabula_core::format_size(v.size),
+                    v.name
+                );
+            }
+            VdiskCmd::List(j) => {
+                let list = client().list_vdisks()?;
+                output::print(&list, j.json, output::vdisk_table)?;
+            }
+            VdiskCmd::Show { name, json } => {
+                let v = client().vdisk(&name)?;
+                output::print(&v, json, output::vdisk_detail)?;
+            }
+            VdiskCmd::Map { name, json } => {
+                let m = client().map(&name)?;
+                output::print(&m, json, output::map_table)?;
+            }
+            VdiskCmd::Delete { name } => {
+                client().delete_vdisk(&name)?;
+                println!("deleted vdisk {name}");
+            }
+            VdiskCmd::Resize { name, size } => {
+                let v = client().resize_vdisk(&name, &ResizeVdisk { size })?;
+                println!(
+                    "resized vdisk {} to {} (connected clients see the new size when they reconnect)",
+                    v.name,
+                    tabula_core::format_size(v.size)
+                );
+            }
+        },
+        Cmd::Container(cmd) => match cmd {
+            ContainerCmd::Add { name, path, size } => {
+                let c = client().add_container(&AddContainer {
+                    name,
+                    path: path.to_string_lossy().to_string(),
+                    size,
+                })?;
+                println!(
+                    "added container {} ({}, {})",
+                    c.name,
+                    c.path,
+                    tabula_core::format_size(c.size)
+                );
+            }
+            ContainerCmd::List(j) => {
+                let list = client().list_containers()?;
+                output::print(&list, j.json, output::container_table)?;
+            }
+            ContainerCmd::Show { name, json } => {
+                let c = client().container(&name)?;
+                output::print(&c, json, output::container_detail)?;
+            }
+        },
+        Cmd::Status(j) => {
+            let s = client().status()?;
+            output::print(&s, j.json, output::status)?;
+        }
+        Cmd::Check(args) => {
+            let view = match &args.data_dir {
+                Some(dir) => {
+                    if !dir.is_dir() {
+                        bail!("{} is not a directory", dir.display());
+                    }
+                    tabula_controller::check::check_data_dir(dir)
+                        .with_context(|| format!("checking {}", dir.display()))?
+                }
+                None => client().check()?,
+            };
+            output::print(&view, args.json, output::check)?;
+            if !view.ok {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,145 @@
+//! The admin API client: JSON over HTTP to the controller.
+
+use anyhow::{Context, Result, anyhow};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tabula_api::admin::{
+    AddContainer, ApiError, CheckView, ContainerView, CreateVdisk, MapView, ResizeVdisk,
+    StatusView, VdiskView,
+};
+
+pub struct Client {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    pub fn new(url: &str) -> Client {
+        let mut base = url.trim_end_matches('/').to_string();
+        if !base.contains("://") {
+            base = format!("http://{base}");
+        }
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(120)))
+            .build()
+            .into();
+        Client { base, agent }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn unreachable(&self, e: ureq::Error) -> anyhow::Error {
+        anyhow!(
+            "cannot reach the tabula controller at {}: {e}\n  is `tabula serve` running? point --controller (or TABULA_CONTROLLER) at its --api-listen address",
+            self.base
+        )
+    }
+
+    fn decode<T: DeserializeOwned>(mut resp: ureq::http::Response<ureq::Body>) -> Result<T> {
+        let status = resp.status();
+        if status.is_success() {
+            return resp
+                .body_mut()
+                .read_json::<T>()
+                .context("the controller's answer could not be decoded");
+        }
+        let msg = resp
+            .body_mut()
+            .read_json::<ApiError>()
+            .map(|e| e.error)
+            .unwrap_or_else(|_| status.to_string());
+        Err(anyhow!("{msg}"))
+    }
+
+    fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let r = self
+            .agent
+            .get(&self.url(path))
+            .call()
+            .map_err(|e| self.unreachable(e))?;
+        Self::decode(r)
+    }
+
+    fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        let r = self
+            .agent
+            .post(&self.url(path))
+            .send_json(body)
+            .map_err(|e| self.unreachable(e))?;
+        Self::decode(r)
+    }
+
+    pub fn status(&self) -> Result<StatusView> {
+        self.get("/v1/status")
+    }
+
+    pub fn check(&self) -> Result<CheckView> {
+        self.get("/v1/check")
+    }
+
+    pub fn list_vdisks(&self) -> Result<Vec<VdiskView>> {
+        self.get("/v1/vdisks")
+    }
+
+    pub fn vdisk(&self, name: &str) -> Result<VdiskView> {
+        self.get(&format!("/v1/vdisks/{}", enc(name)))
+    }
+
+    pub fn map(&self, name: &str) -> Result<MapView> {
+        self.get(&format!("/v1/vdisks/{}/map", enc(name)))
+    }
+
+    pub fn create_vdisk(&self, req: &CreateVdisk) -> Result<VdiskView> {
+        self.post("/v1/vdisks", req)
+    }
+
+    pub fn resize_vdisk(&self, name: &str, req: &ResizeVdisk) -> Result<VdiskView> {
+        self.post(&format!("/v1/vdisks/{}/resize", enc(name)), req)
+    }
+
+    pub fn delete_vdisk(&self, name: &str) -> Result<()> {
+        let mut r = self
+            .agent
+            .delete(&self.url(&format!("/v1/vdisks/{}", enc(name))))
+            .call()
+            .map_err(|e| self.unreachable(e))?;
+        if r.status().is_success() {
+            return Ok(());
+        }
+        let msg = r
+            .body_mut()
+            .read_json::<ApiError>()
+            .map(|e| e.error)
+            .unwrap_or_else(|_| r.status().to_string());
+        Err(anyhow!("{msg}"))
+    }
+
+    pub fn list_containers(&self) -> Result<Vec<ContainerView>> {
+        self.get("/v1/containers")
+    }
+
+    pub fn container(&self, name: &str) -> Result<ContainerView> {
+        self.get(&format!("/v1/containers/{}", enc(name)))
+    }
+
+    pub fn add_container(&self, req: &AddContainer) -> Result<ContainerView> {
+        self.post("/v1/containers", req)
+    }
+}
+
+/// Names are restricted to URL-safe characters by the controller; anything else is escaped
+/// so a bad name gets the controller's explanation rather than a routing error.
+fn enc(name: &str) -> String {
+    name.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}

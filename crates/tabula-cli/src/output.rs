@@ -1,0 +1,204 @@
+//! Human-readable output (tables) and `--json`.
+
+use std::fmt::Write as _;
+
+use anyhow::Result;
+use serde::Serialize;
+use tabula_api::admin::{CheckView, ContainerView, MapView, StatusView, VdiskView};
+use tabula_core::format_size;
+
+pub fn print<T: Serialize>(v: &T, json: bool, human: fn(&T) -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        print!("{}", human(v));
+    }
+    Ok(())
+}
+
+fn pct(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        return "0%".into();
+    }
+    format!("{:.1}%", part as f64 * 100.0 / whole as f64)
+}
+
+pub fn vdisk_table(list: &Vec<VdiskView>) -> String {
+    let mut s = format!(
+        "{:<24} {:>10} {:>10} {:>8} {:>8}\n",
+        "NAME", "SIZE", "ALLOCATED", "SEGMENT", "ENTRIES"
+    );
+    for v in list {
+        let _ = writeln!(
+            s,
+            "{:<24} {:>10} {:>10} {:>8} {:>8}",
+            v.name,
+            format_size(v.size),
+            format_size(v.allocated),
+            format_size(v.segment_size),
+            v.entries
+        );
+    }
+    if list.is_empty() {
+        s.push_str("(no vdisks: create one with `tabula vdisk create NAME --size 10G`)\n");
+    }
+    s
+}
+
+pub fn vdisk_detail(v: &VdiskView) -> String {
+    format!(
+        "name:        {}\nid:          {}\nsize:        {} ({} bytes)\nallocated:   {} ({})\nsegment:     {}\nentries:     {}\ngeneration:  {}\ncreated:     {} (unix seconds)\n",
+        v.name,
+        v.id,
+        format_size(v.size),
+        v.size,
+        format_size(v.allocated),
+        pct(v.allocated, v.size),
+        format_size(v.segment_size),
+        v.entries,
+        v.generation,
+        v.created
+    )
+}
+
+pub fn map_table(m: &MapView) -> String {
+    let mut s = format!(
+        "vdisk {} ({}), generation {}, {} entries; unlisted ranges are unallocated and read as zeros\n",
+        m.name,
+        format_size(m.size),
+        m.generation,
+        m.entries.len()
+    );
+    let _ = writeln!(
+        s,
+        "{:>16} {:>16} {:<9} {:<16} {:>16}",
+        "OFFSET", "LENGTH", "STATE", "CONTAINER", "PHYSICAL"
+    );
+    for e in &m.entries {
+        let _ = writeln!(
+            s,
+            "{:>16} {:>16} {:<9} {:<16} {:>16}",
+            e.offset,
+            e.length,
+            e.state,
+            e.container.as_deref().unwrap_or("-"),
+            e.physical_offset
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    s
+}
+
+pub fn container_table(list: &Vec<ContainerView>) -> String {
+    let mut s = format!(
+        "{:<16} {:>10} {:>10} {:>10} {:>6}  PATH\n",
+        "NAME", "SIZE", "USED", "FREE", "USED%"
+    );
+    for c in list {
+        let _ = writeln!(
+            s,
+            "{:<16} {:>10} {:>10} {:>10} {:>6}  {}",
+            c.name,
+            format_size(c.size),
+            format_size(c.used),
+            format_size(c.free),
+            pct(c.used, c.size),
+            c.path
+        );
+    }
+    s
+}
+
+pub fn container_detail(c: &ContainerView) -> String {
+    format!(
+        "name:     {}\nid:       {}\npath:     {}\nsize:     {}\nused:     {} ({})\nfree:     {}\nzeroing:  {}\n",
+        c.name,
+        c.id,
+        c.path,
+        format_size(c.size),
+        format_size(c.used),
+        pct(c.used, c.size),
+        format_size(c.free),
+        format_size(c.zeroing)
+    )
+}
+
+pub fn status(s: &StatusView) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "data dir:     {}", s.data_dir);
+    let _ = writeln!(
+        o,
+        "capacity:     {}  allocated {} ({})  free {}{}",
+        format_size(s.capacity),
+        format_size(s.allocated),
+        pct(s.allocated, s.capacity),
+        format_size(s.free),
+        if s.zeroing > 0 {
+            format!("  zeroing {}", format_size(s.zeroing))
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(
+        o,
+        "vdisks:       {} ({} provisioned, {} of capacity)",
+        s.vdisks,
+        format_size(s.provisioned),
+        pct(s.provisioned, s.capacity)
+    );
+    if s.out_of_space {
+        let _ = writeln!(
+            o,
+            "OUT OF SPACE: allocating writes fail with ENOSPC ({} refused); add a container with `tabula container add`",
+            s.enospc_faults
+        );
+    }
+    let _ = writeln!(o, "containers:");
+    for c in &s.containers {
+        let _ = writeln!(
+            o,
+            "  {:<16} {:>10} used of {:>10} ({})  {}",
+            c.name,
+            format_size(c.used),
+            format_size(c.size),
+            pct(c.used, c.size),
+            c.path
+        );
+    }
+    let _ = writeln!(o, "agents:");
+    for a in &s.agents {
+        let _ = writeln!(
+            o,
+            "  {:<16} exporting {}",
+            a.name,
+            if a.vdisks.is_empty() {
+                "-".to_string()
+            } else {
+                a.vdisks.join(", ")
+            }
+        );
+    }
+    o
+}
+
+pub fn check(c: &CheckView) -> String {
+    let mut o = format!(
+        "checked {} containers, {} vdisks, {} entries: {} mapped, {} free, {} waiting to be zeroed\n",
+        c.containers,
+        c.vdisks,
+        c.entries,
+        format_size(c.mapped),
+        format_size(c.free),
+        format_size(c.zeroing)
+    );
+    if c.ok {
+        o.push_str("OK: no invariant is violated\n");
+    } else {
+        let _ = writeln!(o, "FAILED: {} problem(s):", c.problems.len());
+        for p in &c.problems {
+            let _ = writeln!(o, "  - {p}");
+        }
+    }
+    o
+}

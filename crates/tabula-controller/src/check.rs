@@ -1,0 +1,86 @@
+//! `tabula check`: verifies stored metadata against the invariants, offline.
+
+use std::path::Path;
+
+use tabula_api::admin::CheckView;
+use tabula_core::MappingTable;
+use tabula_core::check::{Inventory, check};
+
+use crate::store::{Loaded, Store, StoreError};
+
+pub fn inventory(loaded: &Loaded) -> Inventory {
+    let mut inv = Inventory::default();
+    for (id, rec) in &loaded.containers {
+        inv.containers
+            .insert(*id, (rec.name.clone(), rec.size_blocks));
+    }
+    for (id, rec, entries) in &loaded.vdisks {
+        let size = rec.size_bytes / tabula_core::BLOCK_SIZE;
+        // Build without merging so a malformed store is reported, not silently repaired.
+        let table = match MappingTable::from_entries(size, entries.iter().copied()) {
+            Ok(t) if t.len() == entries.len() => t,
+            Ok(t) => {
+                inv.vdisks.push((*id, rec.name.clone(), t));
+                continue;
+            }
+            Err(_) => MappingTable::new(size),
+        };
+        inv.vdisks.push((*id, rec.name.clone(), table));
+    }
+    inv.free = loaded.free.clone();
+    inv.zeroing = loaded.zeroing.clone();
+    inv
+}
+
+pub fn check_loaded(loaded: &Loaded) -> CheckView {
+    let mut extra = Vec::new();
+    for (id, rec, entries) in &loaded.vdisks {
+        let size = rec.size_bytes / tabula_core::BLOCK_SIZE;
+        match MappingTable::from_entries(size, entries.iter().copied()) {
+            Ok(t) if t.len() != entries.len() => extra.push(format!(
+                "vdisk {} ({id}): stored table has {} entries that should have merged into {}",
+                rec.name,
+                entries.len(),
+                t.len()
+            )),
+            Ok(_) => {}
+            Err(e) => extra.push(format!("vdisk {} ({id}): bad stored entry: {e}", rec.name)),
+        }
+        let mut prev_end = 0;
+        for e in entries {
+            if e.begin < prev_end {
+                extra.push(format!(
+                    "vdisk {} ({id}): stored entries overlap at block {}",
+                    rec.name, e.begin
+                ));
+            }
+            prev_end = e.end;
+        }
+    }
+    let r = check(&inventory(loaded));
+    let mut problems = extra;
+    problems.extend(r.problems);
+    CheckView {
+        ok: problems.is_empty(),
+        problems,
+        containers: r.containers,
+        vdisks: r.vdisks,
+        entries: r.entries,
+        mapped: r.mapped_blocks * tabula_core::BLOCK_SIZE,
+        free: r.free_blocks * tabula_core::BLOCK_SIZE,
+        zeroing: r.zeroing_blocks * tabula_core::BLOCK_SIZE,
+    }
+}
+
+/// Opens the store under `data_dir` (which must not be in use) and checks it.
+pub fn check_data_dir(data_dir: &Path) -> Result<CheckView, StoreError> {
+    let path = data_dir.join(crate::service::DB_FILE);
+    if !path.exists() {
+        return Err(StoreError::Corrupt(format!(
+            "no metadata database at {}: is this a tabula data directory?",
+            path.display()
+        )));
+    }
+    let store = Store::open(&path)?;
+    Ok(check_loaded(&store.load()?))
+}

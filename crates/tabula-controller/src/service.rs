@@ -1,0 +1,1086 @@
+//! The controller's logic: vdisks, containers, allocation on fault, freeing, and commands to
+//! agents. It knows nothing of transports: the admin API and agents call these methods.
+//!
+//! All metadata changes happen under one async mutex, in this order:
+//! 1. compute the change in memory (tables, pool), remembering how to undo it;
+//! 2. commit it to the store (durable); on failure undo the memory change;
+//! 3. for frees: command every agent that holds the vdisk and wait for its acknowledgement
+//!    (it has stopped using the old entries), then zero the space, then mark it free.
+//!
+//! A segment is therefore never handed to a second owner while an agent might still write
+//! through the first owner's entry, and never handed out before it reads as zeros.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tabula_api::admin::{
+    AgentView, CheckView, ContainerView, MapEntryView, MapView, StatusView, VdiskView,
+};
+use tabula_api::{
+    AgentPort, Command, ContainerLocation, ControlError, ControlPlane, Fault, FaultOp, RangeUpdate,
+    TableSnapshot,
+};
+use tabula_container::Container;
+use tabula_core::{
+    BLOCK_SIZE, ContainerId, Entry, FreeMap, Generation, MappingTable, Phys, Pool, State, VdiskId,
+    format_size,
+};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::store::{ContainerRecord, Store, StoreError, Txn, VdiskRecord};
+
+pub const DB_FILE: &str = "tabula.redb";
+pub const DEFAULT_SEGMENT_SIZE: u64 = 1 << 20;
+const MAX_NAME: usize = 128;
+
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    pub data_dir: PathBuf,
+    /// Extra segments allocated after a fault that continues a sequential stream.
+    pub readahead_segments: u64,
+    /// How long to wait for an agent to acknowledge a command before giving up on freeing.
+    pub ack_timeout: Duration,
+}
+
+impl ControllerConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> ControllerConfig {
+        ControllerConfig {
+            data_dir: data_dir.into(),
+            readahead_segments: 8,
+            ack_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Container(#[from] tabula_container::ContainerError),
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+struct ContainerMeta {
+    rec: ContainerRecord,
+    file: Arc<Container>,
+}
+
+struct VdiskMeta {
+    rec: VdiskRecord,
+    table: MappingTable,
+}
+
+/// One change to a free map, replayed into the store in order.
+struct FreeDelta {
+    container: ContainerId,
+    old: Vec<(u64, u64)>,
+    new: Vec<(u64, u64)>,
+}
+
+#[derive(Default)]
+struct Meta {
+    next_vdisk: u64,
+    next_container: u32,
+    containers: BTreeMap<ContainerId, ContainerMeta>,
+    names: HashMap<String, VdiskId>,
+    vdisks: BTreeMap<VdiskId, VdiskMeta>,
+    pool: Pool,
+    zeroing: BTreeMap<(ContainerId, u64), u64>,
+}
+
+impl Meta {
+    fn alloc(
+        &mut self,
+        unit: u64,
+        min: u64,
+        max: u64,
+        hint: Option<Phys>,
+        deltas: &mut Vec<FreeDelta>,
+    ) -> Option<(Phys, u64)> {
+        let (at, n) = self.pool.alloc(unit, min, max, hint)?;
+        let m = self.pool.get(at.container).expect("allocated from it");
+        deltas.push(FreeDelta {
+            container: at.container,
+            old: Vec::new(),
+            new: m.touching(at.block, at.block + n),
+        });
+        // The old runs are whatever contained the allocation: recompute them as the runs
+        // touching the interval once it is freed back, without mutating.
+        let mut probe = m.clone();
+        probe
+            .free_run(at.container, at.block, n)
+            .expect("just allocated");
+        deltas.last_mut().expect("pushed").old = probe.touching(at.block, at.block + n);
+        Some((at, n))
+    }
+
+    fn free(&mut self, at: Phys, n: u64, deltas: &mut Vec<FreeDelta>) -> Result<(), ControlError> {
+        let m = self
+            .pool
+            .get_mut(at.container)
+            .ok_or_else(|| ControlError::Storage(format!("container {} vanished", at.container)))?;
+        let old = m.touching(at.block, at.block + n);
+        m.free_run(at.container, at.block, n)
+            .map_err(|e| ControlError::Storage(e.to_string()))?;
+        deltas.push(FreeDelta {
+            container: at.container,
+            old,
+            new: m.touching(at.block, at.block + n),
+        });
+        Ok(())
+    }
+
+    fn vdisk(&self, id: VdiskId) -> Result<&VdiskMeta, ControlError> {
+        self.vdisks
+            .get(&id)
+            .ok_or_else(|| ControlError::NotFound(format!("vdisk {id}")))
+    }
+
+    fn by_name(&self, name: &str) -> Result<VdiskId, ControlError> {
+        self.names
+            .get(name)
+            .copied()
+            .ok_or_else(|| ControlError::NotFound(format!("vdisk '{name}'")))
+    }
+
+    fn container_name(&self, id: ContainerId) -> String {
+        self.containers
+            .get(&id)
+            .map(|c| c.rec.name.clone())
+            .unwrap_or_else(|| id.to_string())
+    }
+}
+
+fn write_deltas(t: &mut Txn<'_>, deltas: &[FreeDelta]) -> Result<(), StoreError> {
+    for d in deltas {
+        for &(s, _) in &d.old {
+            t.delete_free(d.container, s)?;
+        }
+        for &(s, l) in &d.new {
+            t.put_free(d.container, s, l)?;
+        }
+    }
+    Ok(())
+}
+
+/// The stored span that must be rewritten after changing `[b, e)`: it runs from the start of
+/// the entry holding block `b-1` to the end of the entry holding block `e-1` or `e`, because
+/// merging can only extend entries across those edges. Call it before and after the change
+/// and rewrite the union.
+fn span_edges(t: &MappingTable, b: u64, e: u64) -> (u64, u64) {
+    let lo = b
+        .checked_sub(1)
+        .and_then(|x| t.entry_at(x))
+        .map_or(b, |x| x.begin.min(b));
+    let hi = [e.saturating_sub(1), e]
+        .into_iter()
+        .filter_map(|x| t.entry_at(x))
+        .map(|x| x.end)
+        .fold(e, u64::max);
+    (lo, hi)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn storage(e: impl std::fmt::Display) -> ControlError {
+    ControlError::Storage(e.to_string())
+}
+
+/// Names of vdisks and containers: letters, digits, `.`, `_`, `-`; `@` is reserved for
+/// snapshots in export names.
+pub fn validate_name(kind: &str, name: &str) -> Result<(), ControlError> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(ControlError::Invalid(format!(
+            "{kind} name must be 1 to {MAX_NAME} characters"
+        )));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        || name.starts_with(['.', '-'])
+    {
+        return Err(ControlError::Invalid(format!(
+            "{kind} name '{name}' may contain only letters, digits, '.', '_' and '-', and must not start with '.' or '-'"
+        )));
+    }
+    Ok(())
+}
+
+struct AgentSlot {
+    port: Arc<dyn AgentPort>,
+    vdisks: BTreeSet<VdiskId>,
+}
+
+pub struct Controller {
+    cfg: ControllerConfig,
+    store: Store,
+    meta: Mutex<Meta>,
+    agents: parking_lot::Mutex<BTreeMap<String, AgentSlot>>,
+    out_of_space: AtomicBool,
+    enospc_faults: AtomicU64,
+}
+
+impl Controller {
+    /// Opens the controller's store under the data directory, finishing any interrupted
+    /// zeroing of freed space.
+    pub async fn open(cfg: ControllerConfig) -> Result<Arc<Controller>, ControllerError> {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| ControllerError::DataDir {
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
+        let store = Store::open(&cfg.data_dir.join(DB_FILE))?;
+        let loaded = store.load()?;
+        let mut meta = Meta {
+            next_vdisk: loaded.next_vdisk,
+            next_container: loaded.next_container,
+            ..Meta::default()
+        };
+        for (id, rec) in loaded.containers {
+            let file = Container::open(Path::new(&rec.path), rec.size_blocks * BLOCK_SIZE)?;
+            meta.pool.insert(id, FreeMap::empty(rec.size_blocks));
+            meta.containers.insert(
+                id,
+                ContainerMeta {
+                    rec,
+                    file: Arc::new(file),
+                },
+            );
+        }
+        for (c, s, l) in loaded.free {
+            meta.pool
+                .free(
+                    Phys {
+                        container: c,
+                        block: s,
+                    },
+                    l,
+                )
+                .map_err(|e| StoreError::Corrupt(format!("free list: {e}")))?;
+        }
+        for (id, rec, entries) in loaded.vdisks {
+            let table = MappingTable::from_entries(rec.size_bytes / BLOCK_SIZE, entries)
+                .map_err(|e| StoreError::Corrupt(format!("vdisk {}: {e}", rec.name)))?;
+            meta.names.insert(rec.name.clone(), id);
+            meta.vdisks.insert(id, VdiskMeta { rec, table });
+        }
+        for (c, s, l) in loaded.zeroing {
+            meta.zeroing.insert((c, s), l);
+        }
+        let ctl = Controller {
+            cfg,
+            store,
+            meta: Mutex::new(meta),
+            agents: parking_lot::Mutex::new(BTreeMap::new()),
+            out_of_space: AtomicBool::new(false),
+            enospc_faults: AtomicU64::new(0),
+        };
+        {
+            let mut meta = ctl.meta.lock().await;
+            let pending: Vec<(Phys, u64)> = meta
+                .zeroing
+                .iter()
+                .map(|(&(c, s), &l)| {
+                    (
+                        Phys {
+                            container: c,
+                            block: s,
+                        },
+                        l,
+                    )
+                })
+                .collect();
+            if !pending.is_empty() {
+                info!(
+                    runs = pending.len(),
+                    "zeroing space freed before the last stop"
+                );
+                ctl.zero_and_free(&mut meta, pending)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            }
+        }
+        Ok(Arc::new(ctl))
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.cfg.data_dir
+    }
+
+    /// Adds the default container on first start (a sparse file in the data directory).
+    pub async fn ensure_default_container(&self, size: u64) -> Result<(), ControlError> {
+        if !self.meta.lock().await.containers.is_empty() {
+            return Ok(());
+        }
+        let dir = self.cfg.data_dir.join("containers");
+        std::fs::create_dir_all(&dir).map_err(storage)?;
+        let path = dir.join("default.img");
+        self.add_container("default", &path.to_string_lossy(), Some(size))
+            .await
+            .map(|_| ())
+    }
+
+    // ---- containers ----
+
+    pub async fn add_container(
+        &self,
+        name: &str,
+        path: &str,
+        size: Option<u64>,
+    ) -> Result<ContainerView, ControlError> {
+        validate_name("container", name)?;
+        let mut meta = self.meta.lock().await;
+        if meta.containers.values().any(|c| c.rec.name == name) {
+            return Err(ControlError::Exists(format!("container '{name}'")));
+        }
+        let abs = std::path::absolute(path).map_err(storage)?;
+        let abs_s = abs.to_string_lossy().to_string();
+        if meta.containers.values().any(|c| c.rec.path == abs_s) {
+            return Err(ControlError::Exists(format!("a container at {abs_s}")));
+        }
+        let file = match size {
+            Some(s) => {
+                if s == 0 || s % BLOCK_SIZE != 0 {
+                    return Err(ControlError::Invalid(format!(
+                        "container size {s} is not a positive multiple of the block size {BLOCK_SIZE}"
+                    )));
+                }
+                if abs.exists() {
+                    return Err(ControlError::Exists(format!(
+                        "file {abs_s}: tabula will not take over an existing file; remove it or pick another path"
+                    )));
+                }
+                Container::create(&abs, s).map_err(storage)?
+            }
+            None => {
+                let c = Container::open(&abs, 0).map_err(storage)?;
+                if c.len_bytes().map_err(storage)? < BLOCK_SIZE {
+                    return Err(ControlError::Invalid(format!(
+                        "{abs_s} is empty: give --size to create a container file"
+                    )));
+                }
+                c
+            }
+        };
+        let size_blocks = file.len_bytes().map_err(storage)? / BLOCK_SIZE;
+        let id = ContainerId(meta.next_container);
+        let rec = ContainerRecord {
+            name: name.to_string(),
+            path: abs_s,
+            size_blocks,
+        };
+        let result = self.store.write(|t| {
+            t.set_meta("next_container", (id.0 + 1) as u64)?;
+            t.put_container(id, &rec)?;
+            t.put_free(id, 0, size_blocks)
+        });
+        if let Err(e) = result {
+            if size.is_some() {
+                let _ = std::fs::remove_file(&abs);
+            }
+            return Err(storage(e));
+        }
+        meta.next_container += 1;
+        meta.pool.insert(id, FreeMap::all_free(size_blocks));
+        meta.containers.insert(
+            id,
+            ContainerMeta {
+                rec,
+                file: Arc::new(file),
+            },
+        );
+        self.out_of_space.store(false, Ordering::Relaxed);
+        info!(container = name, size = %format_size(size_blocks * BLOCK_SIZE), "container added");
+        Ok(Self::container_view(&meta, id))
+    }
+
+    fn container_view(meta: &Meta, id: ContainerId) -> ContainerView {
+        let c = &meta.containers[&id];
+        let free = meta.pool.get(id).map(FreeMap::free_blocks).unwrap_or(0);
+        let zeroing: u64 = meta
+            .zeroing
+            .range((id, 0)..=(id, u64::MAX))
+            .map(|(_, l)| l)
+            .sum();
+        ContainerView {
+            name: c.rec.name.clone(),
+            id: id.0,
+            path: c.rec.path.clone(),
+            size: c.rec.size_blocks * BLOCK_SIZE,
+            used: (c.rec.size_blocks - free - zeroing) * BLOCK_SIZE,
+            free: free * BLOCK_SIZE,
+            zeroing: zeroing * BLOCK_SIZE,
+        }
+    }
+
+    pub async fn list_containers(&self) -> Vec<ContainerView> {
+        let meta = self.meta.lock().await;
+        meta.containers
+            .keys()
+            .map(|&id| Self::container_view(&meta, id))
+            .collect()
+    }
+
+    pub async fn container_by_name(&self, name: &str) -> Result<ContainerView, ControlError> {
+        let meta = self.meta.lock().await;
+        let id = meta
+            .containers
+            .iter()
+            .find(|(_, c)| c.rec.name == name)
+            .map(|(&id, _)| id)
+            .ok_or_else(|| ControlError::NotFound(format!("container '{name}'")))?;
+        Ok(Self::container_view(&meta, id))
+    }
+
+    // ---- vdisks ----
+
+    pub async fn create_vdisk(
+        &self,
+        name: &str,
+        size: u64,
+        segment_size: Option<u64>,
+    ) -> Result<VdiskView, ControlError> {
+        validate_name("vdisk", name)?;
+        let seg = segment_size.unwrap_or(DEFAULT_SEGMENT_SIZE);
+        if seg < BLOCK_SIZE || seg % BLOCK_SIZE != 0 || !seg.is_power_of_two() {
+            return Err(ControlError::Invalid(format!(
+                "segment size {seg} must be a power of two of at least {BLOCK_SIZE} bytes (e.g. 1M)"
+            )));
+        }
+        if size == 0 || size % BLOCK_SIZE != 0 {
+            return Err(ControlError::Invalid(format!(
+                "vdisk size {size} is not a positive multiple of the block size {BLOCK_SIZE}: round it, e.g. to {}",
+                format_size(size.div_ceil(BLOCK_SIZE).max(1) * BLOCK_SIZE)
+            )));
+        }
+        if size > (1u64 << 62) {
+            return Err(ControlError::Invalid(format!(
+                "vdisk size {size} is too large"
+            )));
+        }
+        let mut meta = self.meta.lock().await;
+        if meta.names.contains_key(name) {
+            return Err(ControlError::Exists(format!(
+                "vdisk '{name}' (pick another name or delete it first)"
+            )));
+        }
+        let id = VdiskId(meta.next_vdisk);
+        let rec = VdiskRecord {
+            name: name.to_string(),
+            size_bytes: size,
+            segment_blocks: seg / BLOCK_SIZE,
+            generation: 1,
+            created: now_secs(),
+        };
+        self.store
+            .write(|t| {
+                t.set_meta("next_vdisk", id.0 + 1)?;
+                t.put_vdisk(id, &rec)
+            })
+            .map_err(storage)?;
+        meta.next_vdisk += 1;
+        meta.names.insert(name.to_string(), id);
+        meta.vdisks.insert(
+            id,
+            VdiskMeta {
+                rec,
+                table: MappingTable::new(size / BLOCK_SIZE),
+            },
+        );
+        info!(vdisk = name, size = %format_size(size), "vdisk created");
+        Ok(Self::vdisk_view(&meta, id))
+    }
+
+    fn vdisk_view(meta: &Meta, id: VdiskId) -> VdiskView {
+        let v = &meta.vdisks[&id];
+        VdiskView {
+            name: v.rec.name.clone(),
+            id: id.0,
+            size: v.rec.size_bytes,
+            segment_size: v.rec.segment_blocks * BLOCK_SIZE,
+            allocated: v.table.mapped_blocks() * BLOCK_SIZE,
+            entries: v.table.len(),
+            generation: v.rec.generation,
+            created: v.rec.created,
+        }
+    }
+
+    pub async fn list_vdisk_views(&self) -> Vec<VdiskView> {
+        let meta = self.meta.lock().await;
+        let mut ids: Vec<(&String, &VdiskId)> = meta.names.iter().collect();
+        ids.sort();
+        ids.into_iter()
+            .map(|(_, &id)| Self::vdisk_view(&meta, id))
+            .collect()
+    }
+
+    pub async fn vdisk_by_name(&self, name: &str) -> Result<VdiskView, ControlError> {
+        let meta = self.meta.lock().await;
+        let id = meta.by_name(name)?;
+        Ok(Self::vdisk_view(&meta, id))
+    }
+
+    pub async fn map_view(&self, name: &str) -> Result<MapView, ControlError> {
+        let meta = self.meta.lock().await;
+        let id = meta.by_name(name)?;
+        let v = &meta.vdisks[&id];
+        let entries: Vec<MapEntryView> = v
+            .table
+            .entries()
+            .map(|e| MapView::entry_view(&e, e.target.map(|t| meta.container_name(t.container))))
+            .collect();
+        Ok(MapView {
+            name: name.to_string(),
+            size: v.rec.size_bytes,
+            generation: v.rec.generation,
+            entries,
+        })
+    }
+
+    pub async fn delete_vdisk(&self, name: &str) -> Result<(), ControlError> {
+        let mut meta = self.meta.lock().await;
+        let id = meta.by_name(name)?;
+        let v = meta.vdisks.remove(&id).expect("named vdisk exists");
+        meta.names.remove(name);
+        let runs: Vec<(Phys, u64)> = v
+            .table
+            .entries()
+            .filter_map(|e| e.target.map(|t| (t, e.len())))
+            .collect();
+        let result = self.store.write(|t| {
+            t.delete_vdisk(id)?;
+            for &(p, l) in &runs {
+                t.put_zeroing(p.container, p.block, l)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            meta.names.insert(name.to_string(), id);
+            meta.vdisks.insert(id, v);
+            return Err(storage(e));
+        }
+        for &(p, l) in &runs {
+            meta.zeroing.insert((p.container, p.block), l);
+        }
+        info!(vdisk = name, "vdisk deleted");
+        let acked = self.push(id, Command::Detach { vdisk: id }).await;
+        self.agents.lock().values_mut().for_each(|a| {
+            a.vdisks.remove(&id);
+        });
+        if acked {
+            self.zero_and_free(&mut meta, runs)?;
+        }
+        Ok(())
+    }
+
+    pub async fn resize_vdisk(&self, name: &str, size: u64) -> Result<VdiskView, ControlError> {
+        if size == 0 || size % BLOCK_SIZE != 0 {
+            return Err(ControlError::Invalid(format!(
+                "vdisk size {size} is not a positive multiple of the block size {BLOCK_SIZE}"
+            )));
+        }
+        let mut meta = self.meta.lock().await;
+        let id = meta.by_name(name)?;
+        let new_blocks = size / BLOCK_SIZE;
+        let v = meta.vdisks.get_mut(&id).expect("named vdisk exists");
+        let old_blocks = v.table.size();
+        let mut runs = Vec::new();
+        if new_blocks < old_blocks {
+            for e in v.table.entries_in(new_blocks, old_blocks) {
+                if let Some(t) = e.target {
+                    runs.push((t, e.len()));
+                }
+            }
+        }
+        let (lo, _) = span_edges(
+            &v.table,
+            new_blocks.min(old_blocks),
+            old_blocks.max(new_blocks),
+        );
+        let old_table = v.table.clone();
+        v.table.resize(new_blocks);
+        let mut rec = v.rec.clone();
+        rec.size_bytes = size;
+        rec.generation += 1;
+        let kept: Vec<Entry> = v.table.entries_in(lo, new_blocks.max(lo));
+        let result = self.store.write(|t| {
+            t.replace_entries(id, lo, u64::MAX, &kept)?;
+            for &(p, l) in &runs {
+                t.put_zeroing(p.container, p.block, l)?;
+            }
+            t.put_vdisk(id, &rec)
+        });
+        if let Err(e) = result {
+            v.table = old_table;
+            return Err(storage(e));
+        }
+        v.rec = rec;
+        for &(p, l) in &runs {
+            meta.zeroing.insert((p.container, p.block), l);
+        }
+        let snap = Self::snapshot_of(&meta, id);
+        let acked = self.push(id, Command::Replace(snap)).await;
+        if acked && !runs.is_empty() {
+            self.zero_and_free(&mut meta, runs)?;
+        }
+        info!(vdisk = name, size = %format_size(size), "vdisk resized");
+        Ok(Self::vdisk_view(&meta, id))
+    }
+
+    fn snapshot_of(meta: &Meta, id: VdiskId) -> TableSnapshot {
+        let v = &meta.vdisks[&id];
+        TableSnapshot {
+            vdisk: id,
+            name: v.rec.name.clone(),
+            size_bytes: v.rec.size_bytes,
+            segment_blocks: v.rec.segment_blocks,
+            generation: Generation(v.rec.generation),
+            read_only: false,
+            entries: v.table.entries().collect(),
+        }
+    }
+
+    // ---- status and check ----
+
+    pub async fn status(&self) -> StatusView {
+        let meta = self.meta.lock().await;
+        let containers: Vec<ContainerView> = meta
+            .containers
+            .keys()
+            .map(|&id| Self::container_view(&meta, id))
+            .collect();
+        let capacity: u64 = containers.iter().map(|c| c.size).sum();
+        let free: u64 = containers.iter().map(|c| c.free).sum();
+        let zeroing: u64 = containers.iter().map(|c| c.zeroing).sum();
+        let names: HashMap<VdiskId, &str> = meta
+            .vdisks
+            .iter()
+            .map(|(&id, v)| (id, v.rec.name.as_str()))
+            .collect();
+        let agents = self
+            .agents
+            .lock()
+            .iter()
+            .map(|(n, a)| AgentView {
+                name: n.clone(),
+                vdisks: a
+                    .vdisks
+                    .iter()
+                    .filter_map(|id| names.get(id).map(|s| s.to_string()))
+                    .collect(),
+            })
+            .collect();
+        StatusView {
+            capacity,
+            allocated: capacity - free - zeroing,
+            free,
+            zeroing,
+            vdisks: meta.vdisks.len(),
+            provisioned: meta.vdisks.values().map(|v| v.rec.size_bytes).sum(),
+            containers,
+            agents,
+            out_of_space: self.out_of_space.load(Ordering::Relaxed),
+            enospc_faults: self.enospc_faults.load(Ordering::Relaxed),
+            data_dir: self.cfg.data_dir.display().to_string(),
+        }
+    }
+
+    /// Checks the stored metadata of the running controller.
+    pub async fn check(&self) -> Result<CheckView, ControlError> {
+        let _meta = self.meta.lock().await;
+        let loaded = self.store.load().map_err(storage)?;
+        Ok(crate::check::check_loaded(&loaded))
+    }
+
+    // ---- agents ----
+
+    /// Sends `cmd` to every agent holding `vdisk` and waits for each acknowledgement.
+    /// Returns false if any agent failed to acknowledge in time: then superseded space must
+    /// not be reused until a restart has resynchronised every agent.
+    async fn push(&self, vdisk: VdiskId, cmd: Command) -> bool {
+        let ports: Vec<(String, Arc<dyn AgentPort>)> = self
+            .agents
+            .lock()
+            .iter()
+            .filter(|(_, a)| a.vdisks.contains(&vdisk))
+            .map(|(n, a)| (n.clone(), a.port.clone()))
+            .collect();
+        let mut all = true;
+        for (name, port) in ports {
+            match tokio::time::timeout(self.cfg.ack_timeout, port.apply(cmd.clone())).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(agent = name, error = e, "agent refused a table command");
+                    all = false;
+                }
+                Err(_) => {
+                    warn!(
+                        agent = name,
+                        "agent did not acknowledge a table command in time"
+                    );
+                    all = false;
+                }
+            }
+        }
+        if !all {
+            warn!(%vdisk, "freed space stays reserved until every agent has resynchronised");
+        }
+        all
+    }
+
+    /// Zeroes runs waiting in `zeroing`, then moves them to free space, durably.
+    fn zero_and_free(&self, meta: &mut Meta, runs: Vec<(Phys, u64)>) -> Result<(), ControlError> {
+        for &(p, l) in &runs {
+            let c = meta
+                .containers
+                .get(&p.container)
+                .ok_or_else(|| storage(format!("container {} vanished", p.container)))?;
+            let file = c.file.clone();
+            tokio::task::block_in_place(|| file.zero(p.block * BLOCK_SIZE, l * BLOCK_SIZE))
+                .map_err(|e| storage(format!("zeroing freed space in {}: {e}", c.rec.path)))?;
+        }
+        let mut deltas = Vec::new();
+        for &(p, l) in &runs {
+            meta.free(p, l, &mut deltas)?;
+        }
+        let result = self.store.write(|t| {
+            for &(p, _) in &runs {
+                t.delete_zeroing(p.container, p.block)?;
+            }
+            write_deltas(t, &deltas)
+        });
+        if let Err(e) = result {
+            // The free map in memory now differs from the store; nothing may be allocated
+            // from it. Leave the store as the truth: the next start redoes the zeroing.
+            return Err(storage(format!(
+                "{e}; restart tabula to finish freeing space"
+            )));
+        }
+        for &(p, _) in &runs {
+            meta.zeroing.remove(&(p.container, p.block));
+        }
+        Ok(())
+    }
+
+    fn write_fault(&self, meta: &mut Meta, f: &Fault) -> Result<RangeUpdate, ControlError> {
+        let readahead = self.cfg.readahead_segments;
+        let v = meta.vdisk(f.vdisk)?;
+        let seg = v.rec.segment_blocks;
+        let size = v.table.size();
+        let nsegs = size.div_ceil(seg);
+        let (s0, s1) = (f.segments.0.min(nsegs), f.segments.1.min(nsegs));
+        if s0 >= s1 {
+            return Err(ControlError::Invalid(format!(
+                "segments {}..{} lie outside vdisk {} ({nsegs} segments)",
+                f.segments.0, f.segments.1, v.rec.name
+            )));
+        }
+        // Which segments need space.
+        let mut need: Vec<u64> = Vec::new();
+        for s in s0..s1 {
+            let mut unmapped = false;
+            for p in v.table.lookup(s * seg, ((s + 1) * seg).min(size)) {
+                match p.state {
+                    State::Zero if p.target.is_none() => unmapped = true,
+                    State::Normal | State::Zero => {}
+                    other => {
+                        return Err(ControlError::Invalid(format!(
+                            "write to segment {s} of vdisk {} in state {other} is not supported yet",
+                            v.rec.name
+                        )));
+                    }
+                }
+            }
+            if unmapped {
+                need.push(s);
+            }
+        }
+        let mut lo = s0;
+        let mut hi = s1;
+        if need.is_empty() {
+            return Ok(self.range_update(meta, f.vdisk, lo * seg, (hi * seg).min(size)));
+        }
+        // A fault right after a mapped segment continues a sequential stream: allocate ahead.
+        let first = need[0];
+        let last = *need.last().expect("non-empty");
+        let prev_target = (first > 0)
+            .then(|| v.table.lookup(first * seg - 1, first * seg)[0].target)
+            .flatten();
+        let mut optional = Vec::new();
+        if prev_target.is_some() {
+            let mut s = last + 1;
+            while s < nsegs && s <= last + readahead {
+                let p = v.table.lookup(s * seg, ((s + 1) * seg).min(size));
+                if p.len() == 1 && p[0].target.is_none() && p[0].state == State::Zero {
+                    optional.push(s);
+                    s += 1;
+                } else {
+                    break;
+                }
+            }
+        }
+        // Allocate: required segments must all succeed; read-ahead is best effort.
+        let mut deltas = Vec::new();
+        let mut got: Vec<(u64, u64, Phys)> = Vec::new(); // (begin block, len, target)
+        let mut hint = prev_target.map(|t| t.offset(1));
+        let runs = contiguous_runs(&need);
+        for (a, b) in runs {
+            let mut pos = a * seg;
+            let end = (b * seg).min(size);
+            while pos < end {
+                let want = (end - pos).div_ceil(seg) * seg;
+                match meta.alloc(seg, seg, want, hint, &mut deltas) {
+                    Some((at, n)) => {
+                        let used = n.min(end - pos);
+                        if n > used {
+                            meta.free(at.offset(used), n - used, &mut deltas)?;
+                        }
+                        got.push((pos, used, at));
+                        hint = Some(at.offset(used));
+                        pos += used;
+                    }
+                    None => {
+                        // Give back what this fault took; nothing was persisted.
+                        for &(_, n, at) in &got {
+                            let mut scratch = Vec::new();
+                            meta.free(at, n, &mut scratch)?;
+                        }
+                        self.out_of_space.store(true, Ordering::Relaxed);
+                        self.enospc_faults.fetch_add(1, Ordering::Relaxed);
+                        return Err(ControlError::NoSpace);
+                    }
+                }
+            }
+        }
+        if let (Some(&a), Some(&b)) = (optional.first(), optional.last()) {
+            let mut pos = a * seg;
+            let end = ((b + 1) * seg).min(size);
+            while pos < end {
+                let want = (end - pos).div_ceil(seg) * seg;
+                let Some((at, n)) = meta.alloc(seg, seg, want, hint, &mut deltas) else {
+                    break;
+                };
+                let used = n.min(end - pos);
+                if n > used {
+                    meta.free(at.offset(used), n - used, &mut deltas)?;
+                }
+                got.push((pos, used, at));
+                hint = Some(at.offset(used));
+                pos += used;
+            }
+            hi = hi.max(pos.div_ceil(seg));
+        }
+        lo = lo.min(first);
+        self.out_of_space.store(false, Ordering::Relaxed);
+        // Install in the table and persist the span that changed.
+        let v = meta.vdisks.get_mut(&f.vdisk).expect("checked above");
+        let (b, e) = (lo * seg, (hi * seg).min(size));
+        let (olo, ohi) = span_edges(&v.table, b, e);
+        let undo = v.table.entries_in(olo, ohi);
+        for &(pos, n, at) in &got {
+            v.table
+                .set(pos, pos + n, Some(at), State::Normal)
+                .map_err(storage)?;
+        }
+        let (nlo, nhi) = span_edges(&v.table, b, e);
+        let (slo, shi) = (olo.min(nlo), ohi.max(nhi));
+        let stored = v.table.entries_in(slo, shi);
+        let mut rec = v.rec.clone();
+        rec.generation += 1;
+        let result = self.store.write(|t| {
+            t.replace_entries(f.vdisk, slo, shi, &stored)?;
+            write_deltas(t, &deltas)?;
+            t.put_vdisk(f.vdisk, &rec)
+        });
+        if let Err(e) = result {
+            let v = meta.vdisks.get_mut(&f.vdisk).expect("checked above");
+            v.table.remove(olo, ohi).map_err(storage)?;
+            for x in undo {
+                v.table
+                    .set(x.begin, x.end, x.target, x.state)
+                    .map_err(storage)?;
+            }
+            for &(_, n, at) in &got {
+                let mut scratch = Vec::new();
+                meta.free(at, n, &mut scratch)?;
+            }
+            return Err(storage(e));
+        }
+        meta.vdisks.get_mut(&f.vdisk).expect("checked above").rec = rec;
+        Ok(self.range_update(meta, f.vdisk, b, e))
+    }
+
+    fn range_update(&self, meta: &Meta, vdisk: VdiskId, b: u64, e: u64) -> RangeUpdate {
+        let v = &meta.vdisks[&vdisk];
+        RangeUpdate {
+            vdisk,
+            generation: Generation(v.rec.generation),
+            range: (b, e),
+            entries: v.table.entries_in(b, e),
+        }
+    }
+
+    /// Unmaps whole segments (TRIM, or WRITE_ZEROES that may deallocate) and frees them.
+    async fn unmap_fault(&self, meta: &mut Meta, f: &Fault) -> Result<RangeUpdate, ControlError> {
+        let v = meta.vdisk(f.vdisk)?;
+        let seg = v.rec.segment_blocks;
+        let size = v.table.size();
+        let b = (f.segments.0 * seg).min(size);
+        let e = (f.segments.1 * seg).min(size);
+        if b >= e {
+            return Err(ControlError::Invalid(format!(
+                "segments {}..{} lie outside vdisk {}",
+                f.segments.0, f.segments.1, v.rec.name
+            )));
+        }
+        let runs: Vec<(Phys, u64)> = v
+            .table
+            .entries_in(b, e)
+            .into_iter()
+            .filter_map(|x| x.target.map(|t| (t, x.len())))
+            .collect();
+        if runs.is_empty() && v.table.entries_in(b, e).is_empty() {
+            return Ok(self.range_update(meta, f.vdisk, b, e));
+        }
+        let v = meta.vdisks.get_mut(&f.vdisk).expect("checked above");
+        let (olo, ohi) = span_edges(&v.table, b, e);
+        let undo = v.table.entries_in(olo, ohi);
+        v.table.remove(b, e).map_err(storage)?;
+        let (nlo, nhi) = span_edges(&v.table, b, e);
+        let (slo, shi) = (olo.min(nlo), ohi.max(nhi));
+        let stored = v.table.entries_in(slo, shi);
+        let mut rec = v.rec.clone();
+        rec.generation += 1;
+        let result = self.store.write(|t| {
+            t.replace_entries(f.vdisk, slo, shi, &stored)?;
+            for &(p, l) in &runs {
+                t.put_zeroing(p.container, p.block, l)?;
+            }
+            t.put_vdisk(f.vdisk, &rec)
+        });
+        if let Err(err) = result {
+            let v = meta.vdisks.get_mut(&f.vdisk).expect("checked above");
+            v.table.remove(olo, ohi).map_err(storage)?;
+            for x in undo {
+                v.table
+                    .set(x.begin, x.end, x.target, x.state)
+                    .map_err(storage)?;
+            }
+            return Err(storage(err));
+        }
+        meta.vdisks.get_mut(&f.vdisk).expect("checked above").rec = rec;
+        for &(p, l) in &runs {
+            meta.zeroing.insert((p.container, p.block), l);
+        }
+        let update = self.range_update(meta, f.vdisk, b, e);
+        if self.push(f.vdisk, Command::Update(update.clone())).await {
+            self.zero_and_free(meta, runs)?;
+        }
+        Ok(update)
+    }
+}
+
+/// Groups sorted segment indexes into `[a, b)` runs.
+fn contiguous_runs(segs: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &s in segs {
+        match out.last_mut() {
+            Some((_, b)) if *b == s => *b += 1,
+            _ => out.push((s, s + 1)),
+        }
+    }
+    out
+}
+
+#[async_trait::async_trait]
+impl ControlPlane for Controller {
+    async fn register_agent(
+        &self,
+        name: &str,
+        port: Arc<dyn AgentPort>,
+    ) -> Result<(), ControlError> {
+        let mut agents = self.agents.lock();
+        // A re-registering agent starts with no tables: it re-opens what it exports.
+        agents.insert(
+            name.to_string(),
+            AgentSlot {
+                port,
+                vdisks: BTreeSet::new(),
+            },
+        );
+        info!(agent = name, "agent registered");
+        Ok(())
+    }
+
+    async fn open_vdisk(&self, agent: &str, name: &str) -> Result<TableSnapshot, ControlError> {
+        let meta = self.meta.lock().await;
+        let id = meta.by_name(name)?;
+        let mut agents = self.agents.lock();
+        let slot = agents
+            .get_mut(agent)
+            .ok_or_else(|| ControlError::NotFound(format!("agent '{agent}' (register first)")))?;
+        slot.vdisks.insert(id);
+        Ok(Self::snapshot_of(&meta, id))
+    }
+
+    async fn list_vdisks(&self) -> Result<Vec<String>, ControlError> {
+        let meta = self.meta.lock().await;
+        let mut names: Vec<String> = meta.names.keys().cloned().collect();
+        names.sort();
+        Ok(names)
+    }
+
+    async fn container(&self, id: ContainerId) -> Result<ContainerLocation, ControlError> {
+        let meta = self.meta.lock().await;
+        let c = meta
+            .containers
+            .get(&id)
+            .ok_or_else(|| ControlError::NotFound(format!("container {id}")))?;
+        Ok(ContainerLocation {
+            id,
+            name: c.rec.name.clone(),
+            path: c.rec.path.clone(),
+            size_bytes: c.rec.size_blocks * BLOCK_SIZE,
+        })
+    }
+
+    async fn fault(&self, fault: Fault) -> Result<RangeUpdate, ControlError> {
+        let mut meta = self.meta.lock().await;
+        match fault.op {
+            FaultOp::Write => tokio::task::block_in_place(|| self.write_fault(&mut meta, &fault)),
+            FaultOp::Trim | FaultOp::WriteZeroes => self.unmap_fault(&mut meta, &fault).await,
+            FaultOp::Read => {
+                let v = meta.vdisk(fault.vdisk)?;
+                let seg = v.rec.segment_blocks;
+                let (b, e) = (
+                    (fault.segments.0 * seg).min(v.table.size()),
+                    (fault.segments.1 * seg).min(v.table.size()),
+                );
+                let update = self.range_update(&meta, fault.vdisk, b, e);
+                if let Some(bad) = update.entries.iter().find(|x| !x.state.readable()) {
+                    return Err(ControlError::Invalid(format!(
+                        "blocks {}..{} are in state {}",
+                        bad.begin, bad.end, bad.state
+                    )));
+                }
+                Ok(update)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
