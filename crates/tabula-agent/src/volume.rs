@@ -22,6 +22,8 @@ const HOLE_ZERO: u32 = 1 | 2;
 
 struct TableCopy {
     generation: Generation,
+    /// Generation of the last pushed command, the only kind that can remove mappings.
+    unmap_generation: Generation,
     table: MappingTable,
 }
 
@@ -53,6 +55,7 @@ impl Volume {
             read_only: snap.read_only,
             table: parking_lot::RwLock::new(TableCopy {
                 generation: snap.generation,
+                unmap_generation: snap.generation,
                 table,
             }),
             gate: tokio::sync::RwLock::new(()),
@@ -76,24 +79,61 @@ impl Volume {
         self.table.read().generation
     }
 
-    /// Installs the controller's entries for a range, unless this copy is already newer.
-    /// (An older answer overtaken by a newer change is dropped: the I/O that needed it simply
-    /// faults again and gets the current entries.)
+    /// Installs a command's entries for a range (they may remove mappings), unless this copy
+    /// is already newer.
     pub fn install(&self, u: &RangeUpdate) {
         let mut t = self.table.write();
         if u.generation < t.generation {
             return;
         }
-        let (b, e) = (u.range.0.min(t.table.size()), u.range.1.min(t.table.size()));
-        if b < e {
-            let _ = t.table.remove(b, e);
+        Self::replace_range(&mut t.table, u);
+        t.generation = u.generation;
+        t.unmap_generation = u.generation;
+    }
+
+    /// Installs a fault's answer. Answers can arrive out of order; an answer older than this
+    /// copy is still safe to use where this copy has gaps, provided no command that could
+    /// have removed mappings came after it: between the two, the controller only added
+    /// mappings. Otherwise it is dropped and the I/O simply faults again.
+    pub fn install_answer(&self, u: &RangeUpdate) {
+        let mut t = self.table.write();
+        if u.generation >= t.generation {
+            Self::replace_range(&mut t.table, u);
+            t.generation = u.generation;
+            return;
+        }
+        if u.generation < t.unmap_generation {
+            return;
         }
         for x in &u.entries {
-            if x.end <= t.table.size() {
-                let _ = t.table.set(x.begin, x.end, x.target, x.state);
+            let Some(target) = x.target else { continue };
+            let gaps: Vec<Piece> = t
+                .table
+                .lookup(x.begin, x.end)
+                .into_iter()
+                .filter(|p| p.target.is_none() && p.state == State::Zero)
+                .collect();
+            for p in gaps {
+                let _ = t.table.set(
+                    p.begin,
+                    p.end,
+                    Some(target.offset(p.begin - x.begin)),
+                    x.state,
+                );
             }
         }
-        t.generation = u.generation;
+    }
+
+    fn replace_range(table: &mut MappingTable, u: &RangeUpdate) {
+        let (b, e) = (u.range.0.min(table.size()), u.range.1.min(table.size()));
+        if b < e {
+            let _ = table.remove(b, e);
+        }
+        for x in &u.entries {
+            if x.end <= table.size() {
+                let _ = table.set(x.begin, x.end, x.target, x.state);
+            }
+        }
     }
 
     pub fn replace(&self, snap: &TableSnapshot) -> Result<(), String> {
@@ -104,6 +144,7 @@ impl Volume {
         if snap.generation >= t.generation {
             *t = TableCopy {
                 generation: snap.generation,
+                unmap_generation: snap.generation,
                 table,
             };
         }
@@ -211,7 +252,7 @@ impl VolumeExport {
             generation: self.vol.generation(),
         };
         let update = self.shared.control.fault(fault).await.map_err(ctl_err)?;
-        self.vol.install(&update);
+        self.vol.install_answer(&update);
         Ok(())
     }
 

@@ -1,1 +1,209 @@
+//! Controller tests: allocation, concurrency, freeing, persistence, and the invariant check
+//! after every scenario.
 
+use std::sync::Arc;
+
+use tabula_api::{AgentPort, Command, ControlError, ControlPlane, Fault, FaultOp};
+use tabula_core::{Generation, State, VdiskId};
+
+use super::*;
+
+const MIB: u64 = 1 << 20;
+
+struct NullAgent;
+
+#[async_trait::async_trait]
+impl AgentPort for NullAgent {
+    async fn apply(&self, _command: Command) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+async fn setup(dir: &Path, container: u64) -> Arc<Controller> {
+    let ctl = Controller::open(ControllerConfig::new(dir)).await.unwrap();
+    ctl.ensure_default_container(container).await.unwrap();
+    ctl.register_agent("a", Arc::new(NullAgent)).await.unwrap();
+    ctl
+}
+
+fn fault(vdisk: u64, op: FaultOp, s0: u64, s1: u64) -> Fault {
+    Fault {
+        agent: "a".into(),
+        vdisk: VdiskId(vdisk),
+        op,
+        segments: (s0, s1),
+        state: State::Zero,
+        generation: Generation(0),
+    }
+}
+
+async fn assert_consistent(ctl: &Controller) {
+    let c = ctl.check().await.unwrap();
+    assert!(c.ok, "invariants violated: {:#?}", c.problems);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_fault_allocates_whole_segment_and_persists() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 64 * MIB).await;
+    let v = ctl.create_vdisk("vd", 16 * MIB, None).await.unwrap();
+    let u = ctl.fault(fault(v.id, FaultOp::Write, 3, 4)).await.unwrap();
+    assert_eq!(u.entries.len(), 1);
+    assert_eq!(u.entries[0].len() * BLOCK_SIZE, MIB);
+    assert_eq!(ctl.status().await.allocated, MIB);
+    assert_consistent(&ctl).await;
+    drop(ctl);
+    // Reopen: the allocation is still there.
+    let ctl = Controller::open(ControllerConfig::new(dir.path()))
+        .await
+        .unwrap();
+    assert_eq!(ctl.vdisk_by_name("vd").await.unwrap().allocated, MIB);
+    assert_consistent(&ctl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_faults_for_one_segment_allocate_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 64 * MIB).await;
+    let v = ctl.create_vdisk("vd", 16 * MIB, None).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let c = ctl.clone();
+        tasks.push(tokio::spawn(async move {
+            c.fault(fault(v.id, FaultOp::Write, 5, 6)).await.unwrap()
+        }));
+    }
+    let mut targets = Vec::new();
+    for t in tasks {
+        targets.push(t.await.unwrap().entries[0].target);
+    }
+    assert!(targets.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(ctl.status().await.allocated, MIB);
+    assert_consistent(&ctl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_faults_allocate_ahead_contiguously() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 256 * MIB).await;
+    let v = ctl.create_vdisk("vd", 64 * MIB, None).await.unwrap();
+    ctl.fault(fault(v.id, FaultOp::Write, 0, 1)).await.unwrap();
+    let u = ctl.fault(fault(v.id, FaultOp::Write, 1, 2)).await.unwrap();
+    // The stream continues: more than the faulted segment, physically after segment 0.
+    let mapped: u64 = u.entries.iter().map(|e| e.len()).sum();
+    assert!(mapped > MIB / BLOCK_SIZE, "{u:?}");
+    let m = ctl.map_view("vd").await.unwrap();
+    assert_eq!(m.entries.len(), 1, "one merged extent: {m:?}");
+    assert_consistent(&ctl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_space_fails_then_new_container_allows_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 4 * MIB).await;
+    let v = ctl.create_vdisk("vd", 16 * MIB, None).await.unwrap();
+    for s in [0, 2, 4, 6] {
+        ctl.fault(fault(v.id, FaultOp::Write, s, s + 1))
+            .await
+            .unwrap();
+    }
+    let err = ctl
+        .fault(fault(v.id, FaultOp::Write, 8, 9))
+        .await
+        .unwrap_err();
+    assert_eq!(err, ControlError::NoSpace);
+    assert!(ctl.status().await.out_of_space);
+    assert_consistent(&ctl).await;
+    let extra = dir.path().join("extra.img");
+    ctl.add_container("extra", extra.to_str().unwrap(), Some(8 * MIB))
+        .await
+        .unwrap();
+    ctl.fault(fault(v.id, FaultOp::Write, 8, 9)).await.unwrap();
+    assert!(!ctl.status().await.out_of_space);
+    assert_consistent(&ctl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trim_and_delete_return_space_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 64 * MIB).await;
+    let start = ctl.status().await.free;
+    let a = ctl.create_vdisk("a", 32 * MIB, None).await.unwrap();
+    let b = ctl
+        .create_vdisk("b", 32 * MIB, Some(4 * MIB))
+        .await
+        .unwrap();
+    for s in 0..8 {
+        ctl.fault(fault(a.id, FaultOp::Write, s, s + 1))
+            .await
+            .unwrap();
+    }
+    ctl.fault(fault(b.id, FaultOp::Write, 1, 3)).await.unwrap();
+    assert_consistent(&ctl).await;
+    let u = ctl.fault(fault(a.id, FaultOp::Trim, 2, 5)).await.unwrap();
+    assert!(u.entries.is_empty());
+    assert_consistent(&ctl).await;
+    ctl.fault(fault(b.id, FaultOp::WriteZeroes, 0, 8))
+        .await
+        .unwrap();
+    assert_eq!(ctl.vdisk_by_name("b").await.unwrap().allocated, 0);
+    ctl.delete_vdisk("a").await.unwrap();
+    assert_consistent(&ctl).await;
+    let s = ctl.status().await;
+    assert_eq!((s.free, s.zeroing), (start, 0));
+    assert!(matches!(
+        ctl.vdisk_by_name("a").await,
+        Err(ControlError::NotFound(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shrink_frees_tail_and_grow_reads_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 64 * MIB).await;
+    let v = ctl.create_vdisk("vd", 8 * MIB, None).await.unwrap();
+    ctl.fault(fault(v.id, FaultOp::Write, 0, 8)).await.unwrap();
+    ctl.resize_vdisk("vd", 3 * MIB).await.unwrap();
+    assert_eq!(ctl.vdisk_by_name("vd").await.unwrap().allocated, 3 * MIB);
+    assert_consistent(&ctl).await;
+    ctl.resize_vdisk("vd", 10 * MIB).await.unwrap();
+    assert_eq!(ctl.vdisk_by_name("vd").await.unwrap().allocated, 3 * MIB);
+    assert_consistent(&ctl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_bad_requests_with_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 64 * MIB).await;
+    let e = ctl.create_vdisk("x", 1000, None).await.unwrap_err();
+    assert!(e.to_string().contains("multiple of the block size"), "{e}");
+    let e = ctl.create_vdisk("a@b", MIB, None).await.unwrap_err();
+    assert!(e.to_string().contains("may contain only"), "{e}");
+    let e = ctl
+        .create_vdisk("x", MIB, Some(3 * 4096))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("power of two"), "{e}");
+    ctl.create_vdisk("x", MIB, None).await.unwrap();
+    let e = ctl.create_vdisk("x", MIB, None).await.unwrap_err();
+    assert!(matches!(e, ControlError::Exists(_)));
+    let e = ctl
+        .fault(fault(99, FaultOp::Write, 0, 1))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ControlError::NotFound(_)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_segment_smaller_than_segment_size_is_not_leaked() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 64 * MIB).await;
+    // 2.5 segments: the last segment is half a segment.
+    let v = ctl.create_vdisk("vd", 5 * MIB / 2, None).await.unwrap();
+    ctl.fault(fault(v.id, FaultOp::Write, 2, 3)).await.unwrap();
+    assert_eq!(ctl.vdisk_by_name("vd").await.unwrap().allocated, MIB / 2);
+    assert_consistent(&ctl).await;
+    ctl.fault(fault(v.id, FaultOp::Trim, 2, 3)).await.unwrap();
+    assert_eq!(ctl.vdisk_by_name("vd").await.unwrap().allocated, 0);
+    assert_consistent(&ctl).await;
+}
