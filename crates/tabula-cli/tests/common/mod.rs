@@ -1,0 +1,248 @@
+//! Test harness: runs the real `tabula` binary as a separate process on loopback, drives it
+//! with real NBD clients, and stops it by process id.
+#![allow(dead_code)] // Each test file uses a different part of the harness.
+
+pub mod nbd;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tabula");
+
+/// Whether an external tool is installed. Under `CI=true` a missing tool fails the test: CI
+/// must never pass by skipping.
+pub fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!(
+                "{tool} is not installed; CI needs it (see README: the test command installs it)"
+            );
+        }
+        eprintln!("SKIP: {tool} is not installed (install it to run this test)");
+    }
+    found
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `tabula serve` process with its own data directory and ports.
+pub struct Server {
+    pub child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub nbd_port: u16,
+    pub api_port: u16,
+    pub container_size: String,
+    pub log: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    pub fn start(container_size: &str) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let data_dir = tmp.path().join("data");
+        let mut s = Server {
+            child: None,
+            data_dir,
+            nbd_port: free_port(),
+            api_port: free_port(),
+            container_size: container_size.to_string(),
+            log: tmp.path().join("serve.log"),
+            _tmp: Some(tmp),
+        };
+        s.spawn();
+        s
+    }
+
+    /// Starts (or restarts) the process on the same data directory and ports.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(BIN)
+            .args([
+                "serve",
+                "--data-dir",
+                self.data_dir.to_str().unwrap(),
+                "--nbd-listen",
+                &format!("127.0.0.1:{}", self.nbd_port),
+                "--api-listen",
+                &format!("127.0.0.1:{}", self.api_port),
+                "--container-size",
+                &self.container_size,
+            ])
+            .env("TABULA_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log.try_clone().unwrap())
+            .spawn()
+            .expect("start tabula serve");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.try_cli(&["status"]).status.success() {
+                break;
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("tabula serve exited with {st}; log:\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tabula serve did not start; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn url(&self, vdisk: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{vdisk}", self.nbd_port)
+    }
+
+    pub fn api(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api_port)
+    }
+
+    pub fn try_cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--controller")
+            .arg(self.api())
+            .args(args)
+            .output()
+            .expect("run tabula")
+    }
+
+    /// Runs a CLI command that must succeed; returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = self.try_cli(args);
+        assert!(
+            out.status.success(),
+            "tabula {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.cli(&a)).unwrap()
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait (a clean stop).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while c.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the server and runs `tabula check --data-dir` on its data; panics on violations.
+    pub fn stop_and_check(&mut self) {
+        self.stop();
+        check_data_dir(&self.data_dir);
+    }
+}
+
+pub fn check_data_dir(dir: &Path) {
+    let out = Command::new(BIN)
+        .args(["check", "--data-dir", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tabula check failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs an external command that must succeed (with a time bound); returns stdout.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = run_timeout(cmd, args, Duration::from_secs(300));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+pub fn run_timeout(cmd: &str, args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new("timeout")
+        .arg("-k")
+        .arg("5")
+        .arg(limit.as_secs().to_string())
+        .arg(cmd)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {cmd}: {e}"));
+    let _ = &mut child;
+    child.wait_with_output().unwrap()
+}
+
+/// qemu-io against a vdisk over NBD, each `-c` a command; fails the test on any error
+/// (qemu-io exits 0 even when a command fails, so its output is checked too).
+pub fn qemu_io(url: &str, cmds: &[&str]) -> String {
+    let mut args = vec!["-f", "raw"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(url);
+    let out = run("qemu-io", &args);
+    assert!(
+        !out.contains("Pattern verification failed") && !out.contains("failed:"),
+        "qemu-io {cmds:?}:\n{out}"
+    );
+    out
+}
