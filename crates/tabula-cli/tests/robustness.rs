@@ -104,7 +104,7 @@ fn data_of_a_deleted_vdisk_never_reads_back_through_a_new_one() {
     for i in 0..8u64 {
         let data = c.read(i << 20, 1 << 20).unwrap();
         assert!(
-            !data.iter().any(|&b| b == 0x5e),
+            !data.contains(&0x5e),
             "segment {i} leaks the deleted vdisk's data"
         );
         assert!(data[..8192].iter().all(|&b| b == 0));
