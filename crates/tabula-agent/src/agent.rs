@@ -154,6 +154,11 @@ impl Agent {
         Ok(vol)
     }
 
+    /// Makes every write completed so far durable (used on a clean shutdown).
+    pub async fn flush(&self) -> std::io::Result<()> {
+        self.shared.flush().await
+    }
+
     fn by_id(&self, id: VdiskId) -> Option<Arc<Volume>> {
         self.shared.by_id.lock().get(&id).cloned()
     }

@@ -30,7 +30,6 @@ struct TableCopy {
 pub struct Volume {
     id: VdiskId,
     name: String,
-    size_bytes: u64,
     segment_blocks: u64,
     read_only: bool,
     table: parking_lot::RwLock<TableCopy>,
@@ -50,7 +49,6 @@ impl Volume {
         Ok(Volume {
             id: snap.vdisk,
             name: snap.name,
-            size_bytes: snap.size_bytes,
             segment_blocks: snap.segment_blocks,
             read_only: snap.read_only,
             table: parking_lot::RwLock::new(TableCopy {
@@ -160,6 +158,11 @@ impl Volume {
         self.detached.store(true, Ordering::Release);
     }
 
+    /// The current size: it follows resizes pushed by the controller.
+    pub fn size_bytes(&self) -> u64 {
+        self.table.read().table.size() * BLOCK_SIZE
+    }
+
     fn segment_bytes(&self) -> u64 {
         self.segment_blocks * BLOCK_SIZE
     }
@@ -242,6 +245,23 @@ impl VolumeExport {
         Ok(())
     }
 
+    /// The NBD server checks ranges against the size seen at connect time; the vdisk may have
+    /// shrunk since, so every I/O is checked again against the current size.
+    fn check_io(&self, off: u64, len: u64, write: bool) -> Result<(), IoError> {
+        self.check_attached()?;
+        let size = self.vol.size_bytes();
+        if off.checked_add(len).is_none_or(|end| end > size) {
+            return Err(IoError {
+                errno: if write { Errno::NoSpc } else { Errno::Inval },
+                message: format!(
+                    "vdisk {}: range {off}+{len} lies beyond its current size {size} (it was resized; reconnect)",
+                    self.vol.name
+                ),
+            });
+        }
+        Ok(())
+    }
+
     async fn fault(&self, op: FaultOp, state: State, segs: (u64, u64)) -> Result<(), IoError> {
         let fault = Fault {
             agent: self.shared.cfg.name.clone(),
@@ -304,7 +324,7 @@ impl VolumeExport {
         len: u64,
     ) -> Result<(tokio::sync::RwLockReadGuard<'_, ()>, Vec<PhysOp>), IoError> {
         for _ in 0..self.shared.cfg.max_fault_retries {
-            self.check_attached()?;
+            self.check_io(off, len, true)?;
             let guard = self.vol.gate.read().await;
             let pieces = self.vol.pieces(off, len);
             let bad: Vec<Piece> = pieces
@@ -354,8 +374,9 @@ impl VolumeExport {
         let segb = self.vol.segment_bytes();
         let s0 = off.div_ceil(segb);
         let end = off + len;
-        let s1 = if end >= self.vol.size_bytes {
-            self.vol.size_bytes.div_ceil(segb)
+        let size = self.vol.size_bytes();
+        let s1 = if end >= size {
+            size.div_ceil(segb)
         } else {
             end / segb
         };
@@ -378,7 +399,7 @@ impl VolumeExport {
 impl Export for VolumeExport {
     fn info(&self) -> ExportInfo {
         ExportInfo {
-            size: self.vol.size_bytes,
+            size: self.vol.size_bytes(),
             read_only: self.vol.read_only,
             description: Some(format!("tabula vdisk {}", self.vol.name)),
             min_block: 1,
@@ -391,7 +412,7 @@ impl Export for VolumeExport {
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, IoError> {
         let len64 = len as u64;
         for _ in 0..self.shared.cfg.max_fault_retries {
-            self.check_attached()?;
+            self.check_io(offset, len64, false)?;
             let guard = self.vol.gate.read().await;
             let pieces = self.vol.pieces(offset, len64);
             if let Some(bad) = pieces.iter().find(|p| !p.state.readable()) {
@@ -459,7 +480,7 @@ impl Export for VolumeExport {
     }
 
     async fn trim(&self, offset: u64, len: u32, _fua: bool) -> Result<(), IoError> {
-        self.check_attached()?;
+        self.check_io(offset, len as u64, false)?;
         // Trim is advisory: whole segments are returned to the pool, partial ones are kept.
         // The controller's answer is durable before it returns, so FUA needs nothing more.
         self.unmap_whole_segments(FaultOp::Trim, offset, len as u64)
@@ -467,7 +488,7 @@ impl Export for VolumeExport {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
-        self.check_attached()?;
+        self.check_io(offset, len as u64, true)?;
         let len64 = len as u64;
         if !flags.no_hole {
             self.unmap_whole_segments(FaultOp::WriteZeroes, offset, len64)
@@ -499,7 +520,7 @@ impl Export for VolumeExport {
     }
 
     async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<StatusExtent>, IoError> {
-        self.check_attached()?;
+        self.check_io(offset, len as u64, false)?;
         let len64 = len as u64;
         let mut out: Vec<StatusExtent> = Vec::new();
         for p in self.vol.pieces(offset, len64) {

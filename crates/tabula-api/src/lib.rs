@@ -101,7 +101,8 @@ pub enum ControlError {
     NoSpace,
     #[error("{0} not found")]
     NotFound(String),
-    #[error("{0} already exists")]
+    /// Something with that name or path already exists; the message says what and what to do.
+    #[error("{0}")]
     Exists(String),
     #[error("invalid request: {0}")]
     Invalid(String),

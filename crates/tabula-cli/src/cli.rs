@@ -170,7 +170,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     segment_size,
                 })?;
                 println!(
-                    "created vdisk {} ({}), export nbd://HOST:10809/{}",
+                    "created vdisk {} ({}); NBD export name: {}",
                     v.name,
                     tabula_core::format_size(v.size),
                     v.name
@@ -234,8 +234,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     if !dir.is_dir() {
                         bail!("{} is not a directory", dir.display());
                     }
-                    tabula_controller::check::check_data_dir(dir)
-                        .with_context(|| format!("checking {}", dir.display()))?
+                    tabula_controller::check::check_data_dir(dir).with_context(|| {
+                        format!(
+                            "checking {} (to check a running tabula, run `tabula check` without --data-dir)",
+                            dir.display()
+                        )
+                    })?
                 }
                 None => client().check()?,
             };

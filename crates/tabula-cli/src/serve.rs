@@ -38,7 +38,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     rt.block_on(serve(args))
 }
 
-async fn serve(args: ServeArgs) -> Result<()> {
+async fn serve(mut args: ServeArgs) -> Result<()> {
+    args.data_dir = std::path::absolute(&args.data_dir)
+        .with_context(|| format!("resolving --data-dir {}", args.data_dir.display()))?;
     let nbd_addr: ListenAddr = args
         .nbd_listen
         .parse()
@@ -102,5 +104,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let _ = stop_tx.send(true);
     let _ = nbd_task.await;
     let _ = api_task.await;
+    agent
+        .flush()
+        .await
+        .context("flushing containers on shutdown")?;
+    info!("stopped cleanly");
     Ok(())
 }

@@ -23,16 +23,22 @@ struct History {
 }
 
 impl History {
-    fn wrote(&mut self, block: u64, version: u64, fua: bool) {
+    /// Records a write before it is sent: once sent, it may land even if its
+    /// acknowledgement is lost in the crash.
+    fn sending(&mut self, block: u64, version: u64) -> usize {
         let list = self.writes.entry(block).or_default();
-        list.push((version, fua));
-        if !fua {
-            self.pending.push((block, list.len() - 1));
-        }
+        list.push((version, false));
+        self.pending.push((block, list.len() - 1));
+        list.len() - 1
     }
 
-    fn flushed(&mut self) {
-        for (b, i) in self.pending.drain(..) {
+    /// A FUA write was acknowledged: it is durable.
+    fn fua_acked(&mut self, block: u64, index: usize) {
+        self.writes.get_mut(&block).unwrap()[index].1 = true;
+    }
+
+    fn flushed(&mut self, sent: usize) {
+        for (b, i) in self.pending.drain(..sent) {
             self.writes.get_mut(&b).unwrap()[i].1 = true;
         }
     }
@@ -44,13 +50,18 @@ impl History {
         };
         let last_durable = list.iter().rposition(|w| w.1);
         let mut out: Vec<Option<u64>> = match last_durable {
-            Some(i) => vec![Some(list[i].0)],
+            Some(i) => vec![version(list[i].0)],
             None => vec![None],
         };
         let from = last_durable.map_or(0, |i| i + 1);
-        out.extend(list[from..].iter().map(|w| Some(w.0)));
+        out.extend(list[from..].iter().map(|w| version(w.0)));
         out
     }
+}
+
+/// Version 0 stands for "zeroed by WRITE_ZEROES", which reads like never written.
+fn version(v: u64) -> Option<u64> {
+    (v != 0).then_some(v)
 }
 
 fn xorshift(seed: &mut u64) -> u64 {
@@ -66,23 +77,44 @@ fn writer(port: u16, history: Arc<Mutex<History>>, mut seed: u64, first_version:
     let Ok(mut c) = Client::connect(port, "crashy") else {
         return;
     };
+    // Writes left unflushed by the previous connection stay undecided for ever: a flush on
+    // this connection says nothing about them.
+    history.lock().unwrap().pending.clear();
     let mut version = first_version;
     loop {
         for _ in 0..8 {
+            if xorshift(&mut seed) % 16 == 0 {
+                // Zero a whole segment: it is unmapped and its space freed and reused.
+                let seg = xorshift(&mut seed) % (BLOCKS / 256);
+                let mut h = history.lock().unwrap();
+                for b in seg * 256..(seg + 1) * 256 {
+                    h.sending(b, 0);
+                }
+                drop(h);
+                if c.write_zeroes(seg << 20, 1 << 20).is_err() {
+                    return;
+                }
+                continue;
+            }
             let block = xorshift(&mut seed) % BLOCKS;
             let fua = xorshift(&mut seed) % 5 == 0;
             version += 1;
+            let index = history.lock().unwrap().sending(block, version);
             if c.write(block * 4096, &stamp_block(block, version), fua)
                 .is_err()
             {
                 return;
             }
-            history.lock().unwrap().wrote(block, version, fua);
+            if fua {
+                history.lock().unwrap().fua_acked(block, index);
+            }
         }
+        // Writes sent before the flush and acknowledged are durable once it completes.
+        let sent = history.lock().unwrap().pending.len();
         if c.flush().is_err() {
             return;
         }
-        history.lock().unwrap().flushed();
+        history.lock().unwrap().flushed(sent);
     }
 }
 

@@ -344,12 +344,16 @@ impl Controller {
         validate_name("container", name)?;
         let mut meta = self.meta.lock().await;
         if meta.containers.values().any(|c| c.rec.name == name) {
-            return Err(ControlError::Exists(format!("container '{name}'")));
+            return Err(ControlError::Exists(format!(
+                "container '{name}' already exists: pick another name"
+            )));
         }
         let abs = std::path::absolute(path).map_err(storage)?;
         let abs_s = abs.to_string_lossy().to_string();
         if meta.containers.values().any(|c| c.rec.path == abs_s) {
-            return Err(ControlError::Exists(format!("a container at {abs_s}")));
+            return Err(ControlError::Exists(format!(
+                "a container at {abs_s} already exists"
+            )));
         }
         let file = match size {
             Some(s) => {
@@ -360,7 +364,7 @@ impl Controller {
                 }
                 if abs.exists() {
                     return Err(ControlError::Exists(format!(
-                        "file {abs_s}: tabula will not take over an existing file; remove it or pick another path"
+                        "file {abs_s} already exists: give --size only for a new file, or omit --size to use the existing file as it is"
                     )));
                 }
                 Container::create(&abs, s).map_err(storage)?
@@ -474,7 +478,7 @@ impl Controller {
         let mut meta = self.meta.lock().await;
         if meta.names.contains_key(name) {
             return Err(ControlError::Exists(format!(
-                "vdisk '{name}' (pick another name or delete it first)"
+                "vdisk '{name}' already exists: pick another name or delete it first"
             )));
         }
         let id = VdiskId(meta.next_vdisk);
