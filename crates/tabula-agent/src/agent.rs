@@ -47,6 +47,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The open container `id`, if it is open already (never waits).
+    pub(crate) fn cached_container(&self, id: ContainerId) -> Option<Arc<OpenContainer>> {
+        self.containers.lock().get(&id).cloned()
+    }
+
     /// The open container `id`, opening it on first use with the controller's location.
     pub(crate) async fn container(
         &self,

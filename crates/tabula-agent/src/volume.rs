@@ -294,17 +294,21 @@ impl VolumeExport {
         (first, last)
     }
 
-    async fn resolve_ops(
+    /// Physical operations for the pieces, using only containers already open. Returns the
+    /// id of a container that must be opened first: opening may wait for the controller, and
+    /// nothing may wait for the controller while holding the gate (the controller may be
+    /// waiting for this agent to drain).
+    fn resolve_ops(
         &self,
         pieces: &[Piece],
         off: u64,
         len: u64,
-    ) -> Result<Vec<PhysOp>, IoError> {
+    ) -> Result<Vec<PhysOp>, ContainerId> {
         let mut ops = Vec::with_capacity(pieces.len());
         for p in pieces {
             let (s, e) = clip(p, off, len);
             if let Some((c, at)) = phys_off(p, s) {
-                let container = self.shared.container(c).await.map_err(ctl_err)?;
+                let container = self.shared.cached_container(c).ok_or(c)?;
                 ops.push(PhysOp {
                     container,
                     at,
@@ -314,6 +318,10 @@ impl VolumeExport {
             }
         }
         Ok(ops)
+    }
+
+    async fn open_container(&self, id: ContainerId) -> Result<(), IoError> {
+        self.shared.container(id).await.map(drop).map_err(ctl_err)
     }
 
     /// Ensures every block of `[off, off+len)` is writable, faulting as needed, and returns
@@ -333,8 +341,14 @@ impl VolumeExport {
                 .copied()
                 .collect();
             if bad.is_empty() {
-                let ops = self.resolve_ops(&pieces, off, len).await?;
-                return Ok((guard, ops));
+                match self.resolve_ops(&pieces, off, len) {
+                    Ok(ops) => return Ok((guard, ops)),
+                    Err(id) => {
+                        drop(guard);
+                        self.open_container(id).await?;
+                        continue;
+                    }
+                }
             }
             drop(guard);
             if let Some(p) = bad.iter().find(|p| p.state == State::Error) {
@@ -431,7 +445,14 @@ impl Export for VolumeExport {
                     .await?;
                 continue;
             }
-            let ops = self.resolve_ops(&pieces, offset, len64).await?;
+            let ops = match self.resolve_ops(&pieces, offset, len64) {
+                Ok(ops) => ops,
+                Err(id) => {
+                    drop(guard);
+                    self.open_container(id).await?;
+                    continue;
+                }
+            };
             let mut buf = vec![0u8; len as usize];
             if ops.is_empty() {
                 // Unallocated: zeros without touching any container.
@@ -499,9 +520,17 @@ impl Export for VolumeExport {
         if flags.no_hole {
             drop(self.writable(offset, len64).await?);
         }
-        let guard = self.vol.gate.read().await;
-        let pieces = self.vol.pieces(offset, len64);
-        let fresh = self.resolve_ops(&pieces, offset, len64).await?;
+        let (guard, fresh) = loop {
+            let guard = self.vol.gate.read().await;
+            let pieces = self.vol.pieces(offset, len64);
+            match self.resolve_ops(&pieces, offset, len64) {
+                Ok(ops) => break (guard, ops),
+                Err(id) => {
+                    drop(guard);
+                    self.open_container(id).await?;
+                }
+            }
+        };
         let fresh = tokio::task::spawn_blocking(move || {
             for op in &fresh {
                 op.container.dirty.store(true, Ordering::Release);
