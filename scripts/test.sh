@@ -42,4 +42,7 @@ if [ "$FUZZ_SECONDS" != 0 ]; then
             -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 2>&1 | tail -n 2)
     done
 fi
+passed=$(grep -o '[0-9]* passed' /tmp/tabula-test.log | awk '{s+=$1} END {print s+0}')
+failed=$(grep -o '[0-9]* failed' /tmp/tabula-test.log | awk '{s+=$1} END {print s+0}')
 echo "== all tests passed"
+echo "tests: ${passed} passed, ${failed} failed"

