@@ -1071,3 +1071,32 @@ fn resize_is_seen_by_new_connections() {
     );
     srv.stop_and_check();
 }
+
+#[test]
+fn unix_socket_export_serves_qemu_and_libnbd() {
+    if !have("qemu-io") || !have("nbdinfo") || !have("nbdcopy") {
+        return;
+    }
+    let mut srv = Server::start_with("1G", true);
+    srv.cli(&["vdisk", "create", "ux", "--size", "8M"]);
+    let url = srv.url("ux");
+    assert!(url.starts_with("nbd+unix://"), "{url}");
+    qemu_io(
+        &url,
+        &[
+            "write -P 0x3c 1000 70000",
+            "read -P 0x3c 1000 70000",
+            "read -P 0 0 1000",
+        ],
+    );
+    let info: serde_json::Value = serde_json::from_str(&run("nbdinfo", &["--json", &url])).unwrap();
+    assert_eq!(info["exports"][0]["export-size"], 8 << 20, "{info}");
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy.img");
+    run("nbdcopy", &[&url, copy.to_str().unwrap()]);
+    let data = std::fs::read(&copy).unwrap();
+    assert_eq!(data.len(), 8 << 20);
+    assert!(data[1000..71000].iter().all(|&b| b == 0x3c));
+    assert!(data[..1000].iter().all(|&b| b == 0) && data[71000..].iter().all(|&b| b == 0));
+    srv.stop_and_check();
+}

@@ -48,11 +48,18 @@ pub struct Server {
     pub api_port: u16,
     pub container_size: String,
     pub log: PathBuf,
+    /// When set, NBD is served on this Unix socket instead of TCP.
+    pub nbd_unix: Option<PathBuf>,
     _tmp: Option<tempfile::TempDir>,
 }
 
 impl Server {
     pub fn start(container_size: &str) -> Server {
+        Self::start_with(container_size, false)
+    }
+
+    /// Like [`start`](Self::start), serving NBD on a Unix socket when `unix` is set.
+    pub fn start_with(container_size: &str, unix: bool) -> Server {
         let tmp = tempfile::tempdir().unwrap();
         let data_dir = tmp.path().join("data");
         let mut s = Server {
@@ -62,6 +69,7 @@ impl Server {
             api_port: free_port(),
             container_size: container_size.to_string(),
             log: tmp.path().join("serve.log"),
+            nbd_unix: unix.then(|| tmp.path().join("nbd.sock")),
             _tmp: Some(tmp),
         };
         s.spawn();
@@ -82,7 +90,10 @@ impl Server {
                 "--data-dir",
                 self.data_dir.to_str().unwrap(),
                 "--nbd-listen",
-                &format!("127.0.0.1:{}", self.nbd_port),
+                &match &self.nbd_unix {
+                    Some(p) => format!("unix:{}", p.display()),
+                    None => format!("127.0.0.1:{}", self.nbd_port),
+                },
                 "--api-listen",
                 &format!("127.0.0.1:{}", self.api_port),
                 "--container-size",
@@ -116,7 +127,10 @@ impl Server {
     }
 
     pub fn url(&self, vdisk: &str) -> String {
-        format!("nbd://127.0.0.1:{}/{vdisk}", self.nbd_port)
+        match &self.nbd_unix {
+            Some(p) => format!("nbd+unix:///{vdisk}?socket={}", p.display()),
+            None => format!("nbd://127.0.0.1:{}/{vdisk}", self.nbd_port),
+        }
     }
 
     pub fn api(&self) -> String {
