@@ -109,18 +109,22 @@ impl Meta {
     ) -> Option<(Phys, u64)> {
         let (at, n) = self.pool.alloc(unit, min, max, hint)?;
         let m = self.pool.get(at.container).expect("allocated from it");
+        let new = m.touching(at.block, at.block + n);
+        // Free runs are always coalesced, so the run the allocation came from is exactly the
+        // allocated range joined with whatever free neighbours it left behind.
+        let start = new
+            .iter()
+            .find(|&&(s, l)| s + l == at.block)
+            .map_or(at.block, |&(s, _)| s);
+        let end = new
+            .iter()
+            .find(|&&(s, _)| s == at.block + n)
+            .map_or(at.block + n, |&(s, l)| s + l);
         deltas.push(FreeDelta {
             container: at.container,
-            old: Vec::new(),
-            new: m.touching(at.block, at.block + n),
+            old: vec![(start, end - start)],
+            new,
         });
-        // The old runs are whatever contained the allocation: recompute them as the runs
-        // touching the interval once it is freed back, without mutating.
-        let mut probe = m.clone();
-        probe
-            .free_run(at.container, at.block, n)
-            .expect("just allocated");
-        deltas.last_mut().expect("pushed").old = probe.touching(at.block, at.block + n);
         Some((at, n))
     }
 
