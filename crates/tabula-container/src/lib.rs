@@ -48,27 +48,31 @@ pub struct Container {
 }
 
 impl Container {
-    /// Creates `path` as a sparse file of `size` bytes, or grows an existing smaller file.
-    /// Never shrinks: that would destroy mapped data.
-    pub fn create(path: &Path, size: u64) -> Result<Container, ContainerError> {
+    /// Opens `path` read-write (creating it if `create`), returning it with its length.
+    fn open_file(path: &Path, create: bool) -> Result<(Container, u64), ContainerError> {
+        let err = |source| ContainerError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
+            .create(create)
             .truncate(false)
             .open(path)
-            .map_err(|source| ContainerError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            .map_err(err)?;
+        let len = file.metadata().map_err(err)?.len();
         let c = Container {
             file,
             path: path.to_path_buf(),
         };
-        let len = c.len_bytes().map_err(|source| ContainerError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        Ok((c, len))
+    }
+
+    /// Creates `path` as a sparse file of `size` bytes, or grows an existing smaller file.
+    /// Never shrinks: that would destroy mapped data.
+    pub fn create(path: &Path, size: u64) -> Result<Container, ContainerError> {
+        let (c, len) = Self::open_file(path, true)?;
         if len < size {
             c.file
                 .set_len(size)
@@ -84,22 +88,7 @@ impl Container {
 
     /// Opens an existing container and checks it still has the recorded size.
     pub fn open(path: &Path, expected_size: u64) -> Result<Container, ContainerError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|source| ContainerError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let c = Container {
-            file,
-            path: path.to_path_buf(),
-        };
-        let actual = c.len_bytes().map_err(|source| ContainerError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let (c, actual) = Self::open_file(path, false)?;
         if actual < expected_size {
             return Err(ContainerError::TooSmall {
                 path: path.to_path_buf(),

@@ -24,6 +24,7 @@ use tabula_api::{
     TableSnapshot,
 };
 use tabula_container::Container;
+use tabula_core::table::TableError;
 use tabula_core::{
     BLOCK_SIZE, ContainerId, Entry, FreeMap, Generation, MappingTable, Phys, Pool, State, VdiskId,
     format_size,
@@ -147,6 +148,12 @@ impl Meta {
     fn vdisk(&self, id: VdiskId) -> Result<&VdiskMeta, ControlError> {
         self.vdisks
             .get(&id)
+            .ok_or_else(|| ControlError::NotFound(format!("vdisk {id}")))
+    }
+
+    fn vdisk_mut(&mut self, id: VdiskId) -> Result<&mut VdiskMeta, ControlError> {
+        self.vdisks
+            .get_mut(&id)
             .ok_or_else(|| ControlError::NotFound(format!("vdisk {id}")))
     }
 
@@ -894,14 +901,53 @@ impl Controller {
         lo = lo.min(first);
         self.out_of_space.store(false, Ordering::Relaxed);
         // Install in the table and persist the span that changed.
-        let v = meta.vdisks.get_mut(&f.vdisk).expect("checked above");
         let (b, e) = (lo * seg, (hi * seg).min(size));
+        let result = self.commit_table_edit(
+            meta,
+            f.vdisk,
+            (b, e),
+            |t| {
+                for &(pos, n, at) in &got {
+                    t.set(pos, pos + n, Some(at), State::Normal)?;
+                }
+                Ok(())
+            },
+            |t| write_deltas(t, &deltas),
+        );
+        if let Err(err) = result {
+            for &(_, n, at) in &got {
+                let mut scratch = Vec::new();
+                meta.free(at, n, &mut scratch)?;
+            }
+            return Err(err);
+        }
+        Ok(self.range_update(meta, f.vdisk, b, e))
+    }
+
+    /// Edits the table of `vdisk` within `range`, then commits the changed span of entries,
+    /// the next generation and `extra` in one durable transaction. If the commit fails, the
+    /// edit is undone, so memory never runs ahead of the store.
+    fn commit_table_edit(
+        &self,
+        meta: &mut Meta,
+        vdisk: VdiskId,
+        (b, e): (u64, u64),
+        edit: impl FnOnce(&mut MappingTable) -> Result<(), TableError>,
+        extra: impl FnOnce(&mut Txn<'_>) -> Result<(), StoreError>,
+    ) -> Result<(), ControlError> {
+        let v = meta.vdisk_mut(vdisk)?;
         let (olo, ohi) = span_edges(&v.table, b, e);
         let undo = v.table.entries_in(olo, ohi);
-        for &(pos, n, at) in &got {
-            v.table
-                .set(pos, pos + n, Some(at), State::Normal)
-                .map_err(storage)?;
+        let restore = |t: &mut MappingTable| -> Result<(), ControlError> {
+            t.remove(olo, ohi).map_err(storage)?;
+            for x in &undo {
+                t.set(x.begin, x.end, x.target, x.state).map_err(storage)?;
+            }
+            Ok(())
+        };
+        if let Err(err) = edit(&mut v.table) {
+            restore(&mut v.table)?;
+            return Err(storage(err));
         }
         let (nlo, nhi) = span_edges(&v.table, b, e);
         let (slo, shi) = (olo.min(nlo), ohi.max(nhi));
@@ -909,26 +955,20 @@ impl Controller {
         let mut rec = v.rec.clone();
         rec.generation += 1;
         let result = self.store.write(|t| {
-            t.replace_entries(f.vdisk, slo, shi, &stored)?;
-            write_deltas(t, &deltas)?;
-            t.put_vdisk(f.vdisk, &rec)
+            t.replace_entries(vdisk, slo, shi, &stored)?;
+            extra(t)?;
+            t.put_vdisk(vdisk, &rec)
         });
-        if let Err(e) = result {
-            let v = meta.vdisks.get_mut(&f.vdisk).expect("checked above");
-            v.table.remove(olo, ohi).map_err(storage)?;
-            for x in undo {
-                v.table
-                    .set(x.begin, x.end, x.target, x.state)
-                    .map_err(storage)?;
+        match result {
+            Ok(()) => {
+                v.rec = rec;
+                Ok(())
             }
-            for &(_, n, at) in &got {
-                let mut scratch = Vec::new();
-                meta.free(at, n, &mut scratch)?;
+            Err(err) => {
+                restore(&mut v.table)?;
+                Err(storage(err))
             }
-            return Err(storage(e));
         }
-        meta.vdisks.get_mut(&f.vdisk).expect("checked above").rec = rec;
-        Ok(self.range_update(meta, f.vdisk, b, e))
     }
 
     fn range_update(&self, meta: &Meta, vdisk: VdiskId, b: u64, e: u64) -> RangeUpdate {
@@ -963,33 +1003,18 @@ impl Controller {
         if runs.is_empty() && v.table.entries_in(b, e).is_empty() {
             return Ok(self.range_update(meta, f.vdisk, b, e));
         }
-        let v = meta.vdisks.get_mut(&f.vdisk).expect("checked above");
-        let (olo, ohi) = span_edges(&v.table, b, e);
-        let undo = v.table.entries_in(olo, ohi);
-        v.table.remove(b, e).map_err(storage)?;
-        let (nlo, nhi) = span_edges(&v.table, b, e);
-        let (slo, shi) = (olo.min(nlo), ohi.max(nhi));
-        let stored = v.table.entries_in(slo, shi);
-        let mut rec = v.rec.clone();
-        rec.generation += 1;
-        let result = self.store.write(|t| {
-            t.replace_entries(f.vdisk, slo, shi, &stored)?;
-            for &(p, l) in &runs {
-                t.put_zeroing(p.container, p.block, l)?;
-            }
-            t.put_vdisk(f.vdisk, &rec)
-        });
-        if let Err(err) = result {
-            let v = meta.vdisks.get_mut(&f.vdisk).expect("checked above");
-            v.table.remove(olo, ohi).map_err(storage)?;
-            for x in undo {
-                v.table
-                    .set(x.begin, x.end, x.target, x.state)
-                    .map_err(storage)?;
-            }
-            return Err(storage(err));
-        }
-        meta.vdisks.get_mut(&f.vdisk).expect("checked above").rec = rec;
+        self.commit_table_edit(
+            meta,
+            f.vdisk,
+            (b, e),
+            |t| t.remove(b, e),
+            |t| {
+                for &(p, l) in &runs {
+                    t.put_zeroing(p.container, p.block, l)?;
+                }
+                Ok(())
+            },
+        )?;
         for &(p, l) in &runs {
             meta.zeroing.insert((p.container, p.block), l);
         }
