@@ -20,6 +20,9 @@ pub struct AgentConfig {
     /// Faults retried on the same I/O before it fails with EIO (tables can change between a
     /// fault's answer and the retry; endless change means something is wrong).
     pub max_fault_retries: u32,
+    /// Test hook: holds every container read this long while it holds the I/O gate, so
+    /// tests can race table changes against reads in flight. `None` in production.
+    pub read_delay: Option<std::time::Duration>,
 }
 
 impl AgentConfig {
@@ -27,6 +30,7 @@ impl AgentConfig {
         AgentConfig {
             name: name.into(),
             max_fault_retries: 16,
+            read_delay: None,
         }
     }
 }

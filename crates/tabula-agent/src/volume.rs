@@ -477,6 +477,9 @@ impl Export for VolumeExport {
                 // Unallocated: zeros without touching any container.
                 return Ok(vec![0u8; len as usize]);
             }
+            if let Some(delay) = self.shared.cfg.read_delay {
+                tokio::time::sleep(delay).await;
+            }
             let buf = run_io(len as usize, move || {
                 if let [op] = ops.as_slice() {
                     if op.len == len as usize {

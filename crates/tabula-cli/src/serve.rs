@@ -52,7 +52,16 @@ async fn serve(mut args: ServeArgs) -> Result<()> {
         .await
         .context("creating the default container")?;
     let plane: Arc<dyn ControlPlane> = ctl.clone();
-    let agent = Agent::start(AgentConfig::new(&args.name), plane)
+    let mut agent_cfg = AgentConfig::new(&args.name);
+    // Test hook for race tests (see AgentConfig::read_delay); never set in production.
+    if let Ok(ms) = std::env::var("TABULA_TEST_READ_DELAY_MS") {
+        let ms: u64 = ms
+            .parse()
+            .context("TABULA_TEST_READ_DELAY_MS must be milliseconds")?;
+        tracing::warn!(ms, "test hook: every container read is delayed");
+        agent_cfg.read_delay = Some(std::time::Duration::from_millis(ms));
+    }
+    let agent = Agent::start(agent_cfg, plane)
         .await
         .context("starting the agent")?;
 

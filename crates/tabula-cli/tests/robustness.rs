@@ -188,3 +188,53 @@ fn deleting_a_connected_vdisk_fails_its_io_cleanly() {
     assert!(Client::connect(srv.nbd_port, "vd").is_err());
     srv.stop_and_check();
 }
+
+/// The agent must never read or write through an entry the controller has superseded: here
+/// one connection keeps reading vdisk `a` while its only segment is trimmed and handed to
+/// vdisk `b` (the pool has exactly one segment), over and over. A read of `a` may see its
+/// own bytes or zeros, never `b`'s.
+#[test]
+fn reads_racing_a_free_and_reuse_never_see_the_new_owners_bytes() {
+    // Every read holds the gate for 40 ms, so frees regularly race reads in flight.
+    let mut srv = Server::start_env("1M", &[("TABULA_TEST_READ_DELAY_MS", "40")]);
+    srv.cli(&["vdisk", "create", "a", "--size", "1M"]);
+    srv.cli(&["vdisk", "create", "b", "--size", "1M"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let port = srv.nbd_port;
+    let stop2 = stop.clone();
+    let reader = std::thread::spawn(move || {
+        let mut r = Client::connect(port, "a").unwrap();
+        let mut reads = 0u64;
+        let mut x = 0x2545f4914f6cdd1du64;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let off = (x % 240) * 4096;
+            let data = r.read(off, 65536).unwrap();
+            assert!(
+                !data.contains(&0xbb),
+                "read of vdisk a at {off} returned vdisk b's bytes after {reads} reads"
+            );
+            reads += 1;
+        }
+        r.disconnect();
+        reads
+    });
+    let mut a = Client::connect(srv.nbd_port, "a").unwrap();
+    let mut b = Client::connect(srv.nbd_port, "b").unwrap();
+    let aa = vec![0xaau8; 1 << 20];
+    let bb = vec![0xbbu8; 1 << 20];
+    for _ in 0..25 {
+        b.trim(0, 1 << 20).unwrap();
+        a.write(0, &aa, false).unwrap();
+        a.trim(0, 1 << 20).unwrap();
+        b.write(0, &bb, false).unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads = reader.join().unwrap();
+    assert!(reads > 10, "the reader barely ran ({reads} reads)");
+    a.disconnect();
+    b.disconnect();
+    srv.stop_and_check();
+}

@@ -50,6 +50,8 @@ pub struct Server {
     pub log: PathBuf,
     /// When set, NBD is served on this Unix socket instead of TCP.
     pub nbd_unix: Option<PathBuf>,
+    /// Extra environment for the server process (test hooks).
+    pub env: Vec<(String, String)>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -58,11 +60,28 @@ impl Server {
         Self::start_with(container_size, false)
     }
 
+    /// Like [`start`](Self::start), with extra environment for the server.
+    pub fn start_env(container_size: &str, env: &[(&str, &str)]) -> Server {
+        let mut s = Self::prepare(container_size, false);
+        s.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        s.spawn();
+        s
+    }
+
     /// Like [`start`](Self::start), serving NBD on a Unix socket when `unix` is set.
     pub fn start_with(container_size: &str, unix: bool) -> Server {
+        let mut s = Self::prepare(container_size, unix);
+        s.spawn();
+        s
+    }
+
+    fn prepare(container_size: &str, unix: bool) -> Server {
         let tmp = tempfile::tempdir().unwrap();
         let data_dir = tmp.path().join("data");
-        let mut s = Server {
+        Server {
             child: None,
             data_dir,
             nbd_port: free_port(),
@@ -70,10 +89,9 @@ impl Server {
             container_size: container_size.to_string(),
             log: tmp.path().join("serve.log"),
             nbd_unix: unix.then(|| tmp.path().join("nbd.sock")),
+            env: Vec::new(),
             _tmp: Some(tmp),
-        };
-        s.spawn();
-        s
+        }
     }
 
     /// Starts (or restarts) the process on the same data directory and ports.
@@ -100,6 +118,7 @@ impl Server {
                 &self.container_size,
             ])
             .env("TABULA_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log.try_clone().unwrap())
             .spawn()
