@@ -47,7 +47,7 @@ pub fn vdisk_table(list: &Vec<VdiskView>) -> String {
 
 pub fn vdisk_detail(v: &VdiskView) -> String {
     format!(
-        "name:        {}\nid:          {}\nsize:        {} ({} bytes)\nallocated:   {} ({})\nsegment:     {}\nentries:     {}\ngeneration:  {}\ncreated:     {} (unix seconds)\n",
+        "name:        {}\nid:          {}\nsize:        {} ({} bytes)\nallocated:   {} ({})\nsegment:     {}\nentries:     {}\ngeneration:  {}\ncreated:     {}\n",
         v.name,
         v.id,
         format_size(v.size),
@@ -57,7 +57,9 @@ pub fn vdisk_detail(v: &VdiskView) -> String {
         format_size(v.segment_size),
         v.entries,
         v.generation,
-        v.created
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(v.created)
+        )
     )
 }
 

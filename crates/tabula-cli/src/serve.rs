@@ -14,8 +14,10 @@ use crate::cli::ServeArgs;
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TABULA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }
