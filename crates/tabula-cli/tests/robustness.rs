@@ -199,14 +199,16 @@ fn reads_racing_a_free_and_reuse_never_see_the_new_owners_bytes() {
     let mut srv = Server::start_env("1M", &[("TABULA_TEST_READ_DELAY_MS", "40")]);
     srv.cli(&["vdisk", "create", "a", "--size", "1M"]);
     srv.cli(&["vdisk", "create", "b", "--size", "1M"]);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
     let port = srv.nbd_port;
-    let stop2 = stop.clone();
+    let (stop2, reads2) = (stop.clone(), reads.clone());
     let reader = std::thread::spawn(move || {
         let mut r = Client::connect(port, "a").unwrap();
-        let mut reads = 0u64;
         let mut x = 0x2545f4914f6cdd1du64;
-        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+        while !stop2.load(Ordering::Relaxed) {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
@@ -214,26 +216,33 @@ fn reads_racing_a_free_and_reuse_never_see_the_new_owners_bytes() {
             let data = r.read(off, 65536).unwrap();
             assert!(
                 !data.contains(&0xbb),
-                "read of vdisk a at {off} returned vdisk b's bytes after {reads} reads"
+                "read of vdisk a at {off} returned vdisk b's bytes after {} reads",
+                reads2.load(Ordering::Relaxed)
             );
-            reads += 1;
+            reads2.fetch_add(1, Ordering::Relaxed);
         }
         r.disconnect();
-        reads
     });
     let mut a = Client::connect(srv.nbd_port, "a").unwrap();
     let mut b = Client::connect(srv.nbd_port, "b").unwrap();
     let aa = vec![0xaau8; 1 << 20];
     let bb = vec![0xbbu8; 1 << 20];
-    for _ in 0..25 {
+    // At least 25 rounds and 50 reads, however fast or slow the machine is (bounded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut rounds = 0;
+    while (rounds < 25 || reads.load(Ordering::Relaxed) < 50)
+        && std::time::Instant::now() < deadline
+        && !reader.is_finished()
+    {
         b.trim(0, 1 << 20).unwrap();
         a.write(0, &aa, false).unwrap();
         a.trim(0, 1 << 20).unwrap();
         b.write(0, &bb, false).unwrap();
+        rounds += 1;
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let reads = reader.join().unwrap();
-    assert!(reads > 10, "the reader barely ran ({reads} reads)");
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    assert!(reads.load(Ordering::Relaxed) >= 50, "the reader barely ran");
     a.disconnect();
     b.disconnect();
     srv.stop_and_check();

@@ -94,8 +94,27 @@ impl Server {
         }
     }
 
-    /// Starts (or restarts) the process on the same data directory and ports.
+    /// Starts (or restarts) the process on the same data directory and ports. On the first
+    /// start, a port taken by someone else in the meantime means new ports and another try.
     pub fn spawn(&mut self) {
+        let first = !self.data_dir.exists();
+        for _ in 0..5 {
+            match self.try_spawn() {
+                Ok(()) => return,
+                Err(log) if first && log.contains("binding") => {
+                    self.nbd_port = free_port();
+                    self.api_port = free_port();
+                }
+                Err(log) => panic!("tabula serve exited; log:\n{log}"),
+            }
+        }
+        panic!(
+            "tabula serve could not bind free ports; log:\n{}",
+            self.log_text()
+        );
+    }
+
+    fn try_spawn(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -126,11 +145,17 @@ impl Server {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if self.try_cli(&["status"]).status.success() {
-                break;
+            if let Some(_st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                return Err(self.log_text());
             }
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("tabula serve exited with {st}; log:\n{}", self.log_text());
+            // Ready when *this* server answers (not another test's on a reused port).
+            let out = self.try_cli(&["status", "--json"]);
+            if out.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+                if v["data_dir"].as_str() == Some(self.data_dir.to_str().unwrap()) {
+                    return Ok(());
+                }
             }
             assert!(
                 Instant::now() < deadline,
