@@ -497,6 +497,45 @@ async fn many_requests_in_flight() {
     finished(h).await.unwrap();
 }
 
+/// A byte budget far smaller than what the client pipelines: requests wait for budget
+/// instead of being buffered, and everything still completes.
+#[tokio::test]
+async fn byte_budget_bounds_buffering_without_deadlock() {
+    let cfg = ServerConfig {
+        max_in_flight_bytes: 64 << 10,
+        ..ServerConfig::default()
+    };
+    let (mut c, export, h) = connect(cfg).await;
+    c.negotiate("disk", true, false).await;
+    const N: u64 = 32;
+    const LEN: u32 = 32 << 10;
+    for i in 0..N {
+        c.request(
+            NBD_CMD_WRITE,
+            0,
+            i,
+            i * LEN as u64,
+            LEN,
+            &vec![i as u8; LEN as usize],
+        )
+        .await;
+    }
+    for _ in 0..N {
+        assert_eq!(c.reply().await.error, 0);
+    }
+    // A request larger than the whole budget runs alone rather than never.
+    c.request(NBD_CMD_READ, 0, 99, 0, 256 << 10, &[]).await;
+    assert_eq!(c.reply().await.data.len(), 256 << 10);
+    let snap = export.snapshot();
+    for i in 0..N as usize {
+        let l = LEN as usize;
+        assert!(snap[i * l..(i + 1) * l].iter().all(|&b| b == i as u8));
+    }
+    c.request(NBD_CMD_DISC, 0, 1, 0, 0, &[]).await;
+    assert!(c.closed().await);
+    finished(h).await.unwrap();
+}
+
 #[tokio::test]
 async fn read_only_export_gets_eperm_with_simple_replies() {
     let (mut c, _export, h) = connect(ServerConfig::default()).await;

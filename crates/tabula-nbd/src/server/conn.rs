@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use tokio::io::{
     AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, WriteHalf,
 };
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::{debug, info};
 
 use super::{Export, ExportInfo, ExportProvider, OpenError, ServerConfig, ServerError, ZeroFlags};
@@ -399,10 +399,14 @@ where
 {
     let (mut rd, wr) = tokio::io::split(io);
     let max_in_flight = cfg.max_in_flight.max(1);
-    let (tx, rx) = mpsc::channel::<Reply>(max_in_flight);
+    // Each queued reply carries its share of the byte budget, released once it is written.
+    let (tx, rx) = mpsc::channel::<(Reply, Option<OwnedSemaphorePermit>)>(max_in_flight);
     let (dead_tx, mut dead_rx) = watch::channel(false);
     let writer = tokio::spawn(writer_task(wr, rx, dead_tx));
     let permits = Arc::new(Semaphore::new(max_in_flight));
+    // Byte budget in KiB units (semaphore permits are u32).
+    let budget_kib = (cfg.max_in_flight_bytes >> 10).clamp(1, Semaphore::MAX_PERMITS) as u32;
+    let bytes = Arc::new(Semaphore::new(budget_kib as usize));
 
     let (min_block, _, max_payload) = block_sizes(&neg.info, cfg);
     let tctx = codec::TransmissionContext {
@@ -453,7 +457,7 @@ where
                     }
                 }
                 if tx
-                    .send(rctx.error(req.cookie, rej.errno, &rej.message))
+                    .send((rctx.error(req.cookie, rej.errno, &rej.message), None))
                     .await
                     .is_err()
                 {
@@ -461,6 +465,16 @@ where
                 }
                 continue;
             }
+        };
+        // Reserve the payload's share of the byte budget before reading or producing it.
+        let kib = match cmd {
+            Command::Read { length, .. } | Command::Write { length, .. } => {
+                length.div_ceil(1024).clamp(1, budget_kib)
+            }
+            _ => 1,
+        };
+        let Ok(budget) = bytes.clone().acquire_many_owned(kib).await else {
+            break Ok(());
         };
         let payload = match cmd {
             Command::Disconnect => break Ok(()),
@@ -480,7 +494,7 @@ where
         let cookie = req.cookie;
         tokio::spawn(async move {
             let reply = execute(cmd, cookie, payload, &*export, rctx).await;
-            let _ = tx.send(reply).await;
+            let _ = tx.send((reply, Some(budget))).await;
             drop(permit);
         });
     };
@@ -512,7 +526,7 @@ async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, len: usize) -> std::io::
 
 async fn writer_task<S>(
     wr: WriteHalf<BufReader<S>>,
-    mut rx: mpsc::Receiver<Reply>,
+    mut rx: mpsc::Receiver<(Reply, Option<OwnedSemaphorePermit>)>,
     dead: watch::Sender<bool>,
 ) -> std::io::Result<()>
 where
@@ -520,10 +534,10 @@ where
 {
     let mut w = BufWriter::with_capacity(WRITE_BUF, wr);
     let res = async {
-        while let Some(first) = rx.recv().await {
+        while let Some((first, _budget)) = rx.recv().await {
             write_reply(&mut w, first).await?;
             // Batch whatever else is ready into the same flush.
-            while let Ok(next) = rx.try_recv() {
+            while let Ok((next, _budget)) = rx.try_recv() {
                 write_reply(&mut w, next).await?;
             }
             w.flush().await?;

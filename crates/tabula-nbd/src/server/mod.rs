@@ -26,6 +26,11 @@ pub struct ServerConfig {
     pub max_payload: u32,
     /// Concurrent requests per connection.
     pub max_in_flight: usize,
+    /// Payload bytes (write data and read results) in flight per connection. A request
+    /// waits for budget before its payload is read or its data produced, so a client
+    /// pipelining maximum-size requests cannot make the server buffer
+    /// `max_in_flight * max_payload` bytes. Requests larger than the budget run alone.
+    pub max_in_flight_bytes: usize,
     /// Option payloads above this close the connection unread.
     pub max_option_len: u32,
     /// Bound on the whole handshake phase.
@@ -37,6 +42,7 @@ impl Default for ServerConfig {
         Self {
             max_payload: 32 << 20,
             max_in_flight: 128,
+            max_in_flight_bytes: 64 << 20,
             max_option_len: 64 << 10,
             handshake_timeout: Duration::from_secs(30),
         }
