@@ -28,6 +28,7 @@ fuzz_target!(|data: &[u8]| {
         let cfg = Arc::new(ServerConfig {
             max_payload: 64 << 10,
             max_in_flight: 8,
+            max_in_flight_bytes: 256 << 10,
             max_option_len: 4096,
             handshake_timeout: Duration::from_millis(500),
         });
