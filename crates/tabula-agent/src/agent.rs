@@ -70,7 +70,7 @@ impl Shared {
         })
         .await
         .map_err(|e| ControlError::Storage(e.to_string()))?
-        .map_err(|e| ControlError::Storage(e.to_string()))?;
+        .map_err(|e| ControlError::Storage(tabula_api::error_chain(&e)))?;
         let c = Arc::new(OpenContainer {
             file,
             dirty: AtomicBool::new(false),

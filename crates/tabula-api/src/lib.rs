@@ -22,6 +22,19 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tabula_core::{ContainerId, Entry, Generation, State, VdiskId};
 
+/// An error and its causes as one line (`outer: cause: root cause`), for errors that cross
+/// to another part as text.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// How an agent reaches a container's bytes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerLocation {

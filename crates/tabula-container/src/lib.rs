@@ -17,13 +17,13 @@ use rustix::fs::{FallocateFlags, fallocate};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
-    #[error("cannot open container {path}: {source}")]
+    #[error("cannot open container {path}")]
     Open {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot size container {path} to {size} bytes: {source}")]
+    #[error("cannot size container {path} to {size} bytes")]
     Resize {
         path: PathBuf,
         size: u64,

@@ -63,7 +63,7 @@ pub enum ControllerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Container(#[from] tabula_container::ContainerError),
-    #[error("cannot create data directory {path}: {source}")]
+    #[error("cannot create data directory {path}")]
     DataDir {
         path: PathBuf,
         #[source]
@@ -210,6 +210,11 @@ fn now_secs() -> u64 {
 
 fn storage(e: impl std::fmt::Display) -> ControlError {
     ControlError::Storage(e.to_string())
+}
+
+/// A storage error with its causes, for errors that cross to clients as text.
+fn storage_chain(e: &dyn std::error::Error) -> ControlError {
+    ControlError::Storage(tabula_api::error_chain(e))
 }
 
 /// Names of vdisks and containers: letters, digits, `.`, `_`, `-`; `@` is reserved for
@@ -378,10 +383,10 @@ impl Controller {
                         "file {abs_s} already exists: give --size only for a new file, or omit --size to use the existing file as it is"
                     )));
                 }
-                Container::create(&abs, s).map_err(storage)?
+                Container::create(&abs, s).map_err(|e| storage_chain(&e))?
             }
             None => {
-                let c = Container::open(&abs, 0).map_err(storage)?;
+                let c = Container::open(&abs, 0).map_err(|e| storage_chain(&e))?;
                 if c.len_bytes().map_err(storage)? < BLOCK_SIZE {
                     return Err(ControlError::Invalid(format!(
                         "{abs_s} is empty: give --size to create a container file"
@@ -778,10 +783,16 @@ impl Controller {
             write_deltas(t, &deltas)
         });
         if let Err(e) = result {
-            // The free map in memory now differs from the store; nothing may be allocated
-            // from it. Leave the store as the truth: the next start redoes the zeroing.
+            // Take the runs back out of the in-memory free map: the store still has them
+            // waiting to be zeroed, and handing them out now would let the next start zero
+            // a new owner's data. The next start redoes the zeroing.
+            for &(p, l) in &runs {
+                if let Some(m) = meta.pool.get_mut(p.container) {
+                    m.reserve(p.block, l);
+                }
+            }
             return Err(storage(format!(
-                "{e}; restart tabula to finish freeing space"
+                "{e}; the space stays reserved until tabula restarts"
             )));
         }
         for &(p, _) in &runs {

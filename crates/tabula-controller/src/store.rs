@@ -38,14 +38,21 @@ const ZEROING: TableDefinition<(u32, u64), u64> = TableDefinition::new("zeroing"
 pub enum StoreError {
     #[error("metadata database {path} is in use by another tabula process; stop it first")]
     InUse { path: String },
+    /// Carries redb's error in its message rather than as a source, so it is printed once.
     #[error("metadata database: {0}")]
-    Db(#[from] redb::Error),
+    Db(redb::Error),
     #[error("metadata record is corrupt: {0}")]
     Corrupt(String),
     #[error(
         "metadata schema version {found} is newer than this tabula understands ({SCHEMA_VERSION}); upgrade tabula"
     )]
     TooNew { found: u64 },
+}
+
+impl From<redb::Error> for StoreError {
+    fn from(e: redb::Error) -> Self {
+        StoreError::Db(e)
+    }
 }
 
 macro_rules! db_err {
