@@ -46,6 +46,9 @@ pub(crate) struct Shared {
     pub(crate) control: Arc<dyn ControlPlane>,
     volumes: parking_lot::Mutex<HashMap<String, Arc<Volume>>>,
     by_id: parking_lot::Mutex<HashMap<VdiskId, Arc<Volume>>>,
+    /// Commands for vdisks being attached: the controller may change a table between taking
+    /// the snapshot it sends and this agent installing it. Locked after `by_id`.
+    pending: parking_lot::Mutex<HashMap<VdiskId, Vec<Command>>>,
     containers: parking_lot::Mutex<HashMap<ContainerId, Arc<OpenContainer>>>,
     open_lock: tokio::sync::Mutex<()>,
 }
@@ -121,6 +124,7 @@ impl Agent {
                 control,
                 volumes: parking_lot::Mutex::new(HashMap::new()),
                 by_id: parking_lot::Mutex::new(HashMap::new()),
+                pending: parking_lot::Mutex::new(HashMap::new()),
                 containers: parking_lot::Mutex::new(HashMap::new()),
                 open_lock: tokio::sync::Mutex::new(()),
             }),
@@ -154,12 +158,32 @@ impl Agent {
             .open_vdisk(&self.shared.cfg.name, name)
             .await?;
         let vol = Arc::new(Volume::from_snapshot(snap).map_err(ControlError::Invalid)?);
+        {
+            // Apply what arrived while the snapshot was on its way, then publish the volume,
+            // under the lock `apply` takes, so no command falls between the two.
+            let mut by_id = self.shared.by_id.lock();
+            let missed = self
+                .shared
+                .pending
+                .lock()
+                .remove(&vol.id())
+                .unwrap_or_default();
+            for cmd in missed {
+                match cmd {
+                    Command::Update(u) => vol.install(&u),
+                    Command::Replace(snap) => vol.replace(&snap).map_err(ControlError::Invalid)?,
+                    Command::Detach { .. } => {
+                        return Err(ControlError::NotFound(format!("vdisk '{name}' (deleted)")));
+                    }
+                }
+            }
+            by_id.insert(vol.id(), vol.clone());
+        }
         debug!(vdisk = name, entries = vol.entries(), "attached");
         self.shared
             .volumes
             .lock()
             .insert(name.to_string(), vol.clone());
-        self.shared.by_id.lock().insert(vol.id(), vol.clone());
         Ok(vol)
     }
 
@@ -168,8 +192,22 @@ impl Agent {
         self.shared.flush().await
     }
 
-    fn by_id(&self, id: VdiskId) -> Option<Arc<Volume>> {
-        self.shared.by_id.lock().get(&id).cloned()
+    /// The volume a command is for; if it is still being attached, the command is kept
+    /// for the attach to apply (no I/O can use the volume before then).
+    fn volume_for(&self, id: VdiskId, cmd: &Command) -> Option<Arc<Volume>> {
+        let by_id = self.shared.by_id.lock();
+        match by_id.get(&id) {
+            Some(v) => Some(v.clone()),
+            None => {
+                self.shared
+                    .pending
+                    .lock()
+                    .entry(id)
+                    .or_default()
+                    .push(cmd.clone());
+                None
+            }
+        }
     }
 }
 
@@ -192,20 +230,33 @@ impl ExportProvider for Agent {
 impl AgentPort for Agent {
     async fn apply(&self, command: Command) -> Result<(), String> {
         match command {
-            Command::Update(u) => {
-                if let Some(vol) = self.by_id(u.vdisk) {
-                    vol.install(&u);
+            Command::Update(ref u) => {
+                if let Some(vol) = self.volume_for(u.vdisk, &command) {
+                    vol.install(u);
                     vol.drain().await;
                 }
             }
-            Command::Replace(snap) => {
-                if let Some(vol) = self.by_id(snap.vdisk) {
-                    vol.replace(&snap)?;
+            Command::Replace(ref snap) => {
+                if let Some(vol) = self.volume_for(snap.vdisk, &command) {
+                    vol.replace(snap)?;
                     vol.drain().await;
                 }
             }
             Command::Detach { vdisk } => {
-                let vol = self.shared.by_id.lock().remove(&vdisk);
+                let vol = {
+                    let mut by_id = self.shared.by_id.lock();
+                    let vol = by_id.remove(&vdisk);
+                    if vol.is_none() {
+                        // Being attached: the attach will see this and refuse.
+                        self.shared
+                            .pending
+                            .lock()
+                            .entry(vdisk)
+                            .or_default()
+                            .push(command.clone());
+                    }
+                    vol
+                };
                 if let Some(vol) = vol {
                     self.shared.volumes.lock().retain(|_, v| v.id() != vdisk);
                     vol.detach();

@@ -1,6 +1,7 @@
 //! The tabula controller: sole owner of the authoritative mapping tables.
 //!
 //! - [`store`]: persistence in redb (what is durable and when);
+//! - [`journal`]: group commit: one ordered queue of changes, one fsync per batch;
 //! - [`service`]: vdisks, containers, allocation and fault resolution, agent commands;
 //! - [`http`]: the admin API (JSON over HTTP) used by the CLI;
 //! - [`check`]: the offline metadata check behind `tabula check`.
@@ -11,6 +12,7 @@
 
 pub mod check;
 pub mod http;
+pub mod journal;
 pub mod service;
 pub mod store;
 

@@ -32,6 +32,7 @@ use tabula_core::{
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
+use crate::journal::Journal;
 use crate::store::{ContainerRecord, Store, StoreError, Txn, VdiskRecord};
 
 pub const DB_FILE: &str = "tabula.redb";
@@ -79,6 +80,9 @@ struct ContainerMeta {
 struct VdiskMeta {
     rec: VdiskRecord,
     table: MappingTable,
+    /// Journal ticket of the last change to this vdisk: nothing about it may be told to an
+    /// agent before that ticket is durable.
+    last_seq: u64,
 }
 
 /// One change to a free map, replayed into the store in order.
@@ -244,7 +248,8 @@ struct AgentSlot {
 
 pub struct Controller {
     cfg: ControllerConfig,
-    store: Store,
+    store: Arc<Store>,
+    journal: Journal,
     meta: Mutex<Meta>,
     agents: parking_lot::Mutex<BTreeMap<String, AgentSlot>>,
     out_of_space: AtomicBool,
@@ -259,7 +264,7 @@ impl Controller {
             path: cfg.data_dir.clone(),
             source,
         })?;
-        let store = Store::open(&cfg.data_dir.join(DB_FILE))?;
+        let store = Arc::new(Store::open(&cfg.data_dir.join(DB_FILE))?);
         let loaded = store.load()?;
         let mut meta = Meta {
             next_vdisk: loaded.next_vdisk,
@@ -292,13 +297,21 @@ impl Controller {
             let table = MappingTable::from_entries(rec.size_bytes / BLOCK_SIZE, entries)
                 .map_err(|e| StoreError::Corrupt(format!("vdisk {}: {e}", rec.name)))?;
             meta.names.insert(rec.name.clone(), id);
-            meta.vdisks.insert(id, VdiskMeta { rec, table });
+            meta.vdisks.insert(
+                id,
+                VdiskMeta {
+                    rec,
+                    table,
+                    last_seq: 0,
+                },
+            );
         }
         for (c, s, l) in loaded.zeroing {
             meta.zeroing.insert((c, s), l);
         }
         let ctl = Controller {
             cfg,
+            journal: Journal::start(store.clone()),
             store,
             meta: Mutex::new(meta),
             agents: parking_lot::Mutex::new(BTreeMap::new()),
@@ -326,6 +339,7 @@ impl Controller {
                     "zeroing space freed before the last stop"
                 );
                 ctl.zero_and_free(&mut meta, pending)
+                    .await
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             }
         }
@@ -402,16 +416,19 @@ impl Controller {
             path: abs_s,
             size_blocks,
         };
-        let result = self.store.write(|t| {
-            t.set_meta("next_container", (id.0 + 1) as u64)?;
-            t.put_container(id, &rec)?;
-            t.put_free(id, 0, size_blocks)
-        });
+        let stored = rec.clone();
+        let result = self
+            .commit(move |t| {
+                t.set_meta("next_container", (id.0 + 1) as u64)?;
+                t.put_container(id, &stored)?;
+                t.put_free(id, 0, size_blocks)
+            })
+            .await;
         if let Err(e) = result {
             if size.is_some() {
                 let _ = std::fs::remove_file(&abs);
             }
-            return Err(storage(e));
+            return Err(e);
         }
         meta.next_container += 1;
         meta.pool.insert(id, FreeMap::all_free(size_blocks));
@@ -505,18 +522,19 @@ impl Controller {
             generation: 1,
             created: now_secs(),
         };
-        self.store
-            .write(|t| {
-                t.set_meta("next_vdisk", id.0 + 1)?;
-                t.put_vdisk(id, &rec)
-            })
-            .map_err(storage)?;
+        let stored = rec.clone();
+        self.commit(move |t| {
+            t.set_meta("next_vdisk", id.0 + 1)?;
+            t.put_vdisk(id, &stored)
+        })
+        .await?;
         meta.next_vdisk += 1;
         meta.names.insert(name.to_string(), id);
         meta.vdisks.insert(
             id,
             VdiskMeta {
                 rec,
+                last_seq: 0,
                 table: MappingTable::new(size / BLOCK_SIZE),
             },
         );
@@ -580,17 +598,20 @@ impl Controller {
             .entries()
             .filter_map(|e| e.target.map(|t| (t, e.len())))
             .collect();
-        let result = self.store.write(|t| {
-            t.delete_vdisk(id)?;
-            for &(p, l) in &runs {
-                t.put_zeroing(p.container, p.block, l)?;
-            }
-            Ok(())
-        });
+        let stored = runs.clone();
+        let result = self
+            .commit(move |t| {
+                t.delete_vdisk(id)?;
+                for &(p, l) in &stored {
+                    t.put_zeroing(p.container, p.block, l)?;
+                }
+                Ok(())
+            })
+            .await;
         if let Err(e) = result {
             meta.names.insert(name.to_string(), id);
             meta.vdisks.insert(id, v);
-            return Err(storage(e));
+            return Err(e);
         }
         for &(p, l) in &runs {
             meta.zeroing.insert((p.container, p.block), l);
@@ -601,7 +622,7 @@ impl Controller {
             a.vdisks.remove(&id);
         });
         if acked {
-            self.zero_and_free(&mut meta, runs)?;
+            self.zero_and_free(&mut meta, runs).await?;
         }
         Ok(())
     }
@@ -636,25 +657,29 @@ impl Controller {
         rec.size_bytes = size;
         rec.generation += 1;
         let kept: Vec<Entry> = v.table.entries_in(lo, new_blocks.max(lo));
-        let result = self.store.write(|t| {
+        let (stored_runs, stored_rec) = (runs.clone(), rec.clone());
+        let seq = self.journal.push(Box::new(move |t| {
             t.replace_entries(id, lo, u64::MAX, &kept)?;
-            for &(p, l) in &runs {
+            for &(p, l) in &stored_runs {
                 t.put_zeroing(p.container, p.block, l)?;
             }
-            t.put_vdisk(id, &rec)
-        });
-        if let Err(e) = result {
+            t.put_vdisk(id, &stored_rec)
+        }));
+        if let Err(e) = self.journal.wait(seq).await {
+            let v = meta.vdisks.get_mut(&id).expect("named vdisk exists");
             v.table = old_table;
-            return Err(storage(e));
+            return Err(e);
         }
+        let v = meta.vdisks.get_mut(&id).expect("named vdisk exists");
         v.rec = rec;
+        v.last_seq = seq;
         for &(p, l) in &runs {
             meta.zeroing.insert((p.container, p.block), l);
         }
         let snap = Self::snapshot_of(&meta, id);
         let acked = self.push(id, Command::Replace(snap)).await;
         if acked && !runs.is_empty() {
-            self.zero_and_free(&mut meta, runs)?;
+            self.zero_and_free(&mut meta, runs).await?;
         }
         info!(vdisk = name, size = %format_size(size), "vdisk resized");
         Ok(Self::vdisk_view(&meta, id))
@@ -721,6 +746,7 @@ impl Controller {
     /// Checks the stored metadata of the running controller.
     pub async fn check(&self) -> Result<CheckView, ControlError> {
         let _meta = self.meta.lock().await;
+        self.journal.wait(self.journal.last()).await?;
         let loaded = self.store.load().map_err(storage)?;
         Ok(crate::check::check_loaded(&loaded))
     }
@@ -761,8 +787,21 @@ impl Controller {
         all
     }
 
+    /// Queues one change and waits until it is durable.
+    async fn commit(
+        &self,
+        op: impl FnOnce(&mut Txn<'_>) -> Result<(), StoreError> + Send + 'static,
+    ) -> Result<(), ControlError> {
+        let seq = self.journal.push(Box::new(op));
+        self.journal.wait(seq).await
+    }
+
     /// Zeroes runs waiting in `zeroing`, then moves them to free space, durably.
-    fn zero_and_free(&self, meta: &mut Meta, runs: Vec<(Phys, u64)>) -> Result<(), ControlError> {
+    async fn zero_and_free(
+        &self,
+        meta: &mut Meta,
+        runs: Vec<(Phys, u64)>,
+    ) -> Result<(), ControlError> {
         // Punch every run, then make the holes durable with one sync per container (a sync
         // per run would make deleting a fragmented vdisk take minutes).
         let mut touched: Vec<ContainerId> = Vec::new();
@@ -772,10 +811,8 @@ impl Controller {
                 .get(&p.container)
                 .ok_or_else(|| storage(format!("container {} vanished", p.container)))?;
             let file = c.file.clone();
-            tokio::task::block_in_place(|| {
-                file.zero_range(p.block * BLOCK_SIZE, l * BLOCK_SIZE)
-            })
-            .map_err(|e| storage(format!("zeroing freed space in {}: {e}", c.rec.path)))?;
+            tokio::task::block_in_place(|| file.zero_range(p.block * BLOCK_SIZE, l * BLOCK_SIZE))
+                .map_err(|e| storage(format!("zeroing freed space in {}: {e}", c.rec.path)))?;
             if !touched.contains(&p.container) {
                 touched.push(p.container);
             }
@@ -790,12 +827,17 @@ impl Controller {
         for &(p, l) in &runs {
             meta.free(p, l, &mut deltas)?;
         }
-        let result = self.store.write(|t| {
-            for &(p, _) in &runs {
-                t.delete_zeroing(p.container, p.block)?;
-            }
-            write_deltas(t, &deltas)
-        });
+        let stored = runs.clone();
+        let result = self
+            .commit(move |t| {
+                for &(p, _) in &stored {
+                    t.delete_zeroing(p.container, p.block)?;
+                }
+                write_deltas(t, &deltas)
+            })
+            .await;
+        // The metadata lock is held throughout, so nobody allocates from the runs before
+        // they are durably free.
         if let Err(e) = result {
             // Take the runs back out of the in-memory free map: the store still has them
             // waiting to be zeroed, and handing them out now would let the next start zero
@@ -815,7 +857,9 @@ impl Controller {
         Ok(())
     }
 
-    fn write_fault(&self, meta: &mut Meta, f: &Fault) -> Result<RangeUpdate, ControlError> {
+    /// Allocates for a write fault. Returns the answer and the journal ticket to wait for
+    /// before giving it to the agent.
+    fn write_fault(&self, meta: &mut Meta, f: &Fault) -> Result<(RangeUpdate, u64), ControlError> {
         let readahead = self.cfg.readahead_segments;
         let v = meta.vdisk(f.vdisk)?;
         let seg = v.rec.segment_blocks;
@@ -851,7 +895,12 @@ impl Controller {
         let mut lo = s0;
         let mut hi = s1;
         if need.is_empty() {
-            return Ok(self.range_update(meta, f.vdisk, lo * seg, (hi * seg).min(size)));
+            // Mapped already, perhaps by a concurrent fault whose commit is still in flight.
+            let seq = v.last_seq;
+            return Ok((
+                self.range_update(meta, f.vdisk, lo * seg, (hi * seg).min(size)),
+                seq,
+            ));
         }
         // A fault right after a mapped segment continues a sequential stream: allocate ahead.
         let first = need[0];
@@ -937,63 +986,56 @@ impl Controller {
                 }
                 Ok(())
             },
-            |t| write_deltas(t, &deltas),
+            move |t| write_deltas(t, &deltas),
         );
-        if let Err(err) = result {
-            for &(_, n, at) in &got {
-                let mut scratch = Vec::new();
-                meta.free(at, n, &mut scratch)?;
+        match result {
+            Ok(seq) => Ok((self.range_update(meta, f.vdisk, b, e), seq)),
+            Err(err) => {
+                for &(_, n, at) in &got {
+                    let mut scratch = Vec::new();
+                    meta.free(at, n, &mut scratch)?;
+                }
+                Err(err)
             }
-            return Err(err);
         }
-        Ok(self.range_update(meta, f.vdisk, b, e))
     }
 
-    /// Edits the table of `vdisk` within `range`, then commits the changed span of entries,
-    /// the next generation and `extra` in one durable transaction. If the commit fails, the
-    /// edit is undone, so memory never runs ahead of the store.
+    /// Edits the table of `vdisk` within `range` and queues the changed span of entries, the
+    /// next generation and `extra` as one journal change. Returns its ticket: the caller must
+    /// wait for it before acting on the change. (If the commit fails, the journal stops
+    /// acknowledging anything, so memory running ahead of the store is never exposed.)
     fn commit_table_edit(
         &self,
         meta: &mut Meta,
         vdisk: VdiskId,
         (b, e): (u64, u64),
         edit: impl FnOnce(&mut MappingTable) -> Result<(), TableError>,
-        extra: impl FnOnce(&mut Txn<'_>) -> Result<(), StoreError>,
-    ) -> Result<(), ControlError> {
+        extra: impl FnOnce(&mut Txn<'_>) -> Result<(), StoreError> + Send + 'static,
+    ) -> Result<u64, ControlError> {
         let v = meta.vdisk_mut(vdisk)?;
         let (olo, ohi) = span_edges(&v.table, b, e);
         let undo = v.table.entries_in(olo, ohi);
-        let restore = |t: &mut MappingTable| -> Result<(), ControlError> {
-            t.remove(olo, ohi).map_err(storage)?;
-            for x in &undo {
-                t.set(x.begin, x.end, x.target, x.state).map_err(storage)?;
-            }
-            Ok(())
-        };
         if let Err(err) = edit(&mut v.table) {
-            restore(&mut v.table)?;
+            // Edits are checked before they change anything they cannot finish, but restore
+            // the span anyway so a refused edit leaves no trace.
+            let _ = v.table.remove(olo, ohi);
+            for x in &undo {
+                let _ = v.table.set(x.begin, x.end, x.target, x.state);
+            }
             return Err(storage(err));
         }
         let (nlo, nhi) = span_edges(&v.table, b, e);
         let (slo, shi) = (olo.min(nlo), ohi.max(nhi));
         let stored = v.table.entries_in(slo, shi);
-        let mut rec = v.rec.clone();
-        rec.generation += 1;
-        let result = self.store.write(|t| {
+        v.rec.generation += 1;
+        let rec = v.rec.clone();
+        let seq = self.journal.push(Box::new(move |t| {
             t.replace_entries(vdisk, slo, shi, &stored)?;
             extra(t)?;
             t.put_vdisk(vdisk, &rec)
-        });
-        match result {
-            Ok(()) => {
-                v.rec = rec;
-                Ok(())
-            }
-            Err(err) => {
-                restore(&mut v.table)?;
-                Err(storage(err))
-            }
-        }
+        }));
+        v.last_seq = seq;
+        Ok(seq)
     }
 
     fn range_update(&self, meta: &Meta, vdisk: VdiskId, b: u64, e: u64) -> RangeUpdate {
@@ -1028,24 +1070,26 @@ impl Controller {
         if runs.is_empty() && v.table.entries_in(b, e).is_empty() {
             return Ok(self.range_update(meta, f.vdisk, b, e));
         }
-        self.commit_table_edit(
+        let stored = runs.clone();
+        let seq = self.commit_table_edit(
             meta,
             f.vdisk,
             (b, e),
             |t| t.remove(b, e),
-            |t| {
-                for &(p, l) in &runs {
+            move |t| {
+                for &(p, l) in &stored {
                     t.put_zeroing(p.container, p.block, l)?;
                 }
                 Ok(())
             },
         )?;
+        self.journal.wait(seq).await?;
         for &(p, l) in &runs {
             meta.zeroing.insert((p.container, p.block), l);
         }
         let update = self.range_update(meta, f.vdisk, b, e);
         if self.push(f.vdisk, Command::Update(update.clone())).await {
-            self.zero_and_free(meta, runs)?;
+            self.zero_and_free(meta, runs).await?;
         }
         Ok(update)
     }
@@ -1086,12 +1130,18 @@ impl ControlPlane for Controller {
     async fn open_vdisk(&self, agent: &str, name: &str) -> Result<TableSnapshot, ControlError> {
         let meta = self.meta.lock().await;
         let id = meta.by_name(name)?;
-        let mut agents = self.agents.lock();
-        let slot = agents
-            .get_mut(agent)
-            .ok_or_else(|| ControlError::NotFound(format!("agent '{agent}' (register first)")))?;
-        slot.vdisks.insert(id);
-        Ok(Self::snapshot_of(&meta, id))
+        {
+            let mut agents = self.agents.lock();
+            let slot = agents.get_mut(agent).ok_or_else(|| {
+                ControlError::NotFound(format!("agent '{agent}' (register first)"))
+            })?;
+            slot.vdisks.insert(id);
+        }
+        let snap = Self::snapshot_of(&meta, id);
+        let seq = meta.vdisks[&id].last_seq;
+        drop(meta);
+        self.journal.wait(seq).await?;
+        Ok(snap)
     }
 
     async fn list_vdisks(&self) -> Result<Vec<String>, ControlError> {
@@ -1118,7 +1168,13 @@ impl ControlPlane for Controller {
     async fn fault(&self, fault: Fault) -> Result<RangeUpdate, ControlError> {
         let mut meta = self.meta.lock().await;
         match fault.op {
-            FaultOp::Write => tokio::task::block_in_place(|| self.write_fault(&mut meta, &fault)),
+            FaultOp::Write => {
+                let (update, seq) = self.write_fault(&mut meta, &fault)?;
+                // Wait outside the lock so concurrent faults share the commit.
+                drop(meta);
+                self.journal.wait(seq).await?;
+                Ok(update)
+            }
             FaultOp::Trim | FaultOp::WriteZeroes => self.unmap_fault(&mut meta, &fault).await,
             FaultOp::Read => {
                 let v = meta.vdisk(fault.vdisk)?;
@@ -1134,6 +1190,9 @@ impl ControlPlane for Controller {
                         bad.begin, bad.end, bad.state
                     )));
                 }
+                let seq = v.last_seq;
+                drop(meta);
+                self.journal.wait(seq).await?;
                 Ok(update)
             }
         }
