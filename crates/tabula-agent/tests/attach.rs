@@ -101,7 +101,9 @@ async fn an_unmap_that_races_the_attach_is_applied() {
         entries: vec![],
     });
     let a = agent(snapshot(1, vec![mapped(0, 512, 0)]), Some(unmap)).await;
-    let export = a.open("vd").await.ok().expect("attached");
+    let Ok(export) = a.open("vd").await else {
+        panic!("attach failed")
+    };
     let status = export.block_status(0, 2 << 20).await.unwrap();
     assert_eq!(
         status[0].flags, HOLE_ZERO,
