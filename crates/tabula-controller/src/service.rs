@@ -925,52 +925,23 @@ impl Controller {
         let mut deltas = Vec::new();
         let mut got: Vec<(u64, u64, Phys)> = Vec::new(); // (begin block, len, target)
         let mut hint = prev_target.map(|t| t.offset(1));
-        let runs = contiguous_runs(&need);
-        for (a, b) in runs {
-            let mut pos = a * seg;
+        for (a, b) in contiguous_runs(&need) {
             let end = (b * seg).min(size);
-            while pos < end {
-                let want = (end - pos).div_ceil(seg) * seg;
-                match meta.alloc(seg, seg, want, hint, &mut deltas) {
-                    Some((at, n)) => {
-                        let used = n.min(end - pos);
-                        if n > used {
-                            meta.free(at.offset(used), n - used, &mut deltas)?;
-                        }
-                        got.push((pos, used, at));
-                        hint = Some(at.offset(used));
-                        pos += used;
-                    }
-                    None => {
-                        // Give back what this fault took; nothing was persisted.
-                        for &(_, n, at) in &got {
-                            let mut scratch = Vec::new();
-                            meta.free(at, n, &mut scratch)?;
-                        }
-                        self.out_of_space.store(true, Ordering::Relaxed);
-                        self.enospc_faults.fetch_add(1, Ordering::Relaxed);
-                        return Err(ControlError::NoSpace);
-                    }
+            if fill(meta, seg, a * seg, end, &mut hint, &mut deltas, &mut got)? < end {
+                // Give back what this fault took; nothing was persisted.
+                for &(_, n, at) in &got {
+                    let mut scratch = Vec::new();
+                    meta.free(at, n, &mut scratch)?;
                 }
+                self.out_of_space.store(true, Ordering::Relaxed);
+                self.enospc_faults.fetch_add(1, Ordering::Relaxed);
+                return Err(ControlError::NoSpace);
             }
         }
         if let (Some(&a), Some(&b)) = (optional.first(), optional.last()) {
-            let mut pos = a * seg;
             let end = ((b + 1) * seg).min(size);
-            while pos < end {
-                let want = (end - pos).div_ceil(seg) * seg;
-                let Some((at, n)) = meta.alloc(seg, seg, want, hint, &mut deltas) else {
-                    break;
-                };
-                let used = n.min(end - pos);
-                if n > used {
-                    meta.free(at.offset(used), n - used, &mut deltas)?;
-                }
-                got.push((pos, used, at));
-                hint = Some(at.offset(used));
-                pos += used;
-            }
-            hi = hi.max(pos.div_ceil(seg));
+            let reached = fill(meta, seg, a * seg, end, &mut hint, &mut deltas, &mut got)?;
+            hi = hi.max(reached.div_ceil(seg));
         }
         lo = lo.min(first);
         self.out_of_space.store(false, Ordering::Relaxed);
@@ -1093,6 +1064,35 @@ impl Controller {
         }
         Ok(update)
     }
+}
+
+/// Allocates space for virtual blocks `[pos, end)` in whole segments, as far as the pool
+/// allows, preferring to continue physically after `hint`. Records what it took in `got`
+/// and returns how far it got. (The last segment of a vdisk may be partial: the unused
+/// tail of its allocation goes straight back.)
+fn fill(
+    meta: &mut Meta,
+    seg: u64,
+    mut pos: u64,
+    end: u64,
+    hint: &mut Option<Phys>,
+    deltas: &mut Vec<FreeDelta>,
+    got: &mut Vec<(u64, u64, Phys)>,
+) -> Result<u64, ControlError> {
+    while pos < end {
+        let want = (end - pos).div_ceil(seg) * seg;
+        let Some((at, n)) = meta.alloc(seg, seg, want, *hint, deltas) else {
+            break;
+        };
+        let used = n.min(end - pos);
+        if n > used {
+            meta.free(at.offset(used), n - used, deltas)?;
+        }
+        got.push((pos, used, at));
+        *hint = Some(at.offset(used));
+        pos += used;
+    }
+    Ok(pos)
 }
 
 /// Groups sorted segment indexes into `[a, b)` runs.
