@@ -13,12 +13,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tabula_api::{ControlError, Fault, FaultOp, RangeUpdate, TableSnapshot};
 use tabula_core::{BLOCK_SIZE, ContainerId, Generation, MappingTable, Piece, State, VdiskId};
+use tabula_nbd::consts::{NBD_STATE_HOLE, NBD_STATE_ZERO};
 use tabula_nbd::server::{Errno, Export, ExportInfo, IoError, StatusExtent, ZeroFlags};
 
 use crate::agent::{OpenContainer, Shared};
 
-/// base:allocation flags (NBD): a hole that reads as zeros.
-const HOLE_ZERO: u32 = 1 | 2;
+/// base:allocation flags of unallocated space: a hole that reads as zeros.
+const HOLE_ZERO: u32 = NBD_STATE_HOLE | NBD_STATE_ZERO;
 
 struct TableCopy {
     generation: Generation,

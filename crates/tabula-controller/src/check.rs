@@ -3,7 +3,6 @@
 use std::path::Path;
 
 use tabula_api::admin::CheckView;
-use tabula_core::MappingTable;
 use tabula_core::check::{Inventory, check};
 
 use crate::store::{Loaded, Store, StoreError};
@@ -16,16 +15,8 @@ pub fn inventory(loaded: &Loaded) -> Inventory {
     }
     for (id, rec, entries) in &loaded.vdisks {
         let size = rec.size_bytes / tabula_core::BLOCK_SIZE;
-        // Build without merging so a malformed store is reported, not silently repaired.
-        let table = match MappingTable::from_entries(size, entries.iter().copied()) {
-            Ok(t) if t.len() == entries.len() => t,
-            Ok(t) => {
-                inv.vdisks.push((*id, rec.name.clone(), t));
-                continue;
-            }
-            Err(_) => MappingTable::new(size),
-        };
-        inv.vdisks.push((*id, rec.name.clone(), table));
+        inv.vdisks
+            .push((*id, rec.name.clone(), size, entries.clone()));
     }
     inv.free = loaded.free.clone();
     inv.zeroing = loaded.zeroing.clone();
@@ -33,36 +24,10 @@ pub fn inventory(loaded: &Loaded) -> Inventory {
 }
 
 pub fn check_loaded(loaded: &Loaded) -> CheckView {
-    let mut extra = Vec::new();
-    for (id, rec, entries) in &loaded.vdisks {
-        let size = rec.size_bytes / tabula_core::BLOCK_SIZE;
-        match MappingTable::from_entries(size, entries.iter().copied()) {
-            Ok(t) if t.len() != entries.len() => extra.push(format!(
-                "vdisk {} ({id}): stored table has {} entries that should have merged into {}",
-                rec.name,
-                entries.len(),
-                t.len()
-            )),
-            Ok(_) => {}
-            Err(e) => extra.push(format!("vdisk {} ({id}): bad stored entry: {e}", rec.name)),
-        }
-        let mut prev_end = 0;
-        for e in entries {
-            if e.begin < prev_end {
-                extra.push(format!(
-                    "vdisk {} ({id}): stored entries overlap at block {}",
-                    rec.name, e.begin
-                ));
-            }
-            prev_end = e.end;
-        }
-    }
     let r = check(&inventory(loaded));
-    let mut problems = extra;
-    problems.extend(r.problems);
     CheckView {
-        ok: problems.is_empty(),
-        problems,
+        ok: r.ok(),
+        problems: r.problems,
         containers: r.containers,
         vdisks: r.vdisks,
         entries: r.entries,

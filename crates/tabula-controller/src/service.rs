@@ -26,7 +26,7 @@ use tabula_api::{
 use tabula_container::Container;
 use tabula_core::table::TableError;
 use tabula_core::{
-    BLOCK_SIZE, ContainerId, Entry, FreeMap, Generation, MappingTable, Phys, Pool, State, VdiskId,
+    BLOCK_SIZE, ContainerId, FreeMap, Generation, MappingTable, Phys, Pool, State, VdiskId,
     format_size,
 };
 use tokio::sync::Mutex;
@@ -646,33 +646,25 @@ impl Controller {
                 }
             }
         }
-        let (lo, _) = span_edges(
-            &v.table,
-            new_blocks.min(old_blocks),
-            old_blocks.max(new_blocks),
-        );
-        let old_table = v.table.clone();
-        v.table.resize(new_blocks);
-        let mut rec = v.rec.clone();
-        rec.size_bytes = size;
-        rec.generation += 1;
-        let kept: Vec<Entry> = v.table.entries_in(lo, new_blocks.max(lo));
-        let (stored_runs, stored_rec) = (runs.clone(), rec.clone());
-        let seq = self.journal.push(Box::new(move |t| {
-            t.replace_entries(id, lo, u64::MAX, &kept)?;
-            for &(p, l) in &stored_runs {
-                t.put_zeroing(p.container, p.block, l)?;
-            }
-            t.put_vdisk(id, &stored_rec)
-        }));
-        if let Err(e) = self.journal.wait(seq).await {
-            let v = meta.vdisks.get_mut(&id).expect("named vdisk exists");
-            v.table = old_table;
-            return Err(e);
-        }
-        let v = meta.vdisks.get_mut(&id).expect("named vdisk exists");
-        v.rec = rec;
-        v.last_seq = seq;
+        // The record is persisted with the table edit, so it carries the new size.
+        v.rec.size_bytes = size;
+        let stored = runs.clone();
+        let seq = self.commit_table_edit(
+            &mut meta,
+            id,
+            (new_blocks.min(old_blocks), new_blocks.max(old_blocks)),
+            |t| {
+                t.resize(new_blocks);
+                Ok(())
+            },
+            move |t| {
+                for &(p, l) in &stored {
+                    t.put_zeroing(p.container, p.block, l)?;
+                }
+                Ok(())
+            },
+        )?;
+        self.journal.wait(seq).await?;
         for &(p, l) in &runs {
             meta.zeroing.insert((p.container, p.block), l);
         }

@@ -82,16 +82,6 @@ impl FreeMap {
         out
     }
 
-    /// Grows the container; the new tail is free.
-    pub fn grow(&mut self, new_size: u64) -> Result<(), AllocError> {
-        if new_size > self.size {
-            let old = self.size;
-            self.size = new_size;
-            self.free_run(ContainerId(u32::MAX), old, new_size - old)?;
-        }
-        Ok(())
-    }
-
     /// Takes between `min` and `max` blocks (in multiples of `unit`) as one run, preferring to
     /// start at `hint`. Returns the start and the length taken.
     pub fn alloc(
@@ -207,16 +197,8 @@ impl Pool {
         self.containers.get_mut(&id)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (ContainerId, &FreeMap)> {
-        self.containers.iter().map(|(&id, m)| (id, m))
-    }
-
     pub fn free_blocks(&self) -> u64 {
         self.containers.values().map(FreeMap::free_blocks).sum()
-    }
-
-    pub fn capacity_blocks(&self) -> u64 {
-        self.containers.values().map(FreeMap::size).sum()
     }
 
     /// Allocates one run of `min..=max` blocks in multiples of `unit`: right after `hint` if

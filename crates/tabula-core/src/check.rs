@@ -1,6 +1,9 @@
 //! The metadata invariant checker behind `tabula check`: given every container, table, free
 //! run and pending-zero run, it reports each violation of the brief's invariants in words.
 //!
+//! It works on entry lists exactly as stored, not on tables rebuilt from them, so a store
+//! that overlaps or mis-merges entries is reported rather than silently repaired.
+//!
 //! Invariants checked:
 //! - every table is well formed (sorted, non-overlapping, inside its vdisk, merged);
 //! - every mapped run lies inside its container;
@@ -11,7 +14,7 @@
 use std::collections::BTreeMap;
 
 use crate::ids::{ContainerId, VdiskId};
-use crate::table::MappingTable;
+use crate::table::{Entry, list_defects};
 
 /// What a physical run is used for, to name it in a report.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,7 +43,8 @@ impl std::fmt::Display for Owner {
 pub struct Inventory {
     /// Container sizes in blocks.
     pub containers: BTreeMap<ContainerId, (String, u64)>,
-    pub vdisks: Vec<(VdiskId, String, MappingTable)>,
+    /// (id, name, size in blocks, stored entries in order).
+    pub vdisks: Vec<(VdiskId, String, u64, Vec<Entry>)>,
     /// (container, start, len) runs.
     pub free: Vec<(ContainerId, u64, u64)>,
     pub zeroing: Vec<(ContainerId, u64, u64)>,
@@ -73,12 +77,12 @@ pub fn check(inv: &Inventory) -> Report {
         ..Report::default()
     };
     let mut runs: BTreeMap<ContainerId, Vec<(u64, u64, Owner)>> = BTreeMap::new();
-    for (id, name, table) in &inv.vdisks {
-        if let Err(e) = table.validate() {
+    for (id, name, size, entries) in &inv.vdisks {
+        for d in list_defects(*size, entries) {
             r.problems
-                .push(format!("vdisk {name} ({id}): malformed table: {e}"));
+                .push(format!("vdisk {name} ({id}): malformed table: {d}"));
         }
-        for e in table.entries() {
+        for e in entries {
             r.entries += 1;
             if let Some(t) = e.target {
                 r.mapped_blocks += e.len();
@@ -158,24 +162,52 @@ mod tests {
     use super::*;
     use crate::table::{Phys, State};
 
-    fn inv() -> Inventory {
-        let mut t = MappingTable::new(100);
-        t.set(
-            0,
-            10,
-            Some(Phys {
+    fn mapped(begin: u64, end: u64, block: u64) -> Entry {
+        Entry {
+            begin,
+            end,
+            target: Some(Phys {
                 container: ContainerId(1),
-                block: 0,
+                block,
             }),
-            State::Normal,
-        )
-        .unwrap();
+            state: State::Normal,
+        }
+    }
+
+    fn inv() -> Inventory {
         Inventory {
             containers: [(ContainerId(1), ("c".to_string(), 50))].into(),
-            vdisks: vec![(VdiskId(1), "vd".into(), t)],
+            vdisks: vec![(VdiskId(1), "vd".into(), 100, vec![mapped(0, 10, 0)])],
             free: vec![(ContainerId(1), 10, 30)],
             zeroing: vec![(ContainerId(1), 40, 10)],
         }
+    }
+
+    #[test]
+    fn rejects_overlapping_and_unmerged_stored_entries() {
+        let mut i = inv();
+        // Overlapping entries, both mapping block 5 of the container.
+        i.vdisks[0].3 = vec![mapped(0, 10, 0), mapped(5, 15, 5)];
+        i.free[0] = (ContainerId(1), 15, 25);
+        let r = check(&i);
+        assert!(
+            r.problems.iter().any(|p| p.contains("overlap")),
+            "{:?}",
+            r.problems
+        );
+        assert!(
+            r.problems.iter().any(|p| p.contains("owned twice")),
+            "{:?}",
+            r.problems
+        );
+        let mut i = inv();
+        i.vdisks[0].3 = vec![mapped(0, 5, 0), mapped(5, 10, 5)];
+        let r = check(&i);
+        assert!(
+            r.problems.iter().any(|p| p.contains("should have merged")),
+            "{:?}",
+            r.problems
+        );
     }
 
     #[test]

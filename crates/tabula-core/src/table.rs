@@ -128,6 +128,68 @@ impl Entry {
     pub fn is_empty(&self) -> bool {
         self.end <= self.begin
     }
+
+    /// Whether `next` continues this entry (virtually and physically, same state), so
+    /// the two must be one entry.
+    pub fn merges_with(&self, next: &Entry) -> bool {
+        if self.end != next.begin || self.state != next.state {
+            return false;
+        }
+        match (self.target, next.target) {
+            (None, None) => true,
+            (Some(t1), Some(t2)) => t1.offset(self.len()) == t2,
+            _ => false,
+        }
+    }
+
+    /// The problem with this entry on its own in a table of `size` blocks, if any.
+    pub fn defect(&self, size: u64) -> Option<String> {
+        if self.is_empty() {
+            Some(format!(
+                "entry at {} is empty (end {})",
+                self.begin, self.end
+            ))
+        } else if self.end > size {
+            Some(format!(
+                "entry {}..{} beyond size {size}",
+                self.begin, self.end
+            ))
+        } else if self.target.is_none()
+            && matches!(self.state, State::Normal | State::NoWrite | State::New)
+        {
+            Some(format!(
+                "entry at {} in state {} has no target",
+                self.begin, self.state
+            ))
+        } else if self.target.is_none() && self.state == State::Zero {
+            Some(format!(
+                "entry at {} is an explicit unmapped zero",
+                self.begin
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// Structural problems of an entry list as stored: each entry on its own, and order,
+/// overlap and merging between neighbours. Empty when the list is a well-formed table.
+pub fn list_defects(size: u64, entries: &[Entry]) -> Vec<String> {
+    let mut out: Vec<String> = entries.iter().filter_map(|e| e.defect(size)).collect();
+    for w in entries.windows(2) {
+        if w[0].end > w[1].begin {
+            out.push(format!(
+                "entries at {} and {} overlap or are out of order",
+                w[0].begin, w[1].begin
+            ));
+        } else if w[0].merges_with(&w[1]) {
+            out.push(format!(
+                "entries at {} and {} should have merged",
+                w[0].begin, w[1].begin
+            ));
+        }
+    }
+    out
 }
 
 /// The part of one lookup that falls in a single entry (or a single gap).
@@ -210,23 +272,13 @@ impl MappingTable {
 
     /// Entries in order.
     pub fn entries(&self) -> impl Iterator<Item = Entry> + '_ {
-        self.map.iter().map(|(&begin, v)| Entry {
-            begin,
-            end: v.end,
-            target: v.target,
-            state: v.state,
-        })
+        self.map.iter().map(|(&begin, v)| Self::entry(begin, v))
     }
 
     /// The whole (unclipped) entry holding `block`, if any.
     pub fn entry_at(&self, block: u64) -> Option<Entry> {
         let (&begin, v) = self.map.range(..=block).next_back()?;
-        (v.end > block).then_some(Entry {
-            begin,
-            end: v.end,
-            target: v.target,
-            state: v.state,
-        })
+        (v.end > block).then(|| Self::entry(begin, v))
     }
 
     /// Entries overlapping `[begin, end)`, clipped to it.
@@ -381,13 +433,15 @@ impl MappingTable {
     }
 
     fn mergeable(b1: u64, v1: &Value, b2: u64, v2: &Value) -> bool {
-        if v1.end != b2 || v1.state != v2.state {
-            return false;
-        }
-        match (v1.target, v2.target) {
-            (None, None) => true,
-            (Some(t1), Some(t2)) => t1.offset(v1.end - b1) == t2,
-            _ => false,
+        Self::entry(b1, v1).merges_with(&Self::entry(b2, v2))
+    }
+
+    fn entry(begin: u64, v: &Value) -> Entry {
+        Entry {
+            begin,
+            end: v.end,
+            target: v.target,
+            state: v.state,
         }
     }
 
@@ -423,38 +477,12 @@ impl MappingTable {
     /// Structural invariants: entries sorted, non-overlapping, inside the size, never
     /// mergeable with their successor, and states that need storage have it.
     pub fn validate(&self) -> Result<(), String> {
-        let mut prev: Option<(u64, Value)> = None;
-        for (&b, v) in &self.map {
-            if v.end <= b {
-                return Err(format!("entry at {b} is empty (end {})", v.end));
-            }
-            if v.end > self.size {
-                return Err(format!("entry {b}..{} beyond size {}", v.end, self.size));
-            }
-            if v.target.is_none() && matches!(v.state, State::Normal | State::NoWrite | State::New)
-            {
-                return Err(format!("entry at {b} in state {} has no target", v.state));
-            }
-            if v.target.is_none() && v.state == State::Zero {
-                return Err(format!("entry at {b} is an explicit unmapped zero"));
-            }
-            if let Some((pb, pv)) = prev {
-                if pv.end > b {
-                    return Err(format!("entries at {pb} and {b} overlap"));
-                }
-                if Self::mergeable(pb, &pv, b, v) {
-                    return Err(format!("entries at {pb} and {b} should have merged"));
-                }
-            }
-            prev = Some((b, *v));
+        let entries: Vec<Entry> = self.entries().collect();
+        match list_defects(self.size, &entries).into_iter().next() {
+            Some(d) => Err(d),
+            None => Ok(()),
         }
-        Ok(())
     }
-}
-
-/// The segment indexes covering the block range `[begin, end)`.
-pub fn segments_covering(begin: u64, end: u64, segment_blocks: u64) -> (u64, u64) {
-    (begin / segment_blocks, end.div_ceil(segment_blocks))
 }
 
 #[cfg(test)]

@@ -380,6 +380,12 @@ impl ReplyCtx {
         Reply { head, data: None }
     }
 
+    /// The reply to a request the export failed, logged once here.
+    fn failed(&self, cookie: u64, e: &super::IoError) -> Reply {
+        debug!(cookie, error = %e, "request failed");
+        self.error(cookie, e.errno, &e.message)
+    }
+
     /// Success without payload: a simple reply is allowed even when
     /// structured replies were negotiated (except for READ).
     fn ok(&self, cookie: u64) -> Reply {
@@ -614,10 +620,7 @@ async fn execute(
     };
     match result {
         Ok(()) => rctx.ok(cookie),
-        Err(e) => {
-            debug!(cookie, error = %e, "request failed");
-            rctx.error(cookie, e.errno, &e.message)
-        }
+        Err(e) => rctx.failed(cookie, &e),
     }
 }
 
@@ -656,10 +659,7 @@ async fn execute_read(
             debug!(cookie, "{msg}");
             rctx.error(cookie, Errno::Io, &msg)
         }
-        Err(e) => {
-            debug!(cookie, error = %e, "read failed");
-            rctx.error(cookie, e.errno, &e.message)
-        }
+        Err(e) => rctx.failed(cookie, &e),
     }
 }
 
@@ -673,7 +673,7 @@ async fn execute_block_status(
 ) -> Reply {
     let extents = match export.block_status(offset, length).await {
         Ok(e) => e,
-        Err(e) => return rctx.error(cookie, e.errno, &e.message),
+        Err(e) => return rctx.failed(cookie, &e),
     };
     let clipped = clip_extents(&extents, length, req_one);
     if clipped.is_empty() {
