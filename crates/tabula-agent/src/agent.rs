@@ -4,15 +4,17 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use tabula_api::{AgentPort, Command, ControlError, ControlPlane};
+use tabula_api::{AgentPort, AgentReport, Command, ControlError, ControlPlane, TableSnapshot};
 use tabula_container::Container;
 use tabula_core::{ContainerId, VdiskId};
 use tabula_nbd::server::{Export, ExportProvider, OpenError};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use crate::volume::{Volume, VolumeExport};
+use crate::lease::Lease;
+use crate::volume::{Replaced, Volume, VolumeExport};
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -23,6 +25,12 @@ pub struct AgentConfig {
     /// Test hook: holds every container read this long while it holds the I/O gate, so
     /// tests can race table changes against reads in flight. `None` in production.
     pub read_delay: Option<std::time::Duration>,
+    /// How long an I/O that needs the controller (an allocating write, a trim, a resync
+    /// after the lease ran out) waits for it before failing.
+    pub fault_wait: Duration,
+    /// How long a change may be missing (a later one arrived) before the whole table is
+    /// fetched again.
+    pub gap_timeout: Duration,
 }
 
 impl AgentConfig {
@@ -31,6 +39,8 @@ impl AgentConfig {
             name: name.into(),
             max_fault_retries: 16,
             read_delay: None,
+            fault_wait: Duration::from_secs(30),
+            gap_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -51,9 +61,80 @@ pub(crate) struct Shared {
     pending: parking_lot::Mutex<HashMap<VdiskId, Vec<Command>>>,
     containers: parking_lot::Mutex<HashMap<ContainerId, Arc<OpenContainer>>>,
     open_lock: tokio::sync::Mutex<()>,
+    pub(crate) lease: Arc<Lease>,
+    /// The current session with the controller; copies synchronised in an older one must
+    /// be resynchronised before use.
+    epoch: AtomicU64,
+    /// Wakes I/O waiting for the volume to become usable.
+    pub(crate) changed: tokio::sync::Notify,
+    mismatches: AtomicU64,
+    gaps_healed: AtomicU64,
 }
 
 impl Shared {
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Fetches the whole table of `vol` again and installs it, marking the copy current
+    /// for this session.
+    pub(crate) async fn resync(&self, vol: &Volume) -> Result<(), ControlError> {
+        let _one = vol.resync_lock.lock().await;
+        let epoch = self.epoch();
+        if vol.synced_epoch.load(Ordering::Acquire) == epoch {
+            return Ok(());
+        }
+        let snap = match self.control.open_vdisk(&self.cfg.name, vol.name()).await {
+            Ok(s) => s,
+            Err(e @ ControlError::NotFound(_)) => {
+                // Deleted while this agent was away.
+                vol.detach();
+                self.changed.notify_waiters();
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        if snap.vdisk != vol.id() {
+            vol.detach();
+            self.changed.notify_waiters();
+            return Err(ControlError::NotFound(format!(
+                "vdisk '{}' (deleted and created again; reconnect)",
+                vol.name()
+            )));
+        }
+        self.install_snapshot(vol, &snap, true)
+            .map_err(ControlError::Invalid)?;
+        vol.synced_epoch.store(epoch, Ordering::Release);
+        // A newer session may have started while this one was fetched; then it stays unusable.
+        if self.epoch() != epoch {
+            vol.synced_epoch.store(0, Ordering::Release);
+        }
+        debug!(vdisk = vol.name(), generation = %vol.generation(), "table resynchronised");
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Installs a whole table and accounts for what the comparison found.
+    fn install_snapshot(
+        &self,
+        vol: &Volume,
+        snap: &TableSnapshot,
+        resync: bool,
+    ) -> Result<(), String> {
+        match vol.replace(snap)? {
+            Replaced::Mismatch if !resync => {
+                self.mismatches.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    vdisk = vol.name(),
+                    generation = %snap.generation,
+                    "table copy differed from the controller's at the same generation; replaced"
+                );
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     /// The open container `id`, if it is open already (never waits).
     pub(crate) fn cached_container(&self, id: ContainerId) -> Option<Arc<OpenContainer>> {
         self.containers.lock().get(&id).cloned()
@@ -113,10 +194,19 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Creates the agent and registers it with the controller.
+    /// Creates an in-process agent (no lease) and registers it with the controller.
     pub async fn start(
         cfg: AgentConfig,
         control: Arc<dyn ControlPlane>,
+    ) -> Result<Agent, ControlError> {
+        Self::start_with_lease(cfg, control, Arc::new(Lease::forever())).await
+    }
+
+    /// Creates the agent with `lease` (kept by the transport) and registers it.
+    pub async fn start_with_lease(
+        cfg: AgentConfig,
+        control: Arc<dyn ControlPlane>,
+        lease: Arc<Lease>,
     ) -> Result<Agent, ControlError> {
         let agent = Agent {
             shared: Arc::new(Shared {
@@ -127,13 +217,18 @@ impl Agent {
                 pending: parking_lot::Mutex::new(HashMap::new()),
                 containers: parking_lot::Mutex::new(HashMap::new()),
                 open_lock: tokio::sync::Mutex::new(()),
+                lease,
+                epoch: AtomicU64::new(1),
+                changed: tokio::sync::Notify::new(),
+                mismatches: AtomicU64::new(0),
+                gaps_healed: AtomicU64::new(0),
             }),
         };
         let port: Arc<dyn AgentPort> = Arc::new(agent.clone());
         agent
             .shared
             .control
-            .register_agent(&agent.shared.cfg.name, port)
+            .register_agent(&agent.shared.cfg.name, port, Vec::new())
             .await?;
         info!(agent = agent.shared.cfg.name, "agent started");
         Ok(agent)
@@ -152,6 +247,7 @@ impl Agent {
         if let Some(v) = self.shared.volumes.lock().get(name) {
             return Ok(v.clone());
         }
+        let epoch = self.shared.epoch();
         let snap = self
             .shared
             .control
@@ -170,13 +266,16 @@ impl Agent {
                 .unwrap_or_default();
             for cmd in missed {
                 match cmd {
-                    Command::Update(u) => vol.install(&u),
-                    Command::Replace(snap) => vol.replace(&snap).map_err(ControlError::Invalid)?,
                     Command::Detach { .. } => {
                         return Err(ControlError::NotFound(format!("vdisk '{name}' (deleted)")));
                     }
+                    other => {
+                        Self::apply_to(&vol, &other, &self.shared).map_err(ControlError::Invalid)?
+                    }
                 }
             }
+            // Usable only if no new session began while the table was on its way.
+            vol.synced_epoch.store(epoch, Ordering::Release);
             by_id.insert(vol.id(), vol.clone());
         }
         debug!(vdisk = name, entries = vol.entries(), "attached");
@@ -190,6 +289,67 @@ impl Agent {
     /// Makes every write completed so far durable (used on a clean shutdown).
     pub async fn flush(&self) -> std::io::Result<()> {
         self.shared.flush().await
+    }
+
+    pub fn lease(&self) -> &Arc<Lease> {
+        &self.shared.lease
+    }
+
+    /// Checks for missing table changes twice a second, for as long as the agent lives.
+    pub fn spawn_gap_healer(&self) {
+        let weak = Arc::downgrade(&self.shared);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let Some(shared) = weak.upgrade() else { return };
+                Agent { shared }.heal_gaps().await;
+            }
+        });
+    }
+
+    fn all_volumes(&self) -> Vec<Arc<Volume>> {
+        self.shared.by_id.lock().values().cloned().collect()
+    }
+
+    /// Fetches the whole table of every volume with a missing change (a gap that did not
+    /// fill within the gap timeout).
+    pub async fn heal_gaps(&self) {
+        for vol in self.all_volumes() {
+            if vol.gap_overdue(self.shared.cfg.gap_timeout) {
+                warn!(
+                    vdisk = vol.name(),
+                    "a table change never arrived; fetching the whole table"
+                );
+                vol.synced_epoch.store(0, Ordering::Release);
+                if self.shared.resync(&vol).await.is_ok() {
+                    self.shared.gaps_healed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Applies a command that installs entries or states (not `Detach`, not blocking).
+    fn apply_to(vol: &Volume, cmd: &Command, shared: &Shared) -> Result<(), String> {
+        match cmd {
+            Command::Update(u) => vol.install(u),
+            Command::Allocated(u) => vol.install_answer(u),
+            Command::SetState {
+                generation,
+                range,
+                state,
+                ..
+            } => vol.set_state(*generation, *range, *state),
+            Command::Replace(snap) => shared.install_snapshot(vol, snap, false)?,
+            Command::Block { timeout_ms, .. } => {
+                vol.block(Instant::now() + Duration::from_millis(*timeout_ms))
+            }
+            Command::Unblock { .. } => {
+                vol.unblock();
+                shared.changed.notify_waiters();
+            }
+            Command::Detach { .. } => {}
+        }
+        Ok(())
     }
 
     /// The volume a command is for; if it is still being attached, the command is kept
@@ -230,18 +390,6 @@ impl ExportProvider for Agent {
 impl AgentPort for Agent {
     async fn apply(&self, command: Command) -> Result<(), String> {
         match command {
-            Command::Update(ref u) => {
-                if let Some(vol) = self.volume_for(u.vdisk, &command) {
-                    vol.install(u);
-                    vol.drain().await;
-                }
-            }
-            Command::Replace(ref snap) => {
-                if let Some(vol) = self.volume_for(snap.vdisk, &command) {
-                    vol.replace(snap)?;
-                    vol.drain().await;
-                }
-            }
             Command::Detach { vdisk } => {
                 let vol = {
                     let mut by_id = self.shared.by_id.lock();
@@ -260,11 +408,52 @@ impl AgentPort for Agent {
                 if let Some(vol) = vol {
                     self.shared.volumes.lock().retain(|_, v| v.id() != vdisk);
                     vol.detach();
+                    self.shared.changed.notify_waiters();
                     vol.drain().await;
                     info!(vdisk = vol.name(), "detached");
                 }
             }
+            ref cmd => {
+                if let Some(vol) = self.volume_for(cmd.vdisk(), cmd) {
+                    Self::apply_to(&vol, cmd, &self.shared)?;
+                    // Mappings that only fill gaps supersede nothing; everything else waits
+                    // for the I/O that may have used what it replaced.
+                    if !matches!(cmd, Command::Allocated(_) | Command::Unblock { .. }) {
+                        vol.drain().await;
+                    }
+                }
+            }
         }
         Ok(())
+    }
+
+    fn report(&self) -> Option<AgentReport> {
+        let mut tables: Vec<_> = self
+            .all_volumes()
+            .iter()
+            .map(|v| (v.id(), v.generation()))
+            .collect();
+        tables.sort();
+        Some(AgentReport {
+            tables,
+            table_mismatches: self.shared.mismatches.load(Ordering::Relaxed),
+            gaps_healed: self.shared.gaps_healed.load(Ordering::Relaxed),
+        })
+    }
+
+    fn held_vdisks(&self) -> Vec<VdiskId> {
+        self.shared.by_id.lock().keys().copied().collect()
+    }
+
+    async fn session_started(&self) {
+        // Every copy from before must be fetched again before use: the controller may have
+        // changed tables without this agent while it was away.
+        self.shared.epoch.fetch_add(1, Ordering::AcqRel);
+        self.shared.changed.notify_waiters();
+        for vol in self.all_volumes() {
+            if let Err(e) = self.shared.resync(&vol).await {
+                warn!(vdisk = vol.name(), error = %e, "resync after reconnecting failed; I/O will retry it");
+            }
+        }
     }
 }

@@ -11,6 +11,8 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod lease;
+pub mod remote;
 pub mod volume;
 
 pub use agent::{Agent, AgentConfig};

@@ -7,9 +7,16 @@
 //! The gate is what makes freeing safe: a table command installs the new entries and then
 //! takes the gate for writing once, which waits for every I/O that could have looked up the
 //! superseded entries.
+//!
+//! Before an I/O looks at the table, the volume must be *usable*: the agent's lease is valid,
+//! the copy was synchronised in the current session, and no `Block` holds it. Otherwise the
+//! I/O waits (resynchronising the copy itself if that is what is missing), up to the
+//! agent's fault wait.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tabula_api::{ControlError, Fault, FaultOp, RangeUpdate, TableSnapshot};
 use tabula_core::{BLOCK_SIZE, ContainerId, Generation, MappingTable, Piece, State, VdiskId};
@@ -26,6 +33,67 @@ struct TableCopy {
     /// Generation of the last pushed command, the only kind that can remove mappings.
     unmap_generation: Generation,
     table: MappingTable,
+    /// Every change up to this generation has been received.
+    contiguous: u64,
+    /// Changes received beyond a missing one, and since when one has been missing.
+    ahead: BTreeSet<u64>,
+    gap_since: Option<Instant>,
+}
+
+impl TableCopy {
+    fn new(generation: Generation, table: MappingTable) -> TableCopy {
+        TableCopy {
+            generation,
+            unmap_generation: generation,
+            table,
+            contiguous: generation.0,
+            ahead: BTreeSet::new(),
+            gap_since: None,
+        }
+    }
+
+    /// Counts a received change, to notice one that never arrives.
+    fn received(&mut self, g: Generation) {
+        let g = g.0;
+        if g <= self.contiguous {
+            return;
+        }
+        self.ahead.insert(g);
+        while self.ahead.remove(&(self.contiguous + 1)) {
+            self.contiguous += 1;
+        }
+        self.gap_since = match (self.ahead.is_empty(), self.gap_since) {
+            (true, _) => None,
+            (false, None) => Some(Instant::now()),
+            (false, since) => since,
+        };
+    }
+
+    /// A whole table at `g` covers every change up to it.
+    fn baseline(&mut self, g: Generation) {
+        self.contiguous = self.contiguous.max(g.0);
+        let c = self.contiguous;
+        self.ahead.retain(|&x| x > c);
+        while self.ahead.remove(&(self.contiguous + 1)) {
+            self.contiguous += 1;
+        }
+        if self.ahead.is_empty() {
+            self.gap_since = None;
+        }
+    }
+}
+
+/// What a periodic (or any) whole-table replacement found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Replaced {
+    /// The copy was older and is now current.
+    Updated,
+    /// Same generation, same entries.
+    Same,
+    /// Same generation, different entries: the copy had diverged (now healed).
+    Mismatch,
+    /// The copy is newer than the replacement, which was dropped.
+    Stale,
 }
 
 pub struct Volume {
@@ -36,6 +104,13 @@ pub struct Volume {
     table: parking_lot::RwLock<TableCopy>,
     gate: tokio::sync::RwLock<()>,
     detached: AtomicBool,
+    /// The agent session this copy was last synchronised in (0: needs a resync).
+    pub(crate) synced_epoch: AtomicU64,
+    /// Set by `Block`: new I/O waits until `Unblock`, or until this deadline, after which
+    /// the copy is resynchronised before use.
+    blocked: parking_lot::Mutex<Option<Instant>>,
+    /// One resynchronisation at a time.
+    pub(crate) resync_lock: tokio::sync::Mutex<()>,
 }
 
 impl Volume {
@@ -52,13 +127,12 @@ impl Volume {
             name: snap.name,
             segment_blocks: snap.segment_blocks,
             read_only: snap.read_only,
-            table: parking_lot::RwLock::new(TableCopy {
-                generation: snap.generation,
-                unmap_generation: snap.generation,
-                table,
-            }),
+            table: parking_lot::RwLock::new(TableCopy::new(snap.generation, table)),
             gate: tokio::sync::RwLock::new(()),
             detached: AtomicBool::new(false),
+            synced_epoch: AtomicU64::new(0),
+            blocked: parking_lot::Mutex::new(None),
+            resync_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -82,6 +156,9 @@ impl Volume {
     /// is already newer.
     pub fn install(&self, u: &RangeUpdate) {
         let mut t = self.table.write();
+        if u.change {
+            t.received(u.generation);
+        }
         if u.generation < t.generation {
             return;
         }
@@ -90,12 +167,67 @@ impl Volume {
         t.unmap_generation = u.generation;
     }
 
+    /// Sets the state of every mapped entry in `range` (a command: it may restrict I/O).
+    pub fn set_state(&self, generation: Generation, range: (u64, u64), state: State) {
+        let mut t = self.table.write();
+        t.received(generation);
+        if generation < t.generation {
+            return;
+        }
+        let (b, e) = (range.0.min(t.table.size()), range.1.min(t.table.size()));
+        let mapped: Vec<_> = t.table.entries_in(b, e);
+        for x in mapped {
+            let _ = t.table.set(x.begin, x.end, x.target, state);
+        }
+        t.generation = generation;
+        t.unmap_generation = generation;
+    }
+
+    /// Whether a change has been missing for longer than `timeout`: then the copy must be
+    /// replaced by the whole table.
+    pub fn gap_overdue(&self, timeout: Duration) -> bool {
+        self.table
+            .read()
+            .gap_since
+            .is_some_and(|since| since.elapsed() >= timeout)
+    }
+
+    /// Holds new I/O until [`unblock`](Self::unblock) or `deadline`.
+    pub fn block(&self, deadline: Instant) {
+        *self.blocked.lock() = Some(deadline);
+    }
+
+    pub fn unblock(&self) {
+        *self.blocked.lock() = None;
+    }
+
+    /// `Some(true)` while blocked, `Some(false)` if a block timed out (it is cleared, and the
+    /// copy must be resynchronised), `None` if not blocked.
+    pub(crate) fn block_state(&self) -> Option<bool> {
+        let mut b = self.blocked.lock();
+        match *b {
+            None => None,
+            Some(d) if Instant::now() < d => Some(true),
+            Some(_) => {
+                *b = None;
+                Some(false)
+            }
+        }
+    }
+
+    pub fn is_detached(&self) -> bool {
+        self.detached.load(Ordering::Acquire)
+    }
+
     /// Installs a fault's answer. Answers can arrive out of order; an answer older than this
     /// copy is still safe to use where this copy has gaps, provided no command that could
     /// have removed mappings came after it: between the two, the controller only added
     /// mappings. Otherwise it is dropped and the I/O simply faults again.
     pub fn install_answer(&self, u: &RangeUpdate) {
         let mut t = self.table.write();
+        if u.change {
+            t.received(u.generation);
+        }
         if u.generation >= t.generation {
             Self::replace_range(&mut t.table, u);
             t.generation = u.generation;
@@ -135,19 +267,30 @@ impl Volume {
         }
     }
 
-    pub fn replace(&self, snap: &TableSnapshot) -> Result<(), String> {
+    /// Replaces the whole copy, unless it is newer, and says how the two compared.
+    pub fn replace(&self, snap: &TableSnapshot) -> Result<Replaced, String> {
         let table =
             MappingTable::from_entries(snap.size_bytes / BLOCK_SIZE, snap.entries.iter().copied())
                 .map_err(|e| format!("replacement table of {} is malformed: {e}", snap.name))?;
         let mut t = self.table.write();
-        if snap.generation >= t.generation {
-            *t = TableCopy {
-                generation: snap.generation,
-                unmap_generation: snap.generation,
-                table,
-            };
+        if snap.generation < t.generation {
+            return Ok(Replaced::Stale);
         }
-        Ok(())
+        let outcome = if snap.generation > t.generation {
+            Replaced::Updated
+        } else if t.table.size() == table.size() && t.table.entries().eq(table.entries()) {
+            Replaced::Same
+        } else {
+            Replaced::Mismatch
+        };
+        let (contiguous, ahead, gap_since) =
+            (t.contiguous, std::mem::take(&mut t.ahead), t.gap_since);
+        *t = TableCopy::new(snap.generation, table);
+        t.contiguous = contiguous;
+        t.ahead = ahead;
+        t.gap_since = gap_since;
+        t.baseline(snap.generation);
+        Ok(outcome)
     }
 
     /// Waits until no I/O that started before now is in flight.
@@ -197,10 +340,11 @@ fn ctl_err(e: ControlError) -> IoError {
     let errno = match e {
         ControlError::NoSpace => Errno::NoSpc,
         ControlError::NotFound(_) => Errno::Shutdown,
-        ControlError::Invalid(_) | ControlError::Unavailable(_) | ControlError::Storage(_) => {
-            Errno::Io
-        }
-        ControlError::Exists(_) => Errno::Io,
+        ControlError::Invalid(_)
+        | ControlError::Unavailable(_)
+        | ControlError::Storage(_)
+        | ControlError::Retry { .. }
+        | ControlError::Exists(_) => Errno::Io,
     };
     IoError {
         errno,
@@ -266,6 +410,70 @@ impl VolumeExport {
         Ok(())
     }
 
+    /// Whether the table copy may be used right now (checked again after the gate is taken
+    /// and just before touching a container: the lease may run out meanwhile).
+    #[inline]
+    fn usable_now(&self) -> bool {
+        self.shared.lease.valid()
+            && self.vol.synced_epoch.load(Ordering::Acquire) == self.shared.epoch()
+            && self.vol.block_state().is_none()
+    }
+
+    /// Waits until the volume is usable: the lease is valid, the copy is synchronised in this
+    /// session (resynchronising it here if not), and no `Block` holds it. Gives up after the
+    /// fault wait.
+    async fn ready(&self) -> Result<(), IoError> {
+        if self.usable_now() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.shared.cfg.fault_wait;
+        loop {
+            self.check_attached()?;
+            let changed = self.shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.vol.block_state() == Some(false) {
+                tracing::warn!(
+                    vdisk = self.vol.name,
+                    "a block was never lifted; resynchronising the table"
+                );
+                self.vol.synced_epoch.store(0, Ordering::Release);
+            }
+            let lease_ok = self.shared.lease.valid();
+            let blocked = self.vol.block_state() == Some(true);
+            if lease_ok && !blocked {
+                if self.vol.synced_epoch.load(Ordering::Acquire) == self.shared.epoch() {
+                    return Ok(());
+                }
+                match self.shared.resync(&self.vol).await {
+                    Ok(()) => continue,
+                    Err(e) if Instant::now() >= deadline => return Err(ctl_err(e)),
+                    Err(e) => {
+                        tracing::debug!(vdisk = self.vol.name, error = %e, "resync failed; retrying")
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(IoError {
+                    errno: Errno::Io,
+                    message: format!(
+                        "vdisk {}: {} for {:?}; giving up on this I/O",
+                        self.vol.name,
+                        if !lease_ok {
+                            "this agent's lease has run out and it could not reach the controller to renew it"
+                        } else if blocked {
+                            "held by the controller (blocked)"
+                        } else {
+                            "could not resynchronise the table with the controller"
+                        },
+                        self.shared.cfg.fault_wait
+                    ),
+                });
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), changed).await;
+        }
+    }
+
     /// The NBD server checks ranges against the size seen at connect time; the vdisk may have
     /// shrunk since, so every I/O is checked again against the current size.
     fn check_io(&self, off: u64, len: u64, write: bool) -> Result<(), IoError> {
@@ -283,18 +491,50 @@ impl VolumeExport {
         Ok(())
     }
 
+    /// Sends a fault and installs the answer. While the controller cannot be reached, or
+    /// asks to retry, the fault is repeated for up to the fault wait.
     async fn fault(&self, op: FaultOp, state: State, segs: (u64, u64)) -> Result<(), IoError> {
-        let fault = Fault {
-            agent: self.shared.cfg.name.clone(),
-            vdisk: self.vol.id,
-            op,
-            segments: segs,
-            state,
-            generation: self.vol.generation(),
-        };
-        let update = self.shared.control.fault(fault).await.map_err(ctl_err)?;
-        self.vol.install_answer(&update);
-        Ok(())
+        let deadline = Instant::now() + self.shared.cfg.fault_wait;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let fault = Fault {
+                agent: self.shared.cfg.name.clone(),
+                vdisk: self.vol.id,
+                op,
+                segments: segs,
+                state,
+                generation: self.vol.generation(),
+            };
+            let wait = match self.shared.control.fault(fault).await {
+                Ok(update) => {
+                    self.vol.install_answer(&update);
+                    return Ok(());
+                }
+                Err(ControlError::Retry { after_ms, .. }) => Duration::from_millis(after_ms),
+                Err(ControlError::Unavailable(m)) => {
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    tracing::debug!(
+                        vdisk = self.vol.name,
+                        error = m,
+                        "controller unreachable; fault waits"
+                    );
+                    backoff
+                }
+                Err(e) => return Err(ctl_err(e)),
+            };
+            if Instant::now() + wait > deadline {
+                return Err(IoError {
+                    errno: Errno::Io,
+                    message: format!(
+                        "vdisk {}: this I/O needs the controller (to allocate or unmap) and it was unreachable for {:?}",
+                        self.vol.name, self.shared.cfg.fault_wait
+                    ),
+                });
+            }
+            tokio::time::sleep(wait).await;
+            // The session may have changed meanwhile: the copy must be current first.
+            self.ready().await?;
+        }
     }
 
     fn too_many_faults(&self, off: u64) -> IoError {
@@ -354,7 +594,11 @@ impl VolumeExport {
     ) -> Result<(tokio::sync::RwLockReadGuard<'_, ()>, Vec<PhysOp>), IoError> {
         for _ in 0..self.shared.cfg.max_fault_retries {
             self.check_io(off, len, true)?;
+            self.ready().await?;
             let guard = self.vol.gate.read().await;
+            if !self.usable_now() {
+                continue;
+            }
             let pieces = self.vol.pieces(off, len);
             let bad: Vec<Piece> = pieces
                 .iter()
@@ -448,7 +692,11 @@ impl Export for VolumeExport {
         let len64 = len as u64;
         for _ in 0..self.shared.cfg.max_fault_retries {
             self.check_io(offset, len64, false)?;
+            self.ready().await?;
             let guard = self.vol.gate.read().await;
+            if !self.usable_now() {
+                continue;
+            }
             let pieces = self.vol.pieces(offset, len64);
             if let Some(bad) = pieces.iter().find(|p| !p.state.readable()) {
                 let bad = *bad;
@@ -530,6 +778,7 @@ impl Export for VolumeExport {
 
     async fn trim(&self, offset: u64, len: u32, _fua: bool) -> Result<(), IoError> {
         self.check_io(offset, len as u64, false)?;
+        self.ready().await?;
         // Trim is advisory: whole segments are returned to the pool, partial ones are kept.
         // The controller's answer is durable before it returns, so FUA needs nothing more.
         self.unmap_whole_segments(FaultOp::Trim, offset, len as u64)
@@ -538,6 +787,7 @@ impl Export for VolumeExport {
 
     async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
         self.check_io(offset, len as u64, true)?;
+        self.ready().await?;
         let len64 = len as u64;
         if !flags.no_hole {
             self.unmap_whole_segments(FaultOp::WriteZeroes, offset, len64)
@@ -549,7 +799,11 @@ impl Export for VolumeExport {
             drop(self.writable(offset, len64).await?);
         }
         let (guard, fresh) = loop {
+            self.ready().await?;
             let guard = self.vol.gate.read().await;
+            if !self.usable_now() {
+                continue;
+            }
             let pieces = self.vol.pieces(offset, len64);
             match self.resolve_ops(&pieces, offset, len64) {
                 Ok(ops) => break (guard, ops),
@@ -578,6 +832,7 @@ impl Export for VolumeExport {
 
     async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<StatusExtent>, IoError> {
         self.check_io(offset, len as u64, false)?;
+        self.ready().await?;
         let len64 = len as u64;
         let mut out: Vec<StatusExtent> = Vec::new();
         for p in self.vol.pieces(offset, len64) {

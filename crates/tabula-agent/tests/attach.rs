@@ -1,8 +1,12 @@
-//! Agent tests with a scripted controller: table commands that race an attach, and fault
-//! answers that arrive out of order, must never leave the agent using a superseded entry.
+//! Agent tests with a scripted controller: table commands that race an attach, fault
+//! answers that arrive out of order, blocks, state changes, missed changes, periodic
+//! replacements and leases must never leave the agent using a superseded entry.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
+use tabula_agent::lease::Lease;
 use tabula_agent::{Agent, AgentConfig};
 use tabula_api::{
     AgentPort, Command, ContainerLocation, ControlError, ControlPlane, Fault, RangeUpdate,
@@ -42,8 +46,12 @@ fn snapshot(generation: u64, entries: Vec<Entry>) -> TableSnapshot {
 /// concurrent trim or delete would), then returns the snapshot taken before it.
 struct Scripted {
     port: parking_lot::Mutex<Option<Arc<dyn AgentPort>>>,
-    snap: TableSnapshot,
-    race: Option<Command>,
+    /// The controller's table: what every open returns.
+    snap: parking_lot::Mutex<TableSnapshot>,
+    /// Sent to the agent during the first open.
+    race: parking_lot::Mutex<Option<Command>>,
+    opens: AtomicU32,
+    faults: parking_lot::Mutex<Vec<Fault>>,
 }
 
 #[async_trait::async_trait]
@@ -52,6 +60,7 @@ impl ControlPlane for Scripted {
         &self,
         _name: &str,
         port: Arc<dyn AgentPort>,
+        _held: Vec<VdiskId>,
     ) -> Result<(), ControlError> {
         *self.port.lock() = Some(port);
         Ok(())
@@ -62,10 +71,13 @@ impl ControlPlane for Scripted {
             return Err(ControlError::NotFound(name.into()));
         }
         let port = self.port.lock().clone().expect("registered");
-        if let Some(cmd) = &self.race {
-            port.apply(cmd.clone()).await.unwrap();
+        let snap = self.snap.lock().clone();
+        self.opens.fetch_add(1, Ordering::SeqCst);
+        let race = self.race.lock().take();
+        if let Some(cmd) = race {
+            port.apply(cmd).await.unwrap();
         }
-        Ok(self.snap.clone())
+        Ok(snap)
     }
 
     async fn list_vdisks(&self) -> Result<Vec<String>, ControlError> {
@@ -76,18 +88,33 @@ impl ControlPlane for Scripted {
         Err(ControlError::NotFound(format!("container {id}")))
     }
 
-    async fn fault(&self, _fault: Fault) -> Result<RangeUpdate, ControlError> {
+    async fn fault(&self, fault: Fault) -> Result<RangeUpdate, ControlError> {
+        self.faults.lock().push(fault);
         Err(ControlError::Unavailable("scripted".into()))
     }
 }
 
-async fn agent(snap: TableSnapshot, race: Option<Command>) -> Agent {
-    let ctl = Arc::new(Scripted {
+fn scripted(snap: TableSnapshot, race: Option<Command>) -> Arc<Scripted> {
+    Arc::new(Scripted {
         port: parking_lot::Mutex::new(None),
-        snap,
-        race,
-    });
-    Agent::start(AgentConfig::new("t"), ctl).await.unwrap()
+        snap: parking_lot::Mutex::new(snap),
+        race: parking_lot::Mutex::new(race),
+        opens: AtomicU32::new(0),
+        faults: parking_lot::Mutex::new(Vec::new()),
+    })
+}
+
+fn quick_config() -> AgentConfig {
+    let mut cfg = AgentConfig::new("t");
+    cfg.fault_wait = Duration::from_millis(300);
+    cfg.gap_timeout = Duration::from_millis(50);
+    cfg
+}
+
+async fn agent(snap: TableSnapshot, race: Option<Command>) -> Agent {
+    Agent::start(AgentConfig::new("t"), scripted(snap, race))
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -99,6 +126,7 @@ async fn an_unmap_that_races_the_attach_is_applied() {
         generation: Generation(2),
         range: (0, 256),
         entries: vec![],
+        change: true,
     });
     let a = agent(snapshot(1, vec![mapped(0, 512, 0)]), Some(unmap)).await;
     let Ok(export) = a.open("vd").await else {
@@ -137,12 +165,14 @@ async fn a_stale_answer_never_resurrects_an_unmapped_entry() {
         generation: Generation(3),
         range: (0, 256),
         entries: vec![],
+        change: true,
     });
     vol.install_answer(&RangeUpdate {
         vdisk: VD,
         generation: Generation(2),
         range: (0, 256),
         entries: vec![mapped(0, 256, 0)],
+        change: true,
     });
     assert_eq!(vol.entries(), 0, "stale mapping installed");
     // An older answer with no unmap after it is merged into gaps: it only adds.
@@ -151,12 +181,190 @@ async fn a_stale_answer_never_resurrects_an_unmapped_entry() {
         generation: Generation(4),
         range: (256, 512),
         entries: vec![mapped(256, 512, 256)],
+        change: true,
     });
     vol.install_answer(&RangeUpdate {
         vdisk: VD,
         generation: Generation(3),
         range: (512, 768),
         entries: vec![mapped(512, 768, 1024)],
+        change: true,
     });
     assert_eq!(vol.entries(), 2);
+}
+
+#[tokio::test]
+async fn a_block_holds_new_io_until_unblocked() {
+    let a = agent(snapshot(1, vec![]), None).await;
+    let Ok(export) = a.open("vd").await else {
+        panic!("attach failed")
+    };
+    a.apply(Command::Block {
+        vdisk: VD,
+        timeout_ms: 10_000,
+    })
+    .await
+    .unwrap();
+    let read = tokio::spawn(async move { export.read(0, 4096).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(!read.is_finished(), "a read went through a block");
+    a.apply(Command::Unblock { vdisk: VD }).await.unwrap();
+    let data = tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("unblocked read finishes")
+        .unwrap()
+        .expect("read");
+    assert_eq!(data, vec![0u8; 4096]);
+}
+
+#[tokio::test]
+async fn a_block_never_lifted_makes_the_agent_fetch_the_table_again() {
+    let ctl = scripted(snapshot(1, vec![]), None);
+    let a = Agent::start(quick_config(), ctl.clone()).await.unwrap();
+    let Ok(export) = a.open("vd").await else {
+        panic!("attach failed")
+    };
+    // The controller changed the table and died before lifting the block.
+    *ctl.snap.lock() = snapshot(5, vec![mapped(0, 256, 0)]);
+    a.apply(Command::Block {
+        vdisk: VD,
+        timeout_ms: 100,
+    })
+    .await
+    .unwrap();
+    let status = export
+        .block_status(0, 1 << 20)
+        .await
+        .expect("served after the block lapsed");
+    assert_eq!(ctl.opens.load(Ordering::SeqCst), 2, "table fetched again");
+    assert_eq!(status[0].flags, 0, "the fetched table maps segment 0");
+}
+
+#[tokio::test]
+async fn set_state_restricts_writes_to_mapped_entries() {
+    let ctl = scripted(snapshot(1, vec![mapped(0, 256, 0)]), None);
+    let a = Agent::start(quick_config(), ctl.clone()).await.unwrap();
+    let Ok(export) = a.open("vd").await else {
+        panic!("attach failed")
+    };
+    a.apply(Command::SetState {
+        vdisk: VD,
+        generation: Generation(2),
+        range: (0, 512),
+        state: State::NoWrite,
+    })
+    .await
+    .unwrap();
+    assert!(export.write(0, vec![1u8; 4096], false).await.is_err());
+    let faults = ctl.faults.lock().clone();
+    assert!(!faults.is_empty(), "the write must fault");
+    assert_eq!(faults[0].state, State::NoWrite);
+    assert_eq!(faults[0].segments, (0, 1));
+    let report = a.report().unwrap();
+    assert_eq!(report.tables, vec![(VD, Generation(2))]);
+}
+
+#[tokio::test]
+async fn a_missing_change_is_healed_by_fetching_the_whole_table() {
+    let ctl = scripted(snapshot(1, vec![]), None);
+    let a = Agent::start(quick_config(), ctl.clone()).await.unwrap();
+    let vol = a.volume("vd").await.unwrap();
+    *ctl.snap.lock() = snapshot(3, vec![mapped(0, 256, 0), mapped(512, 768, 1024)]);
+    // Generation 3 arrives; generation 2 (which mapped 512..768) never does.
+    a.apply(Command::Update(RangeUpdate {
+        vdisk: VD,
+        generation: Generation(3),
+        range: (0, 256),
+        entries: vec![mapped(0, 256, 0)],
+        change: true,
+    }))
+    .await
+    .unwrap();
+    a.heal_gaps().await;
+    assert_eq!(
+        ctl.opens.load(Ordering::SeqCst),
+        1,
+        "too early to call it a gap"
+    );
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    a.heal_gaps().await;
+    assert_eq!(
+        ctl.opens.load(Ordering::SeqCst),
+        2,
+        "the gap must be healed"
+    );
+    assert_eq!(a.report().unwrap().gaps_healed, 1);
+    assert_eq!(vol.entries(), 2);
+    // Changes in order never count as gaps.
+    a.apply(Command::Allocated(RangeUpdate {
+        vdisk: VD,
+        generation: Generation(4),
+        range: (256, 512),
+        entries: vec![mapped(256, 512, 256)],
+        change: true,
+    }))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    a.heal_gaps().await;
+    assert_eq!(a.report().unwrap().gaps_healed, 1);
+}
+
+#[tokio::test]
+async fn a_periodic_replacement_counts_a_diverged_copy() {
+    let a = agent(snapshot(1, vec![mapped(0, 256, 0)]), None).await;
+    let vol = a.volume("vd").await.unwrap();
+    a.apply(Command::Replace(snapshot(1, vec![mapped(0, 256, 0)])))
+        .await
+        .unwrap();
+    assert_eq!(a.report().unwrap().table_mismatches, 0, "same table");
+    a.apply(Command::Replace(snapshot(1, vec![mapped(0, 512, 0)])))
+        .await
+        .unwrap();
+    assert_eq!(a.report().unwrap().table_mismatches, 1, "diverged copy");
+    assert_eq!(vol.entries(), 1);
+    a.apply(Command::Replace(snapshot(2, vec![])))
+        .await
+        .unwrap();
+    assert_eq!(
+        a.report().unwrap().table_mismatches,
+        1,
+        "newer: no mismatch"
+    );
+    assert_eq!(vol.entries(), 0);
+}
+
+#[tokio::test]
+async fn an_expired_lease_stops_io_until_a_new_session_resyncs() {
+    let ctl = scripted(snapshot(1, vec![]), None);
+    let lease = Arc::new(Lease::expired());
+    lease.extend_to(Instant::now() + Duration::from_millis(200));
+    let a = Agent::start_with_lease(quick_config(), ctl.clone(), lease.clone())
+        .await
+        .unwrap();
+    let Ok(export) = a.open("vd").await else {
+        panic!("attach failed")
+    };
+    export
+        .read(0, 4096)
+        .await
+        .expect("read under a valid lease");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let t = Instant::now();
+    let err = export
+        .read(0, 4096)
+        .await
+        .expect_err("read after the lease ran out");
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "it waits for a renewal first"
+    );
+    assert!(err.message.contains("lease"), "{}", err.message);
+    // A new session: the lease is renewed and every copy is fetched again before use.
+    *ctl.snap.lock() = snapshot(7, vec![mapped(0, 256, 0)]);
+    lease.extend_to(Instant::now() + Duration::from_secs(30));
+    a.session_started().await;
+    assert_eq!(ctl.opens.load(Ordering::SeqCst), 2);
+    let status = export.block_status(0, 1 << 20).await.unwrap();
+    assert_eq!(status[0].flags, 0, "the resynchronised table is in use");
 }

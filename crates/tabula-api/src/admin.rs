@@ -85,6 +85,25 @@ pub struct ContainerView {
 pub struct AgentView {
     pub name: String,
     pub vdisks: Vec<String>,
+    /// "in-process" (inside `tabula serve`) or "grpc".
+    pub transport: String,
+    /// Whether its session is up.
+    pub connected: bool,
+    /// Time left on its lease; `None` for an in-process agent, which needs none.
+    pub lease_ms_left: Option<u64>,
+    pub tables: Vec<AgentTableView>,
+    pub table_mismatches: u64,
+    pub gaps_healed: u64,
+}
+
+/// One table copy an agent holds, as it last reported it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentTableView {
+    pub vdisk: String,
+    /// The generation of the agent's copy.
+    pub generation: u64,
+    /// The generation of the controller's table.
+    pub controller_generation: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

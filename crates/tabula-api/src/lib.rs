@@ -92,18 +92,51 @@ pub struct RangeUpdate {
     /// Block range `[begin, end)` that `entries` describe completely (gaps are unmapped).
     pub range: (u64, u64),
     pub entries: Vec<Entry>,
+    /// Whether this carries the whole of the change that produced `generation` (rather than
+    /// a view of a range at that generation): agents count these to detect gaps.
+    pub change: bool,
 }
 
 /// Commands from the controller to an agent. The agent acknowledges only after no I/O that
 /// could still use a superseded entry is in flight, which is what makes freeing safe.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
+    /// Install these entries for the range; they may remove or downgrade mappings.
     Update(RangeUpdate),
-    Replace(TableSnapshot),
-    /// Stop exporting the vdisk: it was deleted.
-    Detach {
+    /// Mappings another agent's write fault allocated: they only fill gaps, so they may be
+    /// merged out of order (like fault answers) and need no drain.
+    Allocated(RangeUpdate),
+    /// Set the state of every mapped entry in a block range (mappings stay as they are).
+    SetState {
         vdisk: VdiskId,
+        generation: Generation,
+        range: (u64, u64),
+        state: State,
     },
+    /// Replace the whole table: on resize, and periodically to heal any divergence.
+    Replace(TableSnapshot),
+    /// Hold new I/O to the vdisk and acknowledge once in-flight I/O has drained. If no
+    /// `Unblock` comes within `timeout_ms`, the agent drops its copy and resynchronises
+    /// before serving again (the controller may have died mid-change).
+    Block { vdisk: VdiskId, timeout_ms: u64 },
+    /// Release I/O held by `Block`.
+    Unblock { vdisk: VdiskId },
+    /// Stop exporting the vdisk: it was deleted.
+    Detach { vdisk: VdiskId },
+}
+
+impl Command {
+    /// The vdisk the command is for.
+    pub fn vdisk(&self) -> VdiskId {
+        match self {
+            Command::Update(u) | Command::Allocated(u) => u.vdisk,
+            Command::Replace(s) => s.vdisk,
+            Command::SetState { vdisk, .. }
+            | Command::Block { vdisk, .. }
+            | Command::Unblock { vdisk }
+            | Command::Detach { vdisk } => *vdisk,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -123,16 +156,35 @@ pub enum ControlError {
     Unavailable(String),
     #[error("storage error: {0}")]
     Storage(String),
+    /// Not now: try the same request again after the delay (the controller is finishing a
+    /// change it cannot yet complete safely, such as its restart grace period).
+    #[error("busy, retry in {after_ms} ms: {reason}")]
+    Retry { after_ms: u64, reason: String },
+}
+
+/// What an agent reports of the table copies it holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentReport {
+    /// Each held vdisk and the generation of the agent's copy.
+    pub tables: Vec<(VdiskId, Generation)>,
+    /// Periodic replacements that found the copy different from the controller's table at
+    /// the same generation (each is logged by the agent).
+    pub table_mismatches: u64,
+    /// Gaps in the received generations that were healed by fetching the whole table.
+    pub gaps_healed: u64,
 }
 
 /// What an agent asks of the controller.
 #[async_trait::async_trait]
 pub trait ControlPlane: Send + Sync + 'static {
-    /// Registers an agent and the port the controller commands it through.
+    /// Registers an agent and the port the controller commands it through. `held` lists the
+    /// vdisks it still has table copies of (from a previous session): the controller counts
+    /// them as held from this moment, and the agent re-opens each before using it again.
     async fn register_agent(
         &self,
         name: &str,
         port: Arc<dyn AgentPort>,
+        held: Vec<VdiskId>,
     ) -> Result<(), ControlError>;
     /// Attaches `agent` to a vdisk by name and returns its full table.
     async fn open_vdisk(&self, agent: &str, name: &str) -> Result<TableSnapshot, ControlError>;
@@ -149,4 +201,15 @@ pub trait ControlPlane: Send + Sync + 'static {
 pub trait AgentPort: Send + Sync + 'static {
     /// Applies a command; returns once no in-flight I/O can use what it superseded.
     async fn apply(&self, command: Command) -> Result<(), String>;
+    /// What the agent holds, for `status` (a networked agent reports through heartbeats
+    /// instead).
+    fn report(&self) -> Option<AgentReport> {
+        None
+    }
+    /// The vdisks the agent holds table copies of (declared when it registers again).
+    fn held_vdisks(&self) -> Vec<VdiskId> {
+        Vec::new()
+    }
+    /// A new session with the controller has begun: resynchronise every table copy.
+    async fn session_started(&self) {}
 }

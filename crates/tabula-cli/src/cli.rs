@@ -41,6 +41,15 @@ pub struct Cli {
 pub enum Cmd {
     /// Run controller, agent and a default file container in one process.
     Serve(ServeArgs),
+    /// Run the controller alone: tables, allocation and the admin API; agents connect to it
+    /// (gRPC on the same port as the admin API).
+    Controller(ControllerArgs),
+    /// Run an agent: serves this host's NBD clients from table copies it gets from the
+    /// controller given by --controller, doing I/O directly against the containers.
+    ///
+    /// It starts (and keeps serving what its tables allow) even while the controller is
+    /// unreachable, and reconnects and resynchronises by itself.
+    Agent(AgentArgs),
     /// Create, inspect, resize and delete virtual disks.
     #[command(subcommand)]
     Vdisk(VdiskCmd),
@@ -73,6 +82,47 @@ pub struct ServeArgs {
     /// Agent name, shown in `tabula status`.
     #[arg(long, default_value = "local")]
     pub name: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ControllerArgs {
+    /// Directory for metadata and the default container. Agents open containers by the
+    /// paths the controller gives, so on several hosts this must be shared storage.
+    #[arg(long, default_value = "./tabula-data")]
+    pub data_dir: PathBuf,
+    /// Address for the admin API and the agents' channel (HOST:PORT).
+    #[arg(long, default_value = DEFAULT_API)]
+    pub api_listen: String,
+    /// Size of the default container created on first start (a sparse file).
+    #[arg(long, default_value = "64G", value_parser = size_arg)]
+    pub container_size: u64,
+    /// Agents' lease: an agent that has not renewed it for this long stops I/O, and the
+    /// controller proceeds without it. After a restart, freed space is reused only once
+    /// this much time has passed.
+    #[arg(long, default_value = "10s", value_parser = duration_arg)]
+    pub lease: std::time::Duration,
+    /// How often every agent's table copies are replaced wholesale, healing any divergence
+    /// (a mismatch is logged and counted in `tabula status`). 0 turns it off.
+    #[arg(long, default_value = "60s", value_parser = duration_arg)]
+    pub refresh_interval: std::time::Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// NBD address: HOST:PORT, [::1]:PORT or unix:/path/to/socket.
+    #[arg(long, default_value = DEFAULT_NBD)]
+    pub nbd_listen: String,
+    /// This agent's name (unique per host; shown in `tabula status`). Default: the host name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// How long an I/O that needs the controller (an allocating write, a trim) waits for an
+    /// unreachable controller before it fails with an I/O error.
+    #[arg(long, default_value = "30s", value_parser = duration_arg)]
+    pub fault_wait: std::time::Duration,
+}
+
+fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 10s, 2m)"))
 }
 
 #[derive(Args, Debug)]
@@ -155,6 +205,12 @@ fn size_arg(s: &str) -> Result<u64, String> {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let client = || Client::new(&cli.controller);
     match cli.command {
+        Cmd::Controller(args) => {
+            crate::serve::run_controller(args)?;
+        }
+        Cmd::Agent(args) => {
+            crate::serve::run_agent(args, &cli.controller)?;
+        }
         Cmd::Serve(args) => {
             crate::serve::run(args)?;
         }

@@ -1,15 +1,18 @@
-//! `tabula serve`: controller, agent and default container in one process.
+//! The daemons: `tabula serve` (controller, agent and default container in one process),
+//! `tabula controller` and `tabula agent` (the same parts as separate processes, talking
+//! gRPC). All three share the code below; only the transport between the parts differs.
 
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use tabula_agent::remote::RemoteControl;
 use tabula_agent::{Agent, AgentConfig};
 use tabula_api::ControlPlane;
 use tabula_controller::{Controller, ControllerConfig};
 use tabula_nbd::server::{ListenAddr, ServerConfig};
 use tracing::info;
 
-use crate::cli::ServeArgs;
+use crate::cli::{AgentArgs, ControllerArgs, ServeArgs};
 
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TABULA_LOG")
@@ -31,56 +34,101 @@ async fn shutdown_signal() {
     }
 }
 
-pub fn run(args: ServeArgs) -> Result<()> {
+fn runtime() -> Result<tokio::runtime::Runtime> {
     init_tracing();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")?;
-    rt.block_on(serve(args))
+        .context("starting the async runtime")
 }
 
-async fn serve(mut args: ServeArgs) -> Result<()> {
-    args.data_dir = std::path::absolute(&args.data_dir)
-        .with_context(|| format!("resolving --data-dir {}", args.data_dir.display()))?;
-    let nbd_addr: ListenAddr = args
-        .nbd_listen
-        .parse()
-        .with_context(|| format!("--nbd-listen {}", args.nbd_listen))?;
-    let ctl = Controller::open(ControllerConfig::new(&args.data_dir))
-        .await
-        .with_context(|| format!("opening the controller in {}", args.data_dir.display()))?;
-    ctl.ensure_default_container(args.container_size)
-        .await
-        .context("creating the default container")?;
-    let plane: Arc<dyn ControlPlane> = ctl.clone();
-    let mut agent_cfg = AgentConfig::new(&args.name);
-    // Test hook for race tests (see AgentConfig::read_delay); never set in production.
+pub fn run(args: ServeArgs) -> Result<()> {
+    runtime()?.block_on(serve(args))
+}
+
+pub fn run_controller(args: ControllerArgs) -> Result<()> {
+    runtime()?.block_on(controller(args))
+}
+
+pub fn run_agent(args: AgentArgs, controller: &str) -> Result<()> {
+    runtime()?.block_on(agent(args, controller))
+}
+
+/// Test hook for race tests (see AgentConfig::read_delay); never set in production.
+fn agent_config(name: &str) -> Result<AgentConfig> {
+    let mut cfg = AgentConfig::new(name);
     if let Ok(ms) = std::env::var("TABULA_TEST_READ_DELAY_MS") {
         let ms: u64 = ms
             .parse()
             .context("TABULA_TEST_READ_DELAY_MS must be milliseconds")?;
         tracing::warn!(ms, "test hook: every container read is delayed");
-        agent_cfg.read_delay = Some(std::time::Duration::from_millis(ms));
+        cfg.read_delay = Some(std::time::Duration::from_millis(ms));
     }
-    let agent = Agent::start(agent_cfg, plane)
+    Ok(cfg)
+}
+
+async fn open_controller(
+    data_dir: &mut std::path::PathBuf,
+    container_size: u64,
+    cfg: impl FnOnce(&mut ControllerConfig),
+) -> Result<Arc<Controller>> {
+    *data_dir = std::path::absolute(&*data_dir)
+        .with_context(|| format!("resolving --data-dir {}", data_dir.display()))?;
+    let mut c = ControllerConfig::new(&*data_dir);
+    cfg(&mut c);
+    let ctl = Controller::open(c)
+        .await
+        .with_context(|| format!("opening the controller in {}", data_dir.display()))?;
+    ctl.ensure_default_container(container_size)
+        .await
+        .context("creating the default container")?;
+    ctl.start_background();
+    Ok(ctl)
+}
+
+async fn bind_api(addr: &str) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("binding the admin API to {addr} (in use? pick another --api-listen)")
+    })
+}
+
+async fn bind_nbd(addr: &str) -> Result<tabula_nbd::server::Listener> {
+    let parsed: ListenAddr = addr
+        .parse()
+        .with_context(|| format!("--nbd-listen {addr}"))?;
+    tabula_nbd::server::bind(&parsed)
+        .await
+        .with_context(|| format!("binding NBD to {addr} (in use? pick another --nbd-listen)"))
+}
+
+type Stop = tokio::sync::watch::Receiver<bool>;
+
+async fn stopped(mut rx: Stop) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+fn spawn_nbd(
+    nbd: tabula_nbd::server::Listener,
+    agent: &Agent,
+    stop: Stop,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    agent.spawn_gap_healer();
+    tokio::spawn(tabula_nbd::server::serve(
+        nbd,
+        Arc::new(agent.clone()),
+        Arc::new(ServerConfig::default()),
+        stopped(stop),
+    ))
+}
+
+async fn serve(mut args: ServeArgs) -> Result<()> {
+    let ctl = open_controller(&mut args.data_dir, args.container_size, |_| {}).await?;
+    let plane: Arc<dyn ControlPlane> = ctl.clone();
+    let agent = Agent::start(agent_config(&args.name)?, plane)
         .await
         .context("starting the agent")?;
-
-    let api = tokio::net::TcpListener::bind(&args.api_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "binding the admin API to {} (in use? pick another --api-listen)",
-                args.api_listen
-            )
-        })?;
-    let nbd = tabula_nbd::server::bind(&nbd_addr).await.with_context(|| {
-        format!(
-            "binding NBD to {} (in use? pick another --nbd-listen)",
-            args.nbd_listen
-        )
-    })?;
+    let api = bind_api(&args.api_listen).await?;
+    let nbd = bind_nbd(&args.nbd_listen).await?;
     info!(
         nbd = %nbd.local_addr_string(),
         api = %api.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -93,28 +141,93 @@ async fn serve(mut args: ServeArgs) -> Result<()> {
         api.local_addr()?,
         args.data_dir.display()
     );
-
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|v| *v).await;
-    };
     let api_task = tokio::spawn(tabula_controller::http::serve(
         api,
         ctl.clone(),
-        wait(stop_rx.clone()),
+        false,
+        stopped(stop_rx.clone()),
     ));
-    let provider = Arc::new(agent.clone());
-    let nbd_task = tokio::spawn(tabula_nbd::server::serve(
-        nbd,
-        provider,
-        Arc::new(ServerConfig::default()),
-        wait(stop_rx.clone()),
-    ));
+    let nbd_task = spawn_nbd(nbd, &agent, stop_rx);
     shutdown_signal().await;
     info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = nbd_task.await;
     let _ = api_task.await;
+    agent
+        .flush()
+        .await
+        .context("flushing containers on shutdown")?;
+    info!("stopped cleanly");
+    Ok(())
+}
+
+async fn controller(mut args: ControllerArgs) -> Result<()> {
+    let lease = args.lease;
+    let refresh = args.refresh_interval;
+    if lease.is_zero() {
+        anyhow::bail!("--lease must be more than 0");
+    }
+    let ctl = open_controller(&mut args.data_dir, args.container_size, |c| {
+        c.lease = lease;
+        c.restart_grace = true;
+        c.refresh_interval = (!refresh.is_zero()).then_some(refresh);
+    })
+    .await?;
+    let api = bind_api(&args.api_listen).await?;
+    let addr = api.local_addr()?;
+    info!(api = %addr, data_dir = %args.data_dir.display(), lease = ?lease, "tabula controller ready");
+    eprintln!(
+        "tabula controller ready: admin API and agents on http://{addr}, data in {}",
+        args.data_dir.display()
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let api_task = tokio::spawn(tabula_controller::http::serve(
+        api,
+        ctl.clone(),
+        true,
+        stopped(stop_rx),
+    ));
+    shutdown_signal().await;
+    info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = api_task.await;
+    info!("stopped cleanly");
+    Ok(())
+}
+
+async fn agent(args: AgentArgs, controller: &str) -> Result<()> {
+    let name = match args.name {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "agent".into()),
+    };
+    let mut cfg = agent_config(&name)?;
+    cfg.fault_wait = args.fault_wait;
+    let remote = RemoteControl::new(
+        controller,
+        args.fault_wait.max(std::time::Duration::from_secs(5)),
+    )
+    .map_err(anyhow::Error::msg)
+    .context("--controller")?;
+    let lease = remote.lease();
+    let plane: Arc<dyn ControlPlane> = remote;
+    let agent = Agent::start_with_lease(cfg, plane, lease)
+        .await
+        .context("starting the agent")?;
+    let nbd = bind_nbd(&args.nbd_listen).await?;
+    info!(nbd = %nbd.local_addr_string(), controller, agent = name, "tabula agent ready");
+    eprintln!(
+        "tabula agent ready: {name}: NBD on {}, controller {controller}",
+        nbd.local_addr_string()
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let nbd_task = spawn_nbd(nbd, &agent, stop_rx);
+    shutdown_signal().await;
+    info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = nbd_task.await;
     agent
         .flush()
         .await

@@ -40,7 +40,9 @@ impl IntoResponse for Error {
             ControlError::Exists(_) => StatusCode::CONFLICT,
             ControlError::Invalid(_) => StatusCode::BAD_REQUEST,
             ControlError::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
-            ControlError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ControlError::Unavailable(_) | ControlError::Retry { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ControlError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         (
@@ -134,12 +136,19 @@ pub fn router(ctl: Arc<Controller>) -> Router {
 }
 
 /// Serves the admin API on `listener` until `shutdown` resolves.
+/// Serves the admin API on `listener`, and with `agents` set, the agents' gRPC channel on
+/// the same port (HTTP/1 and HTTP/2 are told apart per connection).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     ctl: Arc<Controller>,
+    agents: bool,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(ctl))
+    let mut app = router(ctl.clone());
+    if agents {
+        app = app.merge(crate::grpc::router(ctl));
+    }
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -3,6 +3,8 @@
 //! - [`store`]: persistence in redb (what is durable and when);
 //! - [`journal`]: group commit: one ordered queue of changes, one fsync per batch;
 //! - [`service`]: vdisks, containers, allocation and fault resolution, agent commands;
+//! - [`agents`]: agent sessions, leases, and the push of table commands;
+//! - [`grpc`]: the agents' channel (tonic), served on the admin API's port;
 //! - [`http`]: the admin API (JSON over HTTP) used by the CLI;
 //! - [`check`]: the offline metadata check behind `tabula check`.
 //!
@@ -10,7 +12,9 @@
 //! and commands agents; bytes flow between hosts and containers through agents only.
 #![forbid(unsafe_code)]
 
+pub mod agents;
 pub mod check;
+pub mod grpc;
 pub mod http;
 pub mod journal;
 pub mod service;

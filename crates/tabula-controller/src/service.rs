@@ -8,17 +8,18 @@
 //!    (it has stopped using the old entries), then zero the space, then mark it free.
 //!
 //! A segment is therefore never handed to a second owner while an agent might still write
-//! through the first owner's entry, and never handed out before it reads as zeros.
+//! through the first owner's entry, and never handed out before it reads as zeros. An agent
+//! that does not acknowledge is waited out by its lease (see [`crate::agents`]); after a
+//! restart, freeing waits one lease period (the grace), because agents of the previous run
+//! may still hold tables the new run does not know about.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tabula_api::admin::{
-    AgentView, CheckView, ContainerView, MapEntryView, MapView, StatusView, VdiskView,
-};
+use tabula_api::admin::{CheckView, ContainerView, MapEntryView, MapView, StatusView, VdiskView};
 use tabula_api::{
     AgentPort, Command, ContainerLocation, ControlError, ControlPlane, Fault, FaultOp, RangeUpdate,
     TableSnapshot,
@@ -32,6 +33,7 @@ use tabula_core::{
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
+use crate::agents::{Agents, Delivery, lease_margin};
 use crate::journal::Journal;
 use crate::store::{ContainerRecord, Store, StoreError, Txn, VdiskRecord};
 
@@ -44,8 +46,17 @@ pub struct ControllerConfig {
     pub data_dir: PathBuf,
     /// Extra segments allocated after a fault that continues a sequential stream.
     pub readahead_segments: u64,
-    /// How long to wait for an agent to acknowledge a command before giving up on freeing.
+    /// How long to wait for an agent to acknowledge a command; one that renews its lease
+    /// but does not answer is evicted after this.
     pub ack_timeout: Duration,
+    /// Lease of networked agents. It is also the grace after a start during which no freed
+    /// space is reused, when `restart_grace` is set.
+    pub lease: Duration,
+    /// Whether agents of a previous run may still be serving (networked mode): then frees
+    /// wait out one lease after the start.
+    pub restart_grace: bool,
+    /// How often every agent's copy of every table is replaced wholesale (`None`: never).
+    pub refresh_interval: Option<Duration>,
 }
 
 impl ControllerConfig {
@@ -54,6 +65,9 @@ impl ControllerConfig {
             data_dir: data_dir.into(),
             readahead_segments: 8,
             ack_timeout: Duration::from_secs(30),
+            lease: Duration::from_secs(10),
+            restart_grace: false,
+            refresh_interval: None,
         }
     }
 }
@@ -101,6 +115,8 @@ struct Meta {
     vdisks: BTreeMap<VdiskId, VdiskMeta>,
     pool: Pool,
     zeroing: BTreeMap<(ContainerId, u64), u64>,
+    /// Runs waiting in `zeroing` whose zeroing must wait for the restart grace to end.
+    deferred: Vec<(Phys, u64)>,
 }
 
 impl Meta {
@@ -241,19 +257,16 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), ControlError> {
     Ok(())
 }
 
-struct AgentSlot {
-    port: Arc<dyn AgentPort>,
-    vdisks: BTreeSet<VdiskId>,
-}
-
 pub struct Controller {
     cfg: ControllerConfig,
     store: Arc<Store>,
     journal: Journal,
     meta: Mutex<Meta>,
-    agents: parking_lot::Mutex<BTreeMap<String, AgentSlot>>,
+    pub(crate) agents: Agents,
     out_of_space: AtomicBool,
     enospc_faults: AtomicU64,
+    /// Until when freed space may not be zeroed and reused (restart grace).
+    grace_until: Instant,
 }
 
 impl Controller {
@@ -314,10 +327,15 @@ impl Controller {
             journal: Journal::start(store.clone()),
             store,
             meta: Mutex::new(meta),
-            agents: parking_lot::Mutex::new(BTreeMap::new()),
+            agents: Agents::default(),
             out_of_space: AtomicBool::new(false),
             enospc_faults: AtomicU64::new(0),
+            grace_until: Instant::now(),
         };
+        let mut ctl = ctl;
+        if ctl.cfg.restart_grace {
+            ctl.grace_until += ctl.cfg.lease + lease_margin(ctl.cfg.lease);
+        }
         {
             let mut meta = ctl.meta.lock().await;
             let pending: Vec<(Phys, u64)> = meta
@@ -336,7 +354,7 @@ impl Controller {
             if !pending.is_empty() {
                 info!(
                     runs = pending.len(),
-                    "zeroing space freed before the last stop"
+                    "zeroing space freed before the last stop (after the restart grace, if any)"
                 );
                 ctl.zero_and_free(&mut meta, pending)
                     .await
@@ -344,6 +362,74 @@ impl Controller {
             }
         }
         Ok(Arc::new(ctl))
+    }
+
+    /// Starts the controller's background work: freeing what waited for the restart grace,
+    /// replacing agents' tables periodically, forgetting agents whose lease ran out.
+    pub fn start_background(self: &Arc<Self>) {
+        let ctl = Arc::downgrade(self);
+        let grace_until = self.grace_until;
+        let refresh = self.cfg.refresh_interval;
+        tokio::spawn(async move {
+            tokio::time::sleep_until(grace_until.into()).await;
+            let Some(c) = ctl.upgrade() else { return };
+            let mut meta = c.meta.lock().await;
+            let runs = std::mem::take(&mut meta.deferred);
+            if !runs.is_empty() {
+                info!(runs = runs.len(), "restart grace over: zeroing freed space");
+                if let Err(e) = c.zero_and_free(&mut meta, runs).await {
+                    warn!(error = %e, "zeroing after the restart grace failed");
+                }
+            }
+            drop(meta);
+            drop(c);
+            let tick = refresh
+                .unwrap_or(Duration::from_secs(10))
+                .min(Duration::from_secs(10));
+            let mut last_refresh = Instant::now();
+            loop {
+                tokio::time::sleep(tick).await;
+                let Some(c) = ctl.upgrade() else { return };
+                c.agents.sweep();
+                if let Some(every) = refresh {
+                    if last_refresh.elapsed() >= every {
+                        last_refresh = Instant::now();
+                        c.refresh_tables().await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Sends every agent a fresh copy of every table it holds (seed 003 c21). Agents compare
+    /// it with their copy and report mismatches; nothing here waits on a slow agent.
+    pub async fn refresh_tables(&self) {
+        for (holder, vdisks) in self.agents.all_holdings() {
+            for id in vdisks {
+                let snap = {
+                    let meta = self.meta.lock().await;
+                    if !meta.vdisks.contains_key(&id) {
+                        continue;
+                    }
+                    Self::snapshot_of(&meta, id)
+                };
+                let port = holder.port.clone();
+                let name = holder.name.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = port.apply(Command::Replace(snap)).await {
+                        warn!(
+                            agent = name,
+                            error = e,
+                            "periodic table replacement refused"
+                        );
+                    }
+                });
+            }
+        }
+    }
+
+    pub fn config(&self) -> &ControllerConfig {
+        &self.cfg
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -617,10 +703,8 @@ impl Controller {
             meta.zeroing.insert((p.container, p.block), l);
         }
         info!(vdisk = name, "vdisk deleted");
-        let acked = self.push(id, Command::Detach { vdisk: id }).await;
-        self.agents.lock().values_mut().for_each(|a| {
-            a.vdisks.remove(&id);
-        });
+        let acked = self.push(id, None, Command::Detach { vdisk: id }).await;
+        self.agents.forget_vdisk(id);
         if acked {
             self.zero_and_free(&mut meta, runs).await?;
         }
@@ -669,7 +753,7 @@ impl Controller {
             meta.zeroing.insert((p.container, p.block), l);
         }
         let snap = Self::snapshot_of(&meta, id);
-        let acked = self.push(id, Command::Replace(snap)).await;
+        let acked = self.push(id, None, Command::Replace(snap)).await;
         if acked && !runs.is_empty() {
             self.zero_and_free(&mut meta, runs).await?;
         }
@@ -702,24 +786,11 @@ impl Controller {
         let capacity: u64 = containers.iter().map(|c| c.size).sum();
         let free: u64 = containers.iter().map(|c| c.free).sum();
         let zeroing: u64 = containers.iter().map(|c| c.zeroing).sum();
-        let names: HashMap<VdiskId, &str> = meta
-            .vdisks
-            .iter()
-            .map(|(&id, v)| (id, v.rec.name.as_str()))
-            .collect();
-        let agents = self
-            .agents
-            .lock()
-            .iter()
-            .map(|(n, a)| AgentView {
-                name: n.clone(),
-                vdisks: a
-                    .vdisks
-                    .iter()
-                    .filter_map(|id| names.get(id).map(|s| s.to_string()))
-                    .collect(),
-            })
-            .collect();
+        let agents = self.agents.views(|id| {
+            meta.vdisks
+                .get(&id)
+                .map(|v| (v.rec.name.clone(), v.rec.generation))
+        });
         StatusView {
             capacity,
             allocated: capacity - free - zeroing,
@@ -745,34 +816,19 @@ impl Controller {
 
     // ---- agents ----
 
-    /// Sends `cmd` to every agent holding `vdisk` and waits for each acknowledgement.
-    /// Returns false if any agent failed to acknowledge in time: then superseded space must
-    /// not be reused until a restart has resynchronised every agent.
-    async fn push(&self, vdisk: VdiskId, cmd: Command) -> bool {
-        let ports: Vec<(String, Arc<dyn AgentPort>)> = self
-            .agents
-            .lock()
-            .iter()
-            .filter(|(_, a)| a.vdisks.contains(&vdisk))
-            .map(|(n, a)| (n.clone(), a.port.clone()))
-            .collect();
-        let mut all = true;
-        for (name, port) in ports {
-            match tokio::time::timeout(self.cfg.ack_timeout, port.apply(cmd.clone())).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    warn!(agent = name, error = e, "agent refused a table command");
-                    all = false;
-                }
-                Err(_) => {
-                    warn!(
-                        agent = name,
-                        "agent did not acknowledge a table command in time"
-                    );
-                    all = false;
-                }
-            }
-        }
+    /// Sends `cmd` to every agent holding `vdisk` (but `except`) at once and waits until each
+    /// has acknowledged or been evicted (its lease waited out). Returns false if an agent
+    /// without a lease failed to acknowledge: then superseded space must not be reused
+    /// until a restart has resynchronised every agent.
+    async fn push(&self, vdisk: VdiskId, except: Option<&str>, cmd: Command) -> bool {
+        let holders = self.agents.holders(vdisk, except);
+        let results = futures::future::join_all(
+            holders
+                .iter()
+                .map(|h| self.agents.deliver(h, cmd.clone(), self.cfg.ack_timeout)),
+        )
+        .await;
+        let all = !results.contains(&Delivery::Failed);
         if !all {
             warn!(%vdisk, "freed space stays reserved until every agent has resynchronised");
         }
@@ -788,12 +844,17 @@ impl Controller {
         self.journal.wait(seq).await
     }
 
-    /// Zeroes runs waiting in `zeroing`, then moves them to free space, durably.
+    /// Zeroes runs waiting in `zeroing`, then moves them to free space, durably. During the
+    /// restart grace the runs wait (in `zeroing`, so a crash loses nothing) until it ends.
     async fn zero_and_free(
         &self,
         meta: &mut Meta,
         runs: Vec<(Phys, u64)>,
     ) -> Result<(), ControlError> {
+        if Instant::now() < self.grace_until {
+            meta.deferred.extend(runs);
+            return Ok(());
+        }
         // Punch every run, then make the holes durable with one sync per container (a sync
         // per run would make deleting a fragmented vdisk take minutes).
         let mut touched: Vec<ContainerId> = Vec::new();
@@ -890,7 +951,7 @@ impl Controller {
             // Mapped already, perhaps by a concurrent fault whose commit is still in flight.
             let seq = v.last_seq;
             return Ok((
-                self.range_update(meta, f.vdisk, lo * seg, (hi * seg).min(size)),
+                self.range_update(meta, f.vdisk, lo * seg, (hi * seg).min(size), false),
                 seq,
             ));
         }
@@ -952,7 +1013,7 @@ impl Controller {
             move |t| write_deltas(t, &deltas),
         );
         match result {
-            Ok(seq) => Ok((self.range_update(meta, f.vdisk, b, e), seq)),
+            Ok(seq) => Ok((self.range_update(meta, f.vdisk, b, e, true), seq)),
             Err(err) => {
                 for &(_, n, at) in &got {
                     let mut scratch = Vec::new();
@@ -1001,13 +1062,23 @@ impl Controller {
         Ok(seq)
     }
 
-    fn range_update(&self, meta: &Meta, vdisk: VdiskId, b: u64, e: u64) -> RangeUpdate {
+    /// The entries of `[b, e)` now; `change` says the update carries the whole of the change
+    /// that made the current generation.
+    fn range_update(
+        &self,
+        meta: &Meta,
+        vdisk: VdiskId,
+        b: u64,
+        e: u64,
+        change: bool,
+    ) -> RangeUpdate {
         let v = &meta.vdisks[&vdisk];
         RangeUpdate {
             vdisk,
             generation: Generation(v.rec.generation),
             range: (b, e),
             entries: v.table.entries_in(b, e),
+            change,
         }
     }
 
@@ -1031,7 +1102,7 @@ impl Controller {
             .filter_map(|x| x.target.map(|t| (t, x.len())))
             .collect();
         if runs.is_empty() && v.table.entries_in(b, e).is_empty() {
-            return Ok(self.range_update(meta, f.vdisk, b, e));
+            return Ok(self.range_update(meta, f.vdisk, b, e, false));
         }
         let stored = runs.clone();
         let seq = self.commit_table_edit(
@@ -1050,8 +1121,11 @@ impl Controller {
         for &(p, l) in &runs {
             meta.zeroing.insert((p.container, p.block), l);
         }
-        let update = self.range_update(meta, f.vdisk, b, e);
-        if self.push(f.vdisk, Command::Update(update.clone())).await {
+        let update = self.range_update(meta, f.vdisk, b, e, true);
+        if self
+            .push(f.vdisk, None, Command::Update(update.clone()))
+            .await
+        {
             self.zero_and_free(meta, runs).await?;
         }
         Ok(update)
@@ -1105,29 +1179,20 @@ impl ControlPlane for Controller {
         &self,
         name: &str,
         port: Arc<dyn AgentPort>,
+        held: Vec<VdiskId>,
     ) -> Result<(), ControlError> {
-        let mut agents = self.agents.lock();
-        // A re-registering agent starts with no tables: it re-opens what it exports.
-        agents.insert(
-            name.to_string(),
-            AgentSlot {
-                port,
-                vdisks: BTreeSet::new(),
-            },
-        );
-        info!(agent = name, "agent registered");
+        // In-process: no lease, the agent lives and dies with the controller.
+        self.agents.register(name, port, held, None);
         Ok(())
     }
 
     async fn open_vdisk(&self, agent: &str, name: &str) -> Result<TableSnapshot, ControlError> {
         let meta = self.meta.lock().await;
         let id = meta.by_name(name)?;
-        {
-            let mut agents = self.agents.lock();
-            let slot = agents.get_mut(agent).ok_or_else(|| {
-                ControlError::NotFound(format!("agent '{agent}' (register first)"))
-            })?;
-            slot.vdisks.insert(id);
+        if !self.agents.attach(agent, id) {
+            return Err(ControlError::Unavailable(format!(
+                "agent '{agent}' has no session (register first)"
+            )));
         }
         let snap = Self::snapshot_of(&meta, id);
         let seq = meta.vdisks[&id].last_seq;
@@ -1165,6 +1230,16 @@ impl ControlPlane for Controller {
                 // Wait outside the lock so concurrent faults share the commit.
                 drop(meta);
                 self.journal.wait(seq).await?;
+                if update.change {
+                    // Other agents exporting the vdisk must see the new mappings before
+                    // this write completes, or they would read zeros where it wrote.
+                    self.push(
+                        fault.vdisk,
+                        Some(&fault.agent),
+                        Command::Allocated(update.clone()),
+                    )
+                    .await;
+                }
                 Ok(update)
             }
             FaultOp::Trim | FaultOp::WriteZeroes => self.unmap_fault(&mut meta, &fault).await,
@@ -1175,7 +1250,7 @@ impl ControlPlane for Controller {
                     (fault.segments.0 * seg).min(v.table.size()),
                     (fault.segments.1 * seg).min(v.table.size()),
                 );
-                let update = self.range_update(&meta, fault.vdisk, b, e);
+                let update = self.range_update(&meta, fault.vdisk, b, e, false);
                 if let Some(bad) = update.entries.iter().find(|x| !x.state.readable()) {
                     return Err(ControlError::Invalid(format!(
                         "blocks {}..{} are in state {}",

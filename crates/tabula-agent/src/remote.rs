@@ -1,0 +1,336 @@
+//! The agent's end of the gRPC channel: [`RemoteControl`] implements [`ControlPlane`] with
+//! calls to the controller, and keeps the session: registration, heartbeats that renew the
+//! lease, the commands that come down the stream, and reconnection.
+//!
+//! Lease rules (the controller's half is in `tabula-controller`'s `agents` module):
+//! - a grant answers a heartbeat; the lease then runs from when that heartbeat was *sent*;
+//! - a refused connection proves no controller listens at its address, so the lease is
+//!   extended from when the refused attempt *began*: a controller that starts later waits
+//!   one lease before freeing anything, so this agent's copies stay safe to use meanwhile.
+//!   A timeout proves nothing (the controller may be alive behind a partition): then the
+//!   lease runs out and I/O stops until the agent has resynchronised.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tabula_api::{
+    AgentPort, ContainerLocation, ControlError, ControlPlane, Fault, RangeUpdate, TableSnapshot,
+};
+use tabula_core::{ContainerId, VdiskId};
+use tabula_proto::pb::control_client::ControlClient;
+use tabula_proto::pb::{self, agent_message, controller_message};
+use tabula_proto::{
+    command_from_pb, error_from_pb, error_from_status, fault_to_pb, location_from_pb,
+    snapshot_from_pb, update_from_pb,
+};
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
+
+use crate::lease::Lease;
+
+/// Tables of a million entries are tens of MiB on the wire.
+const MAX_MESSAGE: usize = 1 << 30;
+
+pub struct RemoteControl {
+    me: std::sync::Weak<RemoteControl>,
+    client: ControlClient<Channel>,
+    session: AtomicU64,
+    /// The lease length the controller granted (0 until the first registration).
+    lease_ms: AtomicU64,
+    lease: Arc<Lease>,
+    /// How long to wait for any one call before treating the controller as unreachable.
+    call_timeout: Duration,
+}
+
+/// Whether a failed call never reached a listening controller (connection refused).
+fn refused(s: &tonic::Status) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(s);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
+}
+
+fn unavailable(what: &str, s: &tonic::Status) -> ControlError {
+    match error_from_status(s) {
+        ControlError::Unavailable(m) => ControlError::Unavailable(format!("{what}: {m}")),
+        other => other,
+    }
+}
+
+fn malformed(e: tabula_proto::Malformed) -> ControlError {
+    ControlError::Invalid(e.to_string())
+}
+
+impl RemoteControl {
+    /// A client for the controller at `url` (`http://host:port`). Nothing is dialled yet.
+    pub fn new(url: &str, call_timeout: Duration) -> Result<Arc<RemoteControl>, String> {
+        let ep = Endpoint::from_shared(url.to_string())
+            .map_err(|e| format!("controller address {url}: {e}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(4))
+            .keep_alive_while_idle(true);
+        let client = ControlClient::new(ep.connect_lazy())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        Ok(Arc::new_cyclic(|me| RemoteControl {
+            me: me.clone(),
+            client,
+            session: AtomicU64::new(0),
+            lease_ms: AtomicU64::new(0),
+            lease: Arc::new(Lease::expired()),
+            call_timeout,
+        }))
+    }
+
+    pub fn lease(&self) -> Arc<Lease> {
+        self.lease.clone()
+    }
+
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(self.call_timeout);
+        r
+    }
+
+    /// Keeps a session with the controller for as long as the agent lives.
+    async fn keep_session(self: Arc<Self>, name: String, port: Arc<dyn AgentPort>) {
+        let mut backoff = Duration::from_millis(100);
+        let mut was_connected = false;
+        loop {
+            let began = Instant::now();
+            let req = pb::RegisterRequest {
+                agent: name.clone(),
+                held_vdisks: port.held_vdisks().into_iter().map(|v| v.0).collect(),
+            };
+            let reply = match self.client.clone().register(self.request(req)).await {
+                Ok(r) => r.into_inner(),
+                Err(s) => {
+                    if refused(&s) {
+                        // Proof that no controller runs: keep serving from the copies.
+                        if let Some(l) = self.lease_len() {
+                            self.lease.extend_to(began + l);
+                        }
+                    }
+                    if was_connected {
+                        warn!(error = %s.message(), "controller unreachable; retrying");
+                        was_connected = false;
+                    } else {
+                        debug!(error = %s.message(), "controller unreachable; retrying");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            let lease = Duration::from_millis(reply.lease_ms);
+            self.lease_ms.store(reply.lease_ms, Ordering::Relaxed);
+            self.session.store(reply.session, Ordering::Release);
+            self.lease.extend_to(began + lease);
+            info!(session = reply.session, lease = ?lease, "session with the controller started");
+            was_connected = true;
+            let resync = {
+                let port = port.clone();
+                tokio::spawn(async move { port.session_started().await })
+            };
+            self.run_session(&port, reply, lease).await;
+            resync.abort();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn lease_len(&self) -> Option<Duration> {
+        match self.lease_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// One session: heartbeats up, grants and commands down, until either side ends it.
+    async fn run_session(
+        &self,
+        port: &Arc<dyn AgentPort>,
+        reply: pb::RegisterReply,
+        lease: Duration,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel::<pb::AgentMessage>();
+        let send = |msg: agent_message::Msg| tx.send(pb::AgentMessage { msg: Some(msg) }).is_ok();
+        send(agent_message::Msg::HelloSession(reply.session));
+        let mut inbound = match self
+            .client
+            .clone()
+            .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                warn!(error = %s.message(), "could not open the session stream");
+                return;
+            }
+        };
+        // Commands are applied in order, by one task, so heartbeats never wait behind a drain.
+        let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<pb::Command>();
+        let applier = {
+            let port = port.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(c) = cmd_rx.recv().await {
+                    let (id, error) = match command_from_pb(c.clone()) {
+                        Ok((id, cmd)) => (id, port.apply(cmd).await.err().unwrap_or_default()),
+                        Err(e) => (c.id, e.to_string()),
+                    };
+                    let ack = agent_message::Msg::Ack(pb::Ack { command: id, error });
+                    if tx.send(pb::AgentMessage { msg: Some(ack) }).is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        let heartbeat = Duration::from_millis(reply.heartbeat_ms.max(20));
+        let mut ticker = tokio::time::interval(heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sent: BTreeMap<u64, Instant> = BTreeMap::new();
+        let mut seq = 0u64;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    seq += 1;
+                    sent.insert(seq, Instant::now());
+                    // Grants that never come must not pile up.
+                    while sent.len() > 64 {
+                        sent.pop_first();
+                    }
+                    let report = port.report().unwrap_or_default();
+                    let hb = pb::Heartbeat {
+                        seq,
+                        tables: report
+                            .tables
+                            .iter()
+                            .map(|(v, g)| pb::TableReport { vdisk: v.0, generation: g.0 })
+                            .collect(),
+                        table_mismatches: report.table_mismatches,
+                        gaps_healed: report.gaps_healed,
+                    };
+                    if !send(agent_message::Msg::Heartbeat(hb)) {
+                        break;
+                    }
+                }
+                msg = inbound.message() => match msg {
+                    Ok(Some(pb::ControllerMessage { msg: Some(m) })) => match m {
+                        controller_message::Msg::Lease(g) => {
+                            if let Some(at) = sent.get(&g.seq).copied() {
+                                self.lease.extend_to(at + lease);
+                                sent.retain(|&s, _| s > g.seq);
+                            }
+                        }
+                        controller_message::Msg::Command(c) => {
+                            if cmd_tx.send(c).is_err() {
+                                break;
+                            }
+                        }
+                        controller_message::Msg::Revoked(why) => {
+                            warn!(reason = why, "the controller ended this agent's session");
+                            self.lease.expire();
+                            break;
+                        }
+                    },
+                    Ok(Some(pb::ControllerMessage { msg: None })) => {}
+                    Ok(None) => {
+                        warn!("the controller closed the session");
+                        break;
+                    }
+                    Err(s) => {
+                        warn!(error = %s.message(), "the session with the controller failed");
+                        break;
+                    }
+                }
+            }
+        }
+        applier.abort();
+    }
+}
+
+#[async_trait::async_trait]
+impl ControlPlane for RemoteControl {
+    /// Starts the session keeper and returns at once: the agent serves (from nothing, at
+    /// first) while the controller is unreachable.
+    async fn register_agent(
+        &self,
+        name: &str,
+        port: Arc<dyn AgentPort>,
+        _held: Vec<VdiskId>,
+    ) -> Result<(), ControlError> {
+        let me = self
+            .me
+            .upgrade()
+            .ok_or_else(|| ControlError::Unavailable("the agent is shutting down".into()))?;
+        tokio::spawn(me.keep_session(name.to_string(), port));
+        Ok(())
+    }
+
+    async fn open_vdisk(&self, agent: &str, name: &str) -> Result<TableSnapshot, ControlError> {
+        let req = pb::OpenVdiskRequest {
+            session: self.session.load(Ordering::Acquire),
+            agent: agent.to_string(),
+            name: name.to_string(),
+        };
+        let snap = self
+            .client
+            .clone()
+            .open_vdisk(self.request(req))
+            .await
+            .map_err(|s| unavailable("opening the vdisk", &s))?
+            .into_inner();
+        snapshot_from_pb(snap).map_err(malformed)
+    }
+
+    async fn list_vdisks(&self) -> Result<Vec<String>, ControlError> {
+        let r = self
+            .client
+            .clone()
+            .list_vdisks(self.request(pb::ListVdisksRequest {}))
+            .await
+            .map_err(|s| unavailable("listing vdisks", &s))?;
+        Ok(r.into_inner().names)
+    }
+
+    async fn container(&self, id: ContainerId) -> Result<ContainerLocation, ControlError> {
+        let r = self
+            .client
+            .clone()
+            .get_container(self.request(pb::GetContainerRequest { id: id.0 }))
+            .await
+            .map_err(|s| unavailable("looking up a container", &s))?;
+        Ok(location_from_pb(r.into_inner()))
+    }
+
+    async fn fault(&self, fault: Fault) -> Result<RangeUpdate, ControlError> {
+        let req = pb::FaultRequest {
+            session: self.session.load(Ordering::Acquire),
+            fault: Some(fault_to_pb(&fault)),
+        };
+        let reply = self
+            .client
+            .clone()
+            .fault(self.request(req))
+            .await
+            .map_err(|s| unavailable("sending a fault", &s))?
+            .into_inner();
+        match reply.answer {
+            Some(pb::fault_reply::Answer::Install(u)) => update_from_pb(&u).map_err(malformed),
+            Some(pb::fault_reply::Answer::Fail(e)) => Err(error_from_pb(e)),
+            None => Err(ControlError::Invalid("empty fault reply".into())),
+        }
+    }
+}
