@@ -22,8 +22,140 @@ impl AgentPort for NullAgent {
 async fn setup(dir: &Path, container: u64) -> Arc<Controller> {
     let ctl = Controller::open(ControllerConfig::new(dir)).await.unwrap();
     ctl.ensure_default_container(container).await.unwrap();
-    ctl.register_agent("a", Arc::new(NullAgent)).await.unwrap();
+    ctl.register_agent("a", Arc::new(NullAgent), Vec::new())
+        .await
+        .unwrap();
     ctl
+}
+
+/// An agent that never acknowledges (it is paused, or cut off).
+struct SilentAgent;
+
+#[async_trait::async_trait]
+impl AgentPort for SilentAgent {
+    async fn apply(&self, _command: Command) -> Result<(), String> {
+        std::future::pending().await
+    }
+}
+
+fn leased(dir: &Path, lease_ms: u64, grace: bool) -> ControllerConfig {
+    let mut cfg = ControllerConfig::new(dir);
+    cfg.lease = Duration::from_millis(lease_ms);
+    cfg.restart_grace = grace;
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allocation_waits_until_a_silent_holder_lease_runs_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Controller::open(leased(dir.path(), 300, false))
+        .await
+        .unwrap();
+    ctl.ensure_default_container(64 * MIB).await.unwrap();
+    ctl.register_agent("a", Arc::new(NullAgent), Vec::new())
+        .await
+        .unwrap();
+    let v = ctl.create_vdisk("vd", 16 * MIB, None).await.unwrap();
+    ctl.agents.register(
+        "b",
+        Arc::new(SilentAgent),
+        vec![VdiskId(v.id)],
+        Some(Duration::from_millis(300)),
+    );
+    let t = std::time::Instant::now();
+    ctl.fault(fault(v.id, FaultOp::Write, 0, 1)).await.unwrap();
+    // b may read the segment as unallocated until it acknowledges or stops: the answer to a
+    // waits for one or the other.
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    let agents = ctl.status().await.agents;
+    assert!(agents.iter().all(|a| a.name != "b"), "b must be evicted");
+    // Once evicted, b is not waited for again.
+    let t = std::time::Instant::now();
+    ctl.fault(fault(v.id, FaultOp::Write, 4, 5)).await.unwrap();
+    assert!(t.elapsed() < Duration::from_millis(300));
+    assert_consistent(&ctl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewing_agent_is_waited_for_and_freed_space_follows_its_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Controller::open(leased(dir.path(), 300, false))
+        .await
+        .unwrap();
+    ctl.ensure_default_container(64 * MIB).await.unwrap();
+    ctl.register_agent("a", Arc::new(NullAgent), Vec::new())
+        .await
+        .unwrap();
+    let v = ctl.create_vdisk("vd", 16 * MIB, None).await.unwrap();
+    ctl.fault(fault(v.id, FaultOp::Write, 0, 2)).await.unwrap();
+    let session = ctl.agents.register(
+        "b",
+        Arc::new(SilentAgent),
+        vec![VdiskId(v.id)],
+        Some(Duration::from_millis(300)),
+    );
+    // b keeps renewing for a second without acknowledging: the trim must not free the
+    // space while b's lease is alive.
+    let renewer = {
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            for _ in 0..10 {
+                ctl.agents.renew("b", session, Default::default());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let t = std::time::Instant::now();
+    ctl.fault(fault(v.id, FaultOp::Trim, 0, 2)).await.unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(1000),
+        "freed while the holder's lease was alive: {:?}",
+        t.elapsed()
+    );
+    renewer.await.unwrap();
+    let st = ctl.status().await;
+    assert_eq!(st.allocated, 0);
+    assert_eq!(st.zeroing, 0);
+    assert_consistent(&ctl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_freed_space_waits_out_one_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = {
+        let ctl = Controller::open(leased(dir.path(), 400, true))
+            .await
+            .unwrap();
+        ctl.ensure_default_container(64 * MIB).await.unwrap();
+        ctl.register_agent("a", Arc::new(NullAgent), Vec::new())
+            .await
+            .unwrap();
+        let v = ctl.create_vdisk("vd", 16 * MIB, None).await.unwrap();
+        ctl.fault(fault(v.id, FaultOp::Write, 0, 2)).await.unwrap();
+        v
+    };
+    // Agents of the previous run may still use the table: a free right after the restart
+    // stays in zeroing until the grace is over.
+    let ctl = Controller::open(leased(dir.path(), 400, true))
+        .await
+        .unwrap();
+    ctl.register_agent("a", Arc::new(NullAgent), Vec::new())
+        .await
+        .unwrap();
+    ctl.start_background();
+    ctl.fault(fault(v.id, FaultOp::Trim, 0, 2)).await.unwrap();
+    let st = ctl.status().await;
+    assert_eq!(st.zeroing, 2 * MIB, "freed space must wait for the grace");
+    assert_eq!(st.free, 62 * MIB);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let st = ctl.status().await;
+    assert_eq!(st.zeroing, 0);
+    assert_eq!(st.free, 64 * MIB);
+    assert_consistent(&ctl).await;
 }
 
 fn fault(vdisk: u64, op: FaultOp, s0: u64, s1: u64) -> Fault {
