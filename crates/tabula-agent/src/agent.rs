@@ -248,11 +248,23 @@ impl Agent {
             return Ok(v.clone());
         }
         let epoch = self.shared.epoch();
-        let snap = self
-            .shared
-            .control
-            .open_vdisk(&self.shared.cfg.name, name)
-            .await?;
+        // A client may connect before the session is up (the agent starts without the
+        // controller): wait for it as an allocating write would.
+        let deadline = Instant::now() + self.shared.cfg.fault_wait;
+        let snap = loop {
+            match self
+                .shared
+                .control
+                .open_vdisk(&self.shared.cfg.name, name)
+                .await
+            {
+                Err(ControlError::Unavailable(m)) if Instant::now() < deadline => {
+                    debug!(vdisk = name, error = m, "controller unavailable; attach waits");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => break other?,
+            }
+        };
         let vol = Arc::new(Volume::from_snapshot(snap).map_err(ControlError::Invalid)?);
         {
             // Apply what arrived while the snapshot was on its way, then publish the volume,
