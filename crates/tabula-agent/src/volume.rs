@@ -109,6 +109,8 @@ pub struct Volume {
     /// Set by `Block`: new I/O waits until `Unblock`, or until this deadline, after which
     /// the copy is resynchronised before use.
     blocked: parking_lot::Mutex<Option<Instant>>,
+    /// Whether `blocked` is set: the data path reads this, not the mutex.
+    block_set: AtomicBool,
     /// One resynchronisation at a time.
     pub(crate) resync_lock: tokio::sync::Mutex<()>,
 }
@@ -132,6 +134,7 @@ impl Volume {
             detached: AtomicBool::new(false),
             synced_epoch: AtomicU64::new(0),
             blocked: parking_lot::Mutex::new(None),
+            block_set: AtomicBool::new(false),
             resync_lock: tokio::sync::Mutex::new(()),
         })
     }
@@ -195,21 +198,27 @@ impl Volume {
     /// Holds new I/O until [`unblock`](Self::unblock) or `deadline`.
     pub fn block(&self, deadline: Instant) {
         *self.blocked.lock() = Some(deadline);
+        self.block_set.store(true, Ordering::Release);
     }
 
     pub fn unblock(&self) {
         *self.blocked.lock() = None;
+        self.block_set.store(false, Ordering::Release);
     }
 
     /// `Some(true)` while blocked, `Some(false)` if a block timed out (it is cleared, and the
     /// copy must be resynchronised), `None` if not blocked.
     pub(crate) fn block_state(&self) -> Option<bool> {
+        if !self.block_set.load(Ordering::Acquire) {
+            return None;
+        }
         let mut b = self.blocked.lock();
         match *b {
             None => None,
             Some(d) if Instant::now() < d => Some(true),
             Some(_) => {
                 *b = None;
+                self.block_set.store(false, Ordering::Release);
                 Some(false)
             }
         }

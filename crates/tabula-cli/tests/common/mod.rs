@@ -2,6 +2,7 @@
 //! with real NBD clients, and stops it by process id.
 #![allow(dead_code)] // Each test file uses a different part of the harness.
 
+pub mod cluster;
 pub mod nbd;
 
 use std::net::TcpListener;
