@@ -170,16 +170,40 @@ pub fn status(s: &StatusView) -> String {
     }
     let _ = writeln!(o, "agents:");
     for a in &s.agents {
-        let _ = writeln!(
-            o,
-            "  {:<16} exporting {}",
-            a.name,
-            if a.vdisks.is_empty() {
-                "-".to_string()
-            } else {
-                a.vdisks.join(", ")
-            }
-        );
+        let state = match (a.connected, a.lease_ms_left) {
+            (_, None) => "in-process".to_string(),
+            (true, Some(ms)) => format!("connected, lease {:.1}s", ms as f64 / 1000.0),
+            (false, Some(0)) => "gone (lease expired)".to_string(),
+            (false, Some(ms)) => format!("DISCONNECTED, lease {:.1}s", ms as f64 / 1000.0),
+        };
+        // A table copy behind the controller's is normal for a moment (changes are in
+        // flight or heartbeats lag); the generations let an operator see one that stays.
+        let tables = if a.tables.is_empty() {
+            "-".to_string()
+        } else {
+            a.tables
+                .iter()
+                .map(|t| {
+                    if t.generation == t.controller_generation {
+                        format!("{} (g{})", t.vdisk, t.generation)
+                    } else {
+                        format!(
+                            "{} (g{} of g{})",
+                            t.vdisk, t.generation, t.controller_generation
+                        )
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(o, "  {:<16} {:<28} exporting {}", a.name, state, tables);
+        if a.table_mismatches > 0 || a.gaps_healed > 0 {
+            let _ = writeln!(
+                o,
+                "  {:<16} {} table mismatch(es) found by periodic replacement, {} missed change(s) healed",
+                "", a.table_mismatches, a.gaps_healed
+            );
+        }
     }
     o
 }

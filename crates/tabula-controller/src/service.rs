@@ -40,6 +40,8 @@ use crate::store::{ContainerRecord, Store, StoreError, Txn, VdiskRecord};
 pub const DB_FILE: &str = "tabula.redb";
 pub const DEFAULT_SEGMENT_SIZE: u64 = 1 << 20;
 const MAX_NAME: usize = 128;
+/// How long a fault waits for the metadata lock before it is told to retry.
+const FAULT_LOCK_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
@@ -1223,7 +1225,15 @@ impl ControlPlane for Controller {
     }
 
     async fn fault(&self, fault: Fault) -> Result<RangeUpdate, ControlError> {
-        let mut meta = self.meta.lock().await;
+        // While a change waits for an unresponsive agent's lease, the metadata stays locked;
+        // rather than hold every agent's fault hostage, ask it to retry.
+        let Ok(mut meta) = tokio::time::timeout(FAULT_LOCK_WAIT, self.meta.lock()).await else {
+            return Err(ControlError::Retry {
+                after_ms: 100,
+                reason: "the controller is waiting for an agent to acknowledge a table change"
+                    .into(),
+            });
+        };
         match fault.op {
             FaultOp::Write => {
                 let (update, seq) = self.write_fault(&mut meta, &fault)?;

@@ -339,3 +339,37 @@ async fn tail_segment_smaller_than_segment_size_is_not_leaked() {
     assert_eq!(ctl.vdisk_by_name("vd").await.unwrap().allocated, 0);
     assert_consistent(&ctl).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_are_told_to_retry_while_a_change_waits_for_a_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Controller::open(leased(dir.path(), 1500, false))
+        .await
+        .unwrap();
+    ctl.ensure_default_container(64 * MIB).await.unwrap();
+    ctl.register_agent("a", Arc::new(NullAgent), Vec::new())
+        .await
+        .unwrap();
+    let v = ctl.create_vdisk("vd", 16 * MIB, None).await.unwrap();
+    ctl.fault(fault(v.id, FaultOp::Write, 0, 1)).await.unwrap();
+    ctl.agents.register(
+        "b",
+        Arc::new(SilentAgent),
+        vec![VdiskId(v.id)],
+        Some(Duration::from_millis(1500)),
+    );
+    let trim = {
+        let ctl = ctl.clone();
+        tokio::spawn(async move { ctl.fault(fault(v.id, FaultOp::Trim, 0, 1)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let e = ctl
+        .fault(fault(v.id, FaultOp::Write, 8, 9))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ControlError::Retry { .. }), "{e:?}");
+    trim.await.unwrap().unwrap();
+    // With b evicted, the retried fault goes through.
+    ctl.fault(fault(v.id, FaultOp::Write, 8, 9)).await.unwrap();
+    assert_consistent(&ctl).await;
+}
