@@ -155,6 +155,11 @@ impl Volume {
         self.table.read().generation
     }
 
+    /// Checks the copy against the table's invariants (for tests and fuzzing).
+    pub fn check_table(&self) -> Result<(), String> {
+        self.table.read().table.validate()
+    }
+
     /// Installs a command's entries for a range (they may remove mappings), unless this copy
     /// is already newer.
     pub fn install(&self, u: &RangeUpdate) {
