@@ -259,7 +259,11 @@ impl Agent {
                 .await
             {
                 Err(ControlError::Unavailable(m)) if Instant::now() < deadline => {
-                    debug!(vdisk = name, error = m, "controller unavailable; attach waits");
+                    debug!(
+                        vdisk = name,
+                        error = m,
+                        "controller unavailable; attach waits"
+                    );
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 other => break other?,
