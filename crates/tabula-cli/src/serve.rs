@@ -107,18 +107,52 @@ async fn stopped(mut rx: Stop) {
     let _ = rx.wait_for(|v| *v).await;
 }
 
-fn spawn_nbd(
-    nbd: tabula_nbd::server::Listener,
-    agent: &Agent,
-    stop: Stop,
-) -> tokio::task::JoinHandle<std::io::Result<()>> {
-    agent.spawn_gap_healer();
-    tokio::spawn(tabula_nbd::server::serve(
-        nbd,
-        Arc::new(agent.clone()),
-        Arc::new(ServerConfig::default()),
-        stopped(stop),
-    ))
+/// Serves the admin API (with the agents' gRPC channel if asked) and/or NBD until SIGINT
+/// or SIGTERM, then stops accepting, lets requests in flight finish, and flushes the
+/// agent's containers.
+async fn run_until_signal(
+    api: Option<(tokio::net::TcpListener, Arc<Controller>, bool)>,
+    nbd: Option<(tabula_nbd::server::Listener, Agent)>,
+) -> Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let api_task = api.map(|(listener, ctl, grpc)| {
+        tokio::spawn(tabula_controller::http::serve(
+            listener,
+            ctl,
+            grpc,
+            stopped(stop_rx.clone()),
+        ))
+    });
+    let (nbd_task, agent) = match nbd {
+        Some((listener, agent)) => {
+            agent.spawn_gap_healer();
+            let task = tokio::spawn(tabula_nbd::server::serve(
+                listener,
+                Arc::new(agent.clone()),
+                Arc::new(ServerConfig::default()),
+                stopped(stop_rx.clone()),
+            ));
+            (Some(task), Some(agent))
+        }
+        None => (None, None),
+    };
+    shutdown_signal().await;
+    info!("shutting down");
+    let _ = stop_tx.send(true);
+    if let Some(t) = nbd_task {
+        let _ = t.await;
+    }
+    if let Some(t) = api_task {
+        let _ = t.await;
+    }
+    if let Some(agent) = agent {
+        agent
+            .flush()
+            .await
+            .context("flushing containers on shutdown")?;
+    }
+    info!("stopped cleanly");
+    Ok(())
 }
 
 async fn serve(mut args: ServeArgs) -> Result<()> {
@@ -141,25 +175,7 @@ async fn serve(mut args: ServeArgs) -> Result<()> {
         api.local_addr()?,
         args.data_dir.display()
     );
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let api_task = tokio::spawn(tabula_controller::http::serve(
-        api,
-        ctl.clone(),
-        false,
-        stopped(stop_rx.clone()),
-    ));
-    let nbd_task = spawn_nbd(nbd, &agent, stop_rx);
-    shutdown_signal().await;
-    info!("shutting down");
-    let _ = stop_tx.send(true);
-    let _ = nbd_task.await;
-    let _ = api_task.await;
-    agent
-        .flush()
-        .await
-        .context("flushing containers on shutdown")?;
-    info!("stopped cleanly");
-    Ok(())
+    run_until_signal(Some((api, ctl, false)), Some((nbd, agent))).await
 }
 
 async fn controller(mut args: ControllerArgs) -> Result<()> {
@@ -181,19 +197,7 @@ async fn controller(mut args: ControllerArgs) -> Result<()> {
         "tabula controller ready: admin API and agents on http://{addr}, data in {}",
         args.data_dir.display()
     );
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let api_task = tokio::spawn(tabula_controller::http::serve(
-        api,
-        ctl.clone(),
-        true,
-        stopped(stop_rx),
-    ));
-    shutdown_signal().await;
-    info!("shutting down");
-    let _ = stop_tx.send(true);
-    let _ = api_task.await;
-    info!("stopped cleanly");
-    Ok(())
+    run_until_signal(Some((api, ctl, true)), None).await
 }
 
 async fn agent(args: AgentArgs, controller: &str) -> Result<()> {
@@ -222,16 +226,5 @@ async fn agent(args: AgentArgs, controller: &str) -> Result<()> {
         "tabula agent ready: {name}: NBD on {}, controller {controller}",
         nbd.local_addr_string()
     );
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let nbd_task = spawn_nbd(nbd, &agent, stop_rx);
-    shutdown_signal().await;
-    info!("shutting down");
-    let _ = stop_tx.send(true);
-    let _ = nbd_task.await;
-    agent
-        .flush()
-        .await
-        .context("flushing containers on shutdown")?;
-    info!("stopped cleanly");
-    Ok(())
+    run_until_signal(None, Some((nbd, agent))).await
 }

@@ -45,10 +45,9 @@ fn leased(dir: &Path, lease_ms: u64, grace: bool) -> ControllerConfig {
     cfg
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_allocation_waits_until_a_silent_holder_lease_runs_out() {
-    let dir = tempfile::tempdir().unwrap();
-    let ctl = Controller::open(leased(dir.path(), 300, false))
+/// A controller with leases, in-process agent "a" and a 16 MiB vdisk.
+async fn leased_setup(dir: &Path, lease_ms: u64) -> (Arc<Controller>, VdiskView) {
+    let ctl = Controller::open(leased(dir, lease_ms, false))
         .await
         .unwrap();
     ctl.ensure_default_container(64 * MIB).await.unwrap();
@@ -56,6 +55,13 @@ async fn an_allocation_waits_until_a_silent_holder_lease_runs_out() {
         .await
         .unwrap();
     let v = ctl.create_vdisk("vd", 16 * MIB, None).await.unwrap();
+    (ctl, v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allocation_waits_until_a_silent_holder_lease_runs_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctl, v) = leased_setup(dir.path(), 300).await;
     ctl.agents.register(
         "b",
         Arc::new(SilentAgent),
@@ -83,14 +89,7 @@ async fn an_allocation_waits_until_a_silent_holder_lease_runs_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewing_agent_is_waited_for_and_freed_space_follows_its_ack() {
     let dir = tempfile::tempdir().unwrap();
-    let ctl = Controller::open(leased(dir.path(), 300, false))
-        .await
-        .unwrap();
-    ctl.ensure_default_container(64 * MIB).await.unwrap();
-    ctl.register_agent("a", Arc::new(NullAgent), Vec::new())
-        .await
-        .unwrap();
-    let v = ctl.create_vdisk("vd", 16 * MIB, None).await.unwrap();
+    let (ctl, v) = leased_setup(dir.path(), 300).await;
     ctl.fault(fault(v.id, FaultOp::Write, 0, 2)).await.unwrap();
     let session = ctl.agents.register(
         "b",
@@ -343,14 +342,7 @@ async fn tail_segment_smaller_than_segment_size_is_not_leaked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_are_told_to_retry_while_a_change_waits_for_a_lease() {
     let dir = tempfile::tempdir().unwrap();
-    let ctl = Controller::open(leased(dir.path(), 1500, false))
-        .await
-        .unwrap();
-    ctl.ensure_default_container(64 * MIB).await.unwrap();
-    ctl.register_agent("a", Arc::new(NullAgent), Vec::new())
-        .await
-        .unwrap();
-    let v = ctl.create_vdisk("vd", 16 * MIB, None).await.unwrap();
+    let (ctl, v) = leased_setup(dir.path(), 1500).await;
     ctl.fault(fault(v.id, FaultOp::Write, 0, 1)).await.unwrap();
     ctl.agents.register(
         "b",
