@@ -2,13 +2,14 @@
 //! calls to the controller, and keeps the session: registration, heartbeats that renew the
 //! lease, the commands that come down the stream, and reconnection.
 //!
-//! Lease rules (the controller's half is in `tabula-controller`'s `agents` module):
-//! - a grant answers a heartbeat; the lease then runs from when that heartbeat was *sent*;
-//! - a refused connection proves no controller listens at its address, so the lease is
-//!   extended from when the refused attempt *began*: a controller that starts later waits
-//!   one lease before freeing anything, so this agent's copies stay safe to use meanwhile.
-//!   A timeout proves nothing (the controller may be alive behind a partition): then the
-//!   lease runs out and I/O stops until the agent has resynchronised.
+//! Lease rules (the controller's half is in `tabula-controller`'s `agents` module): a grant
+//! answers a heartbeat, and the lease then runs from when that heartbeat was *sent*. Only a
+//! grant extends it. Nothing the agent can observe on its own proves that no controller is
+//! alive: a refused connection may come from a firewall's REJECT or a controller that moved
+//! while the old one still runs and has evicted this agent (a test serves freed space
+//! through exactly that hole if refusals extend the lease). So with the controller
+//! unreachable the agent serves from its copies until its lease ends, then holds I/O until
+//! it has reconnected and resynchronised; `--lease` is the outage it rides through.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -38,25 +39,9 @@ pub struct RemoteControl {
     me: std::sync::Weak<RemoteControl>,
     client: ControlClient<Channel>,
     session: AtomicU64,
-    /// The lease length the controller granted (0 until the first registration).
-    lease_ms: AtomicU64,
     lease: Arc<Lease>,
     /// How long to wait for any one call before treating the controller as unreachable.
     call_timeout: Duration,
-}
-
-/// Whether a failed call never reached a listening controller (connection refused).
-fn refused(s: &tonic::Status) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(s);
-    while let Some(e) = cur {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::ConnectionRefused {
-                return true;
-            }
-        }
-        cur = e.source();
-    }
-    false
 }
 
 fn unavailable(what: &str, s: &tonic::Status) -> ControlError {
@@ -87,7 +72,6 @@ impl RemoteControl {
             me: me.clone(),
             client,
             session: AtomicU64::new(0),
-            lease_ms: AtomicU64::new(0),
             lease: Arc::new(Lease::expired()),
             call_timeout,
         }))
@@ -116,12 +100,6 @@ impl RemoteControl {
             let reply = match self.client.clone().register(self.request(req)).await {
                 Ok(r) => r.into_inner(),
                 Err(s) => {
-                    if refused(&s) {
-                        // Proof that no controller runs: keep serving from the copies.
-                        if let Some(l) = self.lease_len() {
-                            self.lease.extend_to(began + l);
-                        }
-                    }
                     if was_connected {
                         warn!(error = %s.message(), "controller unreachable; retrying");
                         was_connected = false;
@@ -135,7 +113,6 @@ impl RemoteControl {
             };
             backoff = Duration::from_millis(100);
             let lease = Duration::from_millis(reply.lease_ms);
-            self.lease_ms.store(reply.lease_ms, Ordering::Relaxed);
             self.session.store(reply.session, Ordering::Release);
             self.lease.extend_to(began + lease);
             info!(session = reply.session, lease = ?lease, "session with the controller started");
@@ -147,13 +124,6 @@ impl RemoteControl {
             self.run_session(&port, reply, lease).await;
             resync.abort();
             tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn lease_len(&self) -> Option<Duration> {
-        match self.lease_ms.load(Ordering::Relaxed) {
-            0 => None,
-            ms => Some(Duration::from_millis(ms)),
         }
     }
 

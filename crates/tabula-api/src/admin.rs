@@ -100,8 +100,9 @@ pub struct AgentView {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AgentTableView {
     pub vdisk: String,
-    /// The generation of the agent's copy.
-    pub generation: u64,
+    /// The generation of the agent's copy, as last reported (`None` before its first
+    /// report).
+    pub generation: Option<u64>,
     /// The generation of the controller's table.
     pub controller_generation: u64,
 }

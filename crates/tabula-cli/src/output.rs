@@ -183,15 +183,10 @@ pub fn status(s: &StatusView) -> String {
         } else {
             a.tables
                 .iter()
-                .map(|t| {
-                    if t.generation == t.controller_generation {
-                        format!("{} (g{})", t.vdisk, t.generation)
-                    } else {
-                        format!(
-                            "{} (g{} of g{})",
-                            t.vdisk, t.generation, t.controller_generation
-                        )
-                    }
+                .map(|t| match t.generation {
+                    Some(g) if g == t.controller_generation => format!("{} (g{g})", t.vdisk),
+                    Some(g) => format!("{} (g{g} of g{})", t.vdisk, t.controller_generation),
+                    None => format!("{} (g? of g{})", t.vdisk, t.controller_generation),
                 })
                 .collect::<Vec<_>>()
                 .join(", ")

@@ -139,11 +139,15 @@ async fn run_until_signal(
     shutdown_signal().await;
     info!("shutting down");
     let _ = stop_tx.send(true);
-    if let Some(t) = nbd_task {
-        let _ = t.await;
-    }
-    if let Some(t) = api_task {
-        let _ = t.await;
+    // Requests in flight get a bounded time to finish: a peer that vanished without a
+    // word (power, cable) would otherwise hold its connection open until TCP gives up.
+    let grace = std::time::Duration::from_secs(5);
+    for (what, task) in [("NBD", nbd_task), ("admin API", api_task)] {
+        if let Some(t) = task {
+            if tokio::time::timeout(grace, t).await.is_err() {
+                tracing::warn!("{what} connections still open after {grace:?}; closing them");
+            }
+        }
     }
     if let Some(agent) = agent {
         agent

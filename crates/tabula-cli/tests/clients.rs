@@ -615,6 +615,8 @@ fn fio_args(url: &str, name: &str, extra: &[&str]) -> Vec<String> {
         &format!("--uri={url}"),
         "--verify=crc32c",
         "--verify_fatal=1",
+        // No verify-state files in the working directory.
+        "--verify_state_save=0",
         "--runtime=30",
         "--time_based=0",
         "--output-format=json",

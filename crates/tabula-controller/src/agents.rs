@@ -308,7 +308,9 @@ impl Agents {
                         "in-process"
                     }
                     .into(),
-                    connected: s.connected,
+                    // A stream can look open long after its peer is gone; a lapsed
+                    // lease says it is.
+                    connected: s.connected && s.lease.is_none_or(|_| s.expires > now),
                     lease_ms_left: s
                         .lease
                         .map(|_| s.expires.saturating_duration_since(now).as_millis() as u64),
@@ -319,7 +321,7 @@ impl Agents {
                             let (vdisk, controller_generation) = name_of(*id)?;
                             Some(AgentTableView {
                                 vdisk,
-                                generation: reported.get(id).copied().unwrap_or(0),
+                                generation: reported.get(id).copied(),
                                 controller_generation,
                             })
                         })
