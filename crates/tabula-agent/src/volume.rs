@@ -299,11 +299,14 @@ impl Volume {
         };
         let (contiguous, ahead, gap_since) =
             (t.contiguous, std::mem::take(&mut t.ahead), t.gap_since);
-        *t = TableCopy::new(snap.generation, table);
+        let old = std::mem::replace(&mut *t, TableCopy::new(snap.generation, table));
         t.contiguous = contiguous;
         t.ahead = ahead;
         t.gap_since = gap_since;
         t.baseline(snap.generation);
+        drop(t);
+        // Freeing a large old copy takes a while; not while I/O waits for the lock.
+        drop(old);
         Ok(outcome)
     }
 

@@ -242,6 +242,40 @@ impl MappingTable {
         size: u64,
         entries: impl IntoIterator<Item = Entry>,
     ) -> Result<MappingTable, TableError> {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        // A table's own entries (a stored table, a snapshot from the controller) are already
+        // canonical: sorted, disjoint, merged, each valid. Those are built in one pass (a
+        // million entries: tens of ms instead of most of a second); anything else is
+        // applied entry by entry, with the same result.
+        let canonical = entries.iter().all(|e| {
+            e.begin < e.end
+                && e.end <= size
+                && (e.target.is_some()
+                    || !matches!(
+                        e.state,
+                        State::Normal | State::NoWrite | State::New | State::Zero
+                    ))
+        }) && entries
+            .windows(2)
+            .all(|w| w[0].end <= w[1].begin && !w[0].merges_with(&w[1]));
+        if canonical {
+            return Ok(MappingTable {
+                size,
+                map: entries
+                    .into_iter()
+                    .map(|e| {
+                        (
+                            e.begin,
+                            Value {
+                                end: e.end,
+                                target: e.target,
+                                state: e.state,
+                            },
+                        )
+                    })
+                    .collect(),
+            });
+        }
         let mut t = MappingTable::new(size);
         for e in entries {
             t.set(e.begin, e.end, e.target, e.state)?;
@@ -582,6 +616,25 @@ mod tests {
     }
 
     proptest! {
+        /// Building from a table's own entries (the fast path) and from arbitrary entries
+        /// (one by one) agree with building by edits.
+        #[test]
+        fn from_entries_equals_edits(ops in proptest::collection::vec(op(), 1..40)) {
+            let mut t = MappingTable::new(80);
+            let mut raw = Vec::new();
+            for op in ops {
+                if let Op::Set(b, e, target, state) = op {
+                    let target = target.and_then(|(c, x)| phys(c, x));
+                    if t.set(b, e, target, state).is_ok() {
+                        raw.push(Entry { begin: b, end: e, target, state });
+                    }
+                }
+            }
+            let canonical: Vec<Entry> = t.entries().collect();
+            prop_assert_eq!(&MappingTable::from_entries(80, canonical).unwrap(), &t);
+            prop_assert_eq!(&MappingTable::from_entries(80, raw).unwrap(), &t);
+        }
+
         #[test]
         fn table_matches_per_block_model(ops in proptest::collection::vec(op(), 1..60)) {
             let mut t = MappingTable::new(64);
