@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::*;
@@ -93,20 +93,6 @@ fn urandom(len: usize) -> Vec<u8> {
         .read_exact(&mut buf)
         .unwrap();
     buf
-}
-
-/// Parses JSON printed after some lines of chatter (fio prints "fio: connected to NBD server"
-/// before its JSON report).
-fn json_after_chatter(text: &str) -> Value {
-    let start = if text.starts_with('{') || text.starts_with('[') {
-        0
-    } else {
-        text.find("\n{")
-            .or_else(|| text.find("\n["))
-            .map(|i| i + 1)
-            .unwrap_or_else(|| panic!("no JSON in:\n{text}"))
-    };
-    serde_json::from_str(&text[start..]).unwrap_or_else(|e| panic!("bad JSON ({e}):\n{text}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -608,75 +594,21 @@ fn nbdinfo_reports_size_map_and_list() {
 // ---------------------------------------------------------------------------------------------
 // 5. fio with the nbd engine and crc32c verification.
 
+/// A verified fio job (see [`fio::args`]) that runs for at most 30 s.
 fn fio_args(url: &str, name: &str, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = [
-        &format!("--name={name}"),
-        "--ioengine=nbd",
-        &format!("--uri={url}"),
-        "--verify=crc32c",
-        "--verify_fatal=1",
-        // No verify-state files in the working directory.
-        "--verify_state_save=0",
-        "--runtime=30",
-        "--time_based=0",
-        "--output-format=json",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
+    let mut a = vec!["--runtime=30"];
+    a.extend_from_slice(extra);
+    fio::args(url, name, &a)
 }
 
 fn spawn_fio(args: &[String]) -> std::process::Child {
-    Command::new("timeout")
-        .args(["-k", "5", "120", "fio"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start fio")
+    fio::spawn(args, Duration::from_secs(120))
 }
 
-/// Checks a finished fio: every job wrote `write` bytes (if given), read `read` bytes back
-/// (the verification pass) and reported neither an error nor a verify failure.
-fn check_fio(out: Output, args: &[String], write: Option<u64>, read: u64) {
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let stderr = stderr_of(&out);
-    assert!(
-        out.status.success(),
-        "fio {args:?} failed ({}):\n{stderr}\n{stdout}",
-        out.status
-    );
-    assert!(
-        !stderr.contains("verify") && !stderr.contains("bad magic") && !stderr.contains("crc"),
-        "fio {args:?} reported verify problems:\n{stderr}"
-    );
-    let v = json_after_chatter(&stdout);
-    let jobs = v["jobs"].as_array().expect("fio jobs");
-    assert!(!jobs.is_empty(), "{v}");
-    for j in jobs {
-        let name = &j["jobname"];
-        assert_eq!(j["error"].as_u64(), Some(0), "fio job {name}: {j}");
-        // (with --verify_only fio counts the writes it skipped, so there is nothing to check)
-        if let Some(write) = write {
-            assert_eq!(
-                j["write"]["io_bytes"].as_u64(),
-                Some(write),
-                "fio job {name} bytes written"
-            );
-        }
-        assert_eq!(
-            j["read"]["io_bytes"].as_u64(),
-            Some(read),
-            "fio job {name} bytes read (verified)"
-        );
-    }
-}
-
-fn fio(args: &[String], write: Option<u64>, read: u64) {
+/// Runs fio to the end and checks it (see [`fio::check`]).
+fn run_fio(args: &[String], write: Option<u64>, read: u64) {
     let out = spawn_fio(args).wait_with_output().unwrap();
-    check_fio(out, args, write, read);
+    fio::check(out, args, write, read);
 }
 
 #[test]
@@ -693,7 +625,7 @@ fn fio_verified_random_and_sequential_writes() {
         "randw",
         &["--rw=randwrite", "--bs=4k", "--size=64m", "--iodepth=16"],
     );
-    fio(&rand, Some(m64), m64);
+    run_fio(&rand, Some(m64), m64);
     let seq = fio_args(
         &url,
         "seqw",
@@ -705,14 +637,10 @@ fn fio_verified_random_and_sequential_writes() {
             "--iodepth=4",
         ],
     );
-    fio(&seq, Some(m64), m64);
+    run_fio(&seq, Some(m64), m64);
     // Both data sets are still intact when read back on fresh connections.
-    let mut again = rand.clone();
-    again.push("--verify_only".into());
-    fio(&again, None, m64);
-    let mut again = seq.clone();
-    again.push("--verify_only".into());
-    fio(&again, None, m64);
+    run_fio(&fio::verify_only(&rand), None, m64);
+    run_fio(&fio::verify_only(&seq), None, m64);
     assert!(
         allocated(&srv, "fio1") >= 128 * MIB,
         "the whole vdisk was written: {}",
@@ -776,13 +704,11 @@ fn fio_concurrent_connections_on_disjoint_halves() {
     );
     let pa = spawn_fio(&a);
     let pb = spawn_fio(&b);
-    check_fio(pa.wait_with_output().unwrap(), &a, Some(m32), m32);
-    check_fio(pb.wait_with_output().unwrap(), &b, Some(m32), m32);
+    fio::check(pa.wait_with_output().unwrap(), &a, Some(m32), m32);
+    fio::check(pb.wait_with_output().unwrap(), &b, Some(m32), m32);
     // Each half is intact, read through new connections after both finished.
     for args in [&a, &b] {
-        let mut v = args.clone();
-        v.push("--verify_only".into());
-        fio(&v, None, m32);
+        run_fio(&fio::verify_only(args), None, m32);
     }
 
     // One fio process with two jobs (two connections) on the halves of another vdisk,
@@ -801,16 +727,14 @@ fn fio_concurrent_connections_on_disjoint_halves() {
         ],
     );
     let out = spawn_fio(&c).wait_with_output().unwrap();
-    let v = json_after_chatter(&String::from_utf8_lossy(&out.stdout));
+    let v = fio::json_after_chatter(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(
         v["jobs"].as_array().map(Vec::len),
         Some(2),
         "numjobs=2: {v}"
     );
-    check_fio(out, &c, Some(m32), m32);
-    let mut v = c.clone();
-    v.push("--verify_only".into());
-    fio(&v, None, m32);
+    fio::check(out, &c, Some(m32), m32);
+    run_fio(&fio::verify_only(&c), None, m32);
     for name in ["mc", "mc2"] {
         assert_eq!(
             allocated(&srv, name),

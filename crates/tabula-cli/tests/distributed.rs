@@ -11,14 +11,14 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use common::cluster::{Agent, Cluster, Controller, wait_connected};
+use common::cluster::{self, Agent, Cluster, Controller, agent_entry, wait_connected};
 use common::nbd::{Client, NbdErr, stamp_block};
-use common::{have, run_timeout};
+use common::{fio, have, run_timeout};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -118,6 +118,19 @@ fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// `what`, a free that had to wait for a cut-off co-holder's lease (3 s) to run out, took
+/// `took`: it must be well under 20 s. Then waits until the freed space is zeroed.
+fn freed_after_lease(ctl: &Controller, what: &str, took: Duration) {
+    eprintln!("{what} took {took:?}");
+    assert!(
+        took < Duration::from_secs(20),
+        "{what} took {took:?} (lease 3s)"
+    );
+    poll("freed space is zeroed", Duration::from_secs(20), || {
+        (ctl.status()["zeroing"].as_u64() == Some(0)).then_some(())
+    });
+}
+
 /// Waits until every listed agent reports, for each listed vdisk, a table copy at the
 /// controller's generation, and no table mismatch. Returns the agents' views.
 fn wait_tables_current(ctl: &Controller, want: &[(&str, &[&str])], limit: Duration) -> Value {
@@ -125,10 +138,7 @@ fn wait_tables_current(ctl: &Controller, want: &[(&str, &[&str])], limit: Durati
     loop {
         let st = ctl.status();
         let ok = want.iter().all(|(agent, vdisks)| {
-            let Some(a) = st["agents"]
-                .as_array()
-                .and_then(|l| l.iter().find(|a| a["name"].as_str() == Some(agent)))
-            else {
+            let Some(a) = agent_entry(&st, agent) else {
                 return false;
             };
             vdisks.iter().all(|vd| {
@@ -143,12 +153,7 @@ fn wait_tables_current(ctl: &Controller, want: &[(&str, &[&str])], limit: Durati
         });
         if ok {
             for (agent, _) in want {
-                let a = st["agents"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|a| a["name"].as_str() == Some(agent))
-                    .unwrap();
+                let a = agent_entry(&st, agent).unwrap();
                 assert_eq!(
                     a["table_mismatches"].as_u64(),
                     Some(0),
@@ -167,87 +172,8 @@ fn wait_tables_current(ctl: &Controller, want: &[(&str, &[&str])], limit: Durati
     }
 }
 
-/// Parses JSON printed after some lines of chatter (fio prints "fio: connected to NBD server"
-/// before its JSON report).
-fn json_after_chatter(text: &str) -> Value {
-    let start = if text.starts_with('{') {
-        0
-    } else {
-        text.find("\n{")
-            .map(|i| i + 1)
-            .unwrap_or_else(|| panic!("no JSON in:\n{text}"))
-    };
-    serde_json::from_str(&text[start..]).unwrap_or_else(|e| panic!("bad JSON ({e}):\n{text}"))
-}
-
-fn fio_args(url: &str, name: &str, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = [
-        &format!("--name={name}"),
-        "--ioengine=nbd",
-        &format!("--uri={url}"),
-        "--verify=crc32c",
-        "--verify_fatal=1",
-        // No verify-state files in the working directory.
-        "--verify_state_save=0",
-        "--time_based=0",
-        "--output-format=json",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
-}
-
 fn spawn_fio(args: &[String]) -> std::process::Child {
-    Command::new("timeout")
-        .args(["-k", "5", "150", "fio"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start fio")
-}
-
-/// Checks a finished fio: every job wrote `write` bytes (if given) and read `read` bytes back
-/// (the verification pass) with neither an error nor a verify failure.
-fn check_fio(out: Output, args: &[String], write: Option<u64>, read: u64) {
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        out.status.success(),
-        "fio {args:?} failed ({}):\n{stderr}\n{stdout}",
-        out.status
-    );
-    assert!(
-        !stderr.contains("verify") && !stderr.contains("bad magic") && !stderr.contains("crc"),
-        "fio {args:?} reported verify problems:\n{stderr}"
-    );
-    let v = json_after_chatter(&stdout);
-    let jobs = v["jobs"].as_array().expect("fio jobs");
-    assert!(!jobs.is_empty(), "{v}");
-    for j in jobs {
-        let name = &j["jobname"];
-        assert_eq!(j["error"].as_u64(), Some(0), "fio job {name}: {j}");
-        if let Some(write) = write {
-            assert_eq!(
-                j["write"]["io_bytes"].as_u64(),
-                Some(write),
-                "fio job {name} bytes written"
-            );
-        }
-        assert_eq!(
-            j["read"]["io_bytes"].as_u64(),
-            Some(read),
-            "fio job {name} bytes read (verified)"
-        );
-    }
-}
-
-fn verify_only(args: &[String]) -> Vec<String> {
-    let mut v = args.to_vec();
-    v.push("--verify_only".into());
-    v
+    fio::spawn(args, Duration::from_secs(150))
 }
 
 /// The segments of a vdisk mapped to a container (`vdisk map --json`), by index.
@@ -268,20 +194,63 @@ fn mapped_segments(ctl: &Controller, vdisk: &str) -> Vec<u64> {
 // ---------------------------------------------------------------------------------------------
 // 1. Controller + 3 agents under fio verify load.
 
+/// The agents of the fio tests.
+const THREE: [&str; 3] = ["host-a", "host-b", "host-c"];
+
+/// A 2G pool and the agents [`THREE`], each with its own 64M vdisk `own-NAME`, and a vdisk
+/// `shared` of `shared_size`.
+fn three_agents(shared_size: &str) -> Cluster {
+    let c = Cluster::start("2G", &THREE);
+    for n in &THREE {
+        c.controller
+            .cli(&["vdisk", "create", &format!("own-{n}"), "--size", "64M"]);
+    }
+    c.controller
+        .cli(&["vdisk", "create", "shared", "--size", shared_size]);
+    c
+}
+
+/// fio's job on `own-NAME` (agent `n`'s own vdisk) through `via`: random 4K writes, 32 MiB.
+fn own_job(via: &Agent, n: &str) -> Vec<String> {
+    fio::args(
+        &via.url(&format!("own-{n}")),
+        &format!("own-{n}"),
+        &["--rw=randwrite", "--bs=4k", "--size=32m", "--iodepth=16"],
+    )
+}
+
+/// fio's job on the `i`th third of `shared` (agent `n`'s) through `via`: sequential 64K
+/// writes, 16 MiB.
+fn shared_job(via: &Agent, i: usize, n: &str) -> Vec<String> {
+    fio::args(
+        &via.url("shared"),
+        &format!("shared-{n}"),
+        &[
+            "--rw=write",
+            "--bs=64k",
+            "--size=16m",
+            &format!("--offset={}m", i * 16),
+            "--iodepth=8",
+        ],
+    )
+}
+
+/// Verifies (only) what a finished fio `job` wrote: `bytes` per job read back intact.
+fn fio_verify(job: &[String], bytes: u64) {
+    let out = spawn_fio(&fio::verify_only(job))
+        .wait_with_output()
+        .unwrap();
+    fio::check(out, job, None, bytes);
+}
+
 #[test]
 fn three_agents_under_fio_verify_load() {
     if !have("fio") {
         return;
     }
     let t0 = Instant::now();
-    let names = ["host-a", "host-b", "host-c"];
-    let mut c = Cluster::start("2G", &names);
-    for n in &names {
-        c.controller
-            .cli(&["vdisk", "create", &format!("own-{n}"), "--size", "64M"]);
-    }
-    c.controller
-        .cli(&["vdisk", "create", "shared", "--size", "48M"]);
+    let names = THREE;
+    let mut c = three_agents("48M");
 
     // Keep a connection to each agent's vdisks open for the whole test, so each agent holds
     // its tables when the status is checked at the end.
@@ -300,27 +269,13 @@ fn three_agents_under_fio_verify_load() {
     let mut jobs = Vec::new();
     for (i, n) in names.iter().enumerate() {
         let a = c.agent(n);
-        let own = fio_args(
-            &a.url(&format!("own-{n}")),
-            &format!("own-{n}"),
-            &["--rw=randwrite", "--bs=4k", "--size=32m", "--iodepth=16"],
-        );
-        let shared = fio_args(
-            &a.url("shared"),
-            &format!("shared-{n}"),
-            &[
-                "--rw=write",
-                "--bs=64k",
-                "--size=16m",
-                &format!("--offset={}m", i * 16),
-                "--iodepth=8",
-            ],
-        );
+        let own = own_job(a, n);
+        let shared = shared_job(a, i, n);
         jobs.push((spawn_fio(&own), own, 32 * MIB));
         jobs.push((spawn_fio(&shared), shared, 16 * MIB));
     }
     for (child, args, bytes) in jobs {
-        check_fio(child.wait_with_output().unwrap(), &args, Some(bytes), bytes);
+        fio::check(child.wait_with_output().unwrap(), &args, Some(bytes), bytes);
     }
     eprintln!("fio load on 3 agents done after {:?}", t0.elapsed());
 
@@ -328,34 +283,8 @@ fn three_agents_under_fio_verify_load() {
     // copy, the same bytes.
     for (i, n) in names.iter().enumerate() {
         let other = c.agent(names[(i + 1) % 3]);
-        let own = fio_args(
-            &other.url(&format!("own-{n}")),
-            &format!("own-{n}"),
-            &["--rw=randwrite", "--bs=4k", "--size=32m", "--iodepth=16"],
-        );
-        check_fio(
-            spawn_fio(&verify_only(&own)).wait_with_output().unwrap(),
-            &own,
-            None,
-            32 * MIB,
-        );
-        let shared = fio_args(
-            &other.url("shared"),
-            &format!("shared-{n}"),
-            &[
-                "--rw=write",
-                "--bs=64k",
-                "--size=16m",
-                &format!("--offset={}m", i * 16),
-                "--iodepth=8",
-            ],
-        );
-        check_fio(
-            spawn_fio(&verify_only(&shared)).wait_with_output().unwrap(),
-            &shared,
-            None,
-            16 * MIB,
-        );
+        fio_verify(&own_job(other, n), 32 * MIB);
+        fio_verify(&shared_job(other, i, n), 16 * MIB);
     }
 
     // The controller lists three connected gRPC agents with leases, holding their tables at
@@ -370,12 +299,7 @@ fn three_agents_under_fio_verify_load() {
     let want_refs: Vec<(&str, &[&str])> = want.iter().map(|(n, v)| (*n, v.as_slice())).collect();
     let st2 = wait_tables_current(&c.controller, &want_refs, Duration::from_secs(20));
     for (n, o) in names.iter().zip(&own) {
-        let a = st2["agents"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|a| a["name"].as_str() == Some(n))
-            .unwrap();
+        let a = agent_entry(&st2, n).unwrap();
         let vdisks: Vec<&str> = a["vdisks"]
             .as_array()
             .unwrap_or_else(|| panic!("agent {n} has no vdisks array: {a}"))
@@ -641,14 +565,8 @@ fn killing_one_agent_leaves_the_others_unaffected() {
         return;
     }
     let t0 = Instant::now();
-    let names = ["host-a", "host-b", "host-c"];
-    let mut c = Cluster::start("2G", &names);
-    for n in &names {
-        c.controller
-            .cli(&["vdisk", "create", &format!("own-{n}"), "--size", "64M"]);
-    }
-    c.controller
-        .cli(&["vdisk", "create", "shared", "--size", "16M"]);
+    let names = THREE;
+    let mut c = three_agents("16M");
     // Every agent holds the shared vdisk: agent i writes segment i.
     let mut shared: Vec<Client> = Vec::new();
     for (i, n) in names.iter().enumerate() {
@@ -660,11 +578,7 @@ fn killing_one_agent_leaves_the_others_unaffected() {
 
     let mut fios = Vec::new();
     for n in &names {
-        let args = fio_args(
-            &c.agent(n).url(&format!("own-{n}")),
-            &format!("own-{n}"),
-            &["--rw=randwrite", "--bs=4k", "--size=32m", "--iodepth=16"],
-        );
+        let args = own_job(c.agent(n), n);
         fios.push((spawn_fio(&args), args));
     }
     std::thread::sleep(Duration::from_millis(1500));
@@ -696,7 +610,7 @@ fn killing_one_agent_leaves_the_others_unaffected() {
     // The others' fio runs are unaffected; host-c's own fails or is cut short.
     let (fc, _) = fios.pop().unwrap();
     for (child, args) in fios {
-        check_fio(
+        fio::check(
             child.wait_with_output().unwrap(),
             &args,
             Some(32 * MIB),
@@ -719,12 +633,7 @@ fn killing_one_agent_leaves_the_others_unaffected() {
     eprintln!("{:?} after the kill, host-c: {seen}", killed.elapsed());
     let st = c.controller.status();
     for n in ["host-a", "host-b"] {
-        let a = st["agents"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|a| a["name"].as_str() == Some(n))
-            .unwrap_or_else(|| panic!("{n} listed: {st:#}"));
+        let a = agent_entry(&st, n).unwrap_or_else(|| panic!("{n} listed: {st:#}"));
         assert_eq!(
             a["connected"].as_bool(),
             Some(true),
@@ -801,15 +710,7 @@ fn stopped_agent_never_uses_a_stale_entry_after_resume() {
     let t = Instant::now();
     a.trim(0, (8 * MIB) as u32)
         .expect("trim with a stopped co-holder must complete after its lease expires");
-    let trim_took = t.elapsed();
-    eprintln!("trim with host-b stopped took {trim_took:?}");
-    assert!(
-        trim_took < Duration::from_secs(20),
-        "trim waited {trim_took:?} (lease 3s)"
-    );
-    poll("freed space is zeroed", Duration::from_secs(20), || {
-        (c.controller.status()["zeroing"].as_u64() == Some(0)).then_some(())
-    });
+    freed_after_lease(&c.controller, "trim with host-b stopped", t.elapsed());
     let d = read_blocks(&mut a, 0, 8 * SEG_BLOCKS).unwrap();
     expect_blocks("v after the trim", &d, 0, 0, |_| None);
 
@@ -1165,12 +1066,7 @@ impl NetCluster {
         }
 
         let tmp = tempfile::tempdir().unwrap();
-        let prefix = |ns: &str| -> Vec<String> {
-            ["ip", "netns", "exec", ns]
-                .iter()
-                .map(|s| s.to_string())
-                .collect()
-        };
+        let prefix = |ns: &str| -> Vec<String> { common::strings(&["ip", "netns", "exec", ns]) };
         let mut controller = Controller::prepare(tmp.path(), "10.231.0.1", 7700, &prefix(&ctl_ns));
         controller.container_size = container_size.into();
         let agents = agent_ns
@@ -1277,34 +1173,22 @@ impl NetCluster {
     }
 
     fn stop_and_check(&mut self) {
-        for a in &mut self.agents {
-            a.proc.stop();
-        }
-        self.controller.stop_and_check();
+        cluster::stop_and_check(&mut self.controller, &mut self.agents);
+    }
+
+    /// The end of a test: `tabula check` live, a clean stop, `tabula check` on the data, the
+    /// namespaces gone; then how long the test (`what`, started at `t0`) took.
+    fn finish(mut self, what: &str, t0: Instant) {
+        self.controller.check_live();
+        self.stop_and_check();
+        drop(self);
+        eprintln!("{what} took {:?}", t0.elapsed());
     }
 }
 
 impl Drop for NetCluster {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "===== controller log ({}) tail:\n{}",
-                self.controller.proc.log.display(),
-                self.controller.proc.log_tail(60)
-            );
-            for a in &self.agents {
-                eprintln!(
-                    "===== {} log ({}) tail:\n{}",
-                    a.proc.what,
-                    a.proc.log.display(),
-                    a.proc.log_tail(60)
-                );
-            }
-        }
-        for a in &mut self.agents {
-            a.proc.kill9();
-        }
-        self.controller.proc.kill9();
+        cluster::kill_all(&mut self.controller, &mut self.agents);
     }
 }
 
@@ -1314,7 +1198,7 @@ fn controller_and_agents_in_separate_network_namespaces() {
         return;
     }
     let t0 = Instant::now();
-    let mut nc = NetCluster::start("n", 2, "1G");
+    let nc = NetCluster::start("n", 2, "1G");
     nc.controller
         .cli(&["vdisk", "create", "nd", "--size", "64M"]);
 
@@ -1344,10 +1228,131 @@ fn controller_and_agents_in_separate_network_namespaces() {
         &[("host-0", &["nd"]), ("host-1", &["nd"])],
         Duration::from_secs(20),
     );
-    nc.controller.check_live();
-    nc.stop_and_check();
-    drop(nc);
-    eprintln!("network namespace test took {:?}", t0.elapsed());
+    nc.finish("network namespace test", t0);
+}
+
+/// How the two tests below cut host-1 off from the controller.
+#[derive(Clone, Copy)]
+enum Cut {
+    /// A silent network partition: its packets are dropped (timeouts, not refusals).
+    Silent,
+    /// Its connection attempts are refused (a firewall REJECT answers for the controller's
+    /// address) while the controller keeps running.
+    Refused,
+}
+
+impl Cut {
+    /// The tests' namespace tag (each test its own).
+    fn tag(self) -> &'static str {
+        match self {
+            Cut::Silent => "p",
+            Cut::Refused => "r",
+        }
+    }
+
+    /// "host-1 partitioned", "host-1 refused", in messages.
+    fn word(self) -> &'static str {
+        match self {
+            Cut::Silent => "partitioned",
+            Cut::Refused => "refused",
+        }
+    }
+
+    /// Cuts agent `i` of `nc` off (`off`), or undoes that.
+    fn apply(self, nc: &NetCluster, i: usize, off: bool) {
+        match self {
+            Cut::Silent => nc.set_link(i, !off),
+            Cut::Refused => nc.set_refused(i, off),
+        }
+    }
+}
+
+/// What [`cut_off_host_1`] leaves for each test's own checks.
+struct CutOff {
+    nc: NetCluster,
+    /// The size of w, which took all but 2 MiB of the pool (host-1's old segments among it).
+    w_size: u64,
+    /// host-1's qemu-io output for its read of v's trimmed 0..2M and its 4 KiB write of 0x99 at
+    /// 2M, both while cut off.
+    text: String,
+    /// Whether host-1 acknowledged that write.
+    wrote_99: bool,
+}
+
+/// The scenario of the two tests below, on a small pool, so that freed segments must be
+/// reused. host-1 maps segments 0..4 of v and host-0, which holds v too, sees the data; host-1
+/// is cut off (`cut`); host-0 discards all of v, done once host-1's lease ran out, and the
+/// freed space is zeroed; with `refill_segment_2`, host-0 writes new data (0x77) into v's
+/// segment 2; a vdisk w takes all but 2 MiB of the pool, so host-1's old segments now hold
+/// other data (w's 0xe1). While still cut off, host-1 reads v 0..2M and writes 0x99 at 2M (its
+/// output is for the test to judge); then the cut is undone and host-1 serves reads again,
+/// never non-zero data from v's trimmed 0..2M.
+fn cut_off_host_1(cut: Cut, refill_segment_2: bool) -> CutOff {
+    let word = cut.word();
+    let nc = NetCluster::start(cut.tag(), 2, "32M");
+    nc.controller.cli(&["vdisk", "create", "v", "--size", "8M"]);
+    nc.qio(1, "v", &["write -P 0x5a 0 4M"]);
+    nc.qio(0, "v", &["read -P 0x5a 0 4M"]);
+
+    cut.apply(&nc, 1, true);
+    let cut_at = Instant::now();
+    nc.qio(0, "v", &["discard 0 8M"]);
+    freed_after_lease(
+        &nc.controller,
+        &format!("discard with host-1 {word}"),
+        cut_at.elapsed(),
+    );
+    if refill_segment_2 {
+        nc.qio(0, "v", &["read -P 0 0 8M", "write -P 0x77 2M 1M"]);
+    }
+    let free = nc.controller.status()["free"].as_u64().unwrap();
+    assert!(free >= 3 * MIB, "free after the discard: {free}");
+    let w_size = free - 2 * MIB;
+    nc.controller
+        .cli(&["vdisk", "create", "w", "--size", &w_size.to_string()]);
+    nc.qio(0, "w", &[&format!("write -P 0xe1 0 {w_size}")]);
+    eprintln!(
+        "host-1 while {word}, as the controller sees it: {}\nv: {}\nw: {}",
+        nc.controller.status()["agents"],
+        nc.controller.json(&["vdisk", "map", "v"]),
+        nc.controller.json(&["vdisk", "map", "w"])
+    );
+
+    // While cut off, host-1 may fail I/O or read zeros, but never old data or other data, and
+    // a write must not land anywhere through its stale entry.
+    let t = Instant::now();
+    let (text, _) = nc.try_qio(1, "v", &["read -P 0 0 2M", "write -P 0x99 2M 4k"]);
+    eprintln!(
+        "host-1 I/O while {word} ({:?} after the cut, took {:?}):\n{text}",
+        cut_at.elapsed(),
+        t.elapsed()
+    );
+    let wrote_99 = text.contains("wrote 4096/4096");
+
+    cut.apply(&nc, 1, false);
+    let restored = Instant::now();
+    poll(
+        "host-1 serves reads again once it reaches the controller",
+        Duration::from_secs(30),
+        || {
+            let (text, ok) = nc.try_qio(1, "v", &["read -P 0 0 2M"]);
+            assert!(
+                !text.contains("Pattern verification failed"),
+                "host-1, no longer {word}, read non-zero data from a trimmed range:\n{text}"
+            );
+            (ok && text.contains("read 2097152/2097152")).then_some(())
+        },
+    );
+    eprintln!(
+        "host-1 serves again {:?} after the cut was undone",
+        restored.elapsed()
+    );
+    CutOff {
+        nc,
+        w_size,
+        text,
+        wrote_99,
+    }
 }
 
 /// An agent cut off by a silent network partition (timeouts, not refusals) must stop using its
@@ -1359,71 +1364,16 @@ fn partitioned_agent_fences_itself_and_resyncs_after_heal() {
         return;
     }
     let t0 = Instant::now();
-    // A small pool, so that freed segments must be reused.
-    let mut nc = NetCluster::start("p", 2, "32M");
-    nc.controller.cli(&["vdisk", "create", "v", "--size", "8M"]);
-    // host-1 maps segments 0..4; host-0 holds v too and sees the data.
-    nc.qio(1, "v", &["write -P 0x5a 0 4M"]);
-    nc.qio(0, "v", &["read -P 0x5a 0 4M"]);
-
-    nc.set_link(1, false);
-    let cut = Instant::now();
-    // host-0 discards all of v: done once host-1's lease ran out.
-    nc.qio(0, "v", &["discard 0 8M"]);
-    let took = cut.elapsed();
-    eprintln!("discard with host-1 partitioned took {took:?}");
-    assert!(
-        took < Duration::from_secs(20),
-        "discard took {took:?} (lease 3s)"
-    );
-    poll("freed space is zeroed", Duration::from_secs(20), || {
-        (nc.controller.status()["zeroing"].as_u64() == Some(0)).then_some(())
-    });
-    // New data in v's segment 2 and a vdisk w taking all but 2 MiB of the pool: host-1's old
-    // segments now hold other data.
-    nc.qio(0, "v", &["read -P 0 0 8M", "write -P 0x77 2M 1M"]);
-    let free = nc.controller.status()["free"].as_u64().unwrap();
-    assert!(free >= 3 * MIB, "free after the discard: {free}");
-    let w_size = free - 2 * MIB;
-    nc.controller
-        .cli(&["vdisk", "create", "w", "--size", &w_size.to_string()]);
-    nc.qio(0, "w", &[&format!("write -P 0xe1 0 {w_size}")]);
-    let st = nc.controller.status();
-    eprintln!(
-        "host-1 while partitioned, as the controller sees it: {}",
-        st["agents"]
-    );
-
-    // While partitioned, host-1 may fail I/O or read zeros, but never old data or other data,
-    // and a write must not land anywhere through its stale entry.
-    let t = Instant::now();
-    let (text, _) = nc.try_qio(1, "v", &["read -P 0 0 2M", "write -P 0x99 2M 4k"]);
-    eprintln!(
-        "host-1 I/O while partitioned ({:?} after the cut, took {:?}):\n{text}",
-        cut.elapsed(),
-        t.elapsed()
-    );
+    let CutOff {
+        nc,
+        w_size,
+        text,
+        wrote_99,
+    } = cut_off_host_1(Cut::Silent, true);
     assert!(
         !text.contains("Pattern verification failed"),
         "partitioned host-1 read non-zero data from a trimmed range:\n{text}"
     );
-    let wrote_99 = text.contains("wrote 4096/4096");
-
-    nc.set_link(1, true);
-    let healed = Instant::now();
-    poll(
-        "host-1 serves reads again after the partition heals",
-        Duration::from_secs(30),
-        || {
-            let (text, ok) = nc.try_qio(1, "v", &["read -P 0 0 2M"]);
-            assert!(
-                !text.contains("Pattern verification failed"),
-                "host-1 after heal read non-zero data from a trimmed range:\n{text}"
-            );
-            (ok && text.contains("read 2097152/2097152")).then_some(())
-        },
-    );
-    eprintln!("host-1 serves again {:?} after the heal", healed.elapsed());
     let seg2_first = if wrote_99 { "0x99" } else { "0x77" };
     let want: Vec<String> = vec![
         "read -P 0 0 2M".into(),
@@ -1451,10 +1401,7 @@ fn partitioned_agent_fences_itself_and_resyncs_after_heal() {
         &[("host-0", &["v", "w"]), ("host-1", &["v"])],
         Duration::from_secs(20),
     );
-    nc.controller.check_live();
-    nc.stop_and_check();
-    drop(nc);
-    eprintln!("partition test took {:?}", t0.elapsed());
+    nc.finish("partition test", t0);
 }
 
 /// Like the partition above, but the cut-off agent's connection attempts are *refused* (a
@@ -1467,54 +1414,14 @@ fn agent_refused_by_a_live_controller_does_not_serve_freed_space() {
         return;
     }
     let t0 = Instant::now();
-    let mut nc = NetCluster::start("r", 2, "32M");
-    nc.controller.cli(&["vdisk", "create", "v", "--size", "8M"]);
-    nc.qio(1, "v", &["write -P 0x5a 0 4M"]);
-    nc.qio(0, "v", &["read -P 0x5a 0 4M"]);
-
-    nc.set_refused(1, true);
-    let cut = Instant::now();
-    nc.qio(0, "v", &["discard 0 8M"]);
-    let took = cut.elapsed();
-    eprintln!("discard with host-1 refused took {took:?}");
-    assert!(
-        took < Duration::from_secs(20),
-        "discard took {took:?} (lease 3s)"
-    );
-    poll("freed space is zeroed", Duration::from_secs(20), || {
-        (nc.controller.status()["zeroing"].as_u64() == Some(0)).then_some(())
-    });
-    // w takes all but 2 MiB of the pool: host-1's old segments now hold w's bytes.
-    let free = nc.controller.status()["free"].as_u64().unwrap();
-    assert!(free >= 3 * MIB, "free after the discard: {free}");
-    let w_size = free - 2 * MIB;
-    nc.controller
-        .cli(&["vdisk", "create", "w", "--size", &w_size.to_string()]);
-    nc.qio(0, "w", &[&format!("write -P 0xe1 0 {w_size}")]);
-    eprintln!(
-        "v: {}\nw: {}",
-        nc.controller.json(&["vdisk", "map", "v"]),
-        nc.controller.json(&["vdisk", "map", "w"])
-    );
-
-    // host-1: an error or zeros, never w's bytes through v; a write lands nowhere stale.
-    let (text, _) = nc.try_qio(1, "v", &["read -P 0 0 2M", "write -P 0x99 2M 4k"]);
-    eprintln!(
-        "host-1 I/O while refused ({:?} after the cut):\n{text}",
-        cut.elapsed()
-    );
+    let CutOff {
+        nc,
+        w_size,
+        text,
+        wrote_99,
+    } = cut_off_host_1(Cut::Refused, false);
+    // Judged after the reads below, so that a failure shows what w and v hold.
     let stale_read = text.contains("Pattern verification failed");
-    let wrote_99 = text.contains("wrote 4096/4096");
-
-    nc.set_refused(1, false);
-    poll(
-        "host-1 serves reads again once it reaches the controller",
-        Duration::from_secs(30),
-        || {
-            let (text, ok) = nc.try_qio(1, "v", &["read -P 0 0 2M"]);
-            (ok && text.contains("read 2097152/2097152")).then_some(())
-        },
-    );
     // What w holds now, and what v holds, through host-0.
     let (w_text, _) = nc.try_qio(0, "w", &[&format!("read -P 0xe1 0 {w_size}")]);
     let seg2 = if wrote_99 {
@@ -1543,10 +1450,7 @@ fn agent_refused_by_a_live_controller_does_not_serve_freed_space() {
         !v_text.contains("Pattern verification failed") && !v_text.contains("failed:"),
         "v through host-0 after host-1 came back ({want:?}):\n{v_text}"
     );
-    nc.controller.check_live();
-    nc.stop_and_check();
-    drop(nc);
-    eprintln!("refused-agent test took {:?}", t0.elapsed());
+    nc.finish("refused-agent test", t0);
 }
 
 /// The controller stops promptly on SIGTERM even while an agent's host has vanished from the

@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{BIN, check_data_dir, free_port, run_timeout};
+use super::{
+    BIN, assert_success, check_data_dir, free_port, kill_child, run_timeout, sigterm, stop_child,
+    strings,
+};
 
 /// Lease, table refresh and fault wait used by the tests unless they say otherwise.
 pub const LEASE: &str = "3s";
@@ -141,9 +144,8 @@ impl Proc {
 
     /// kill -9 and reap.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            kill_child(c);
         }
         self.stopped = false;
     }
@@ -153,19 +155,8 @@ impl Proc {
         if self.stopped {
             self.sigcont();
         }
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while c.try_wait().unwrap().is_none() {
-                if Instant::now() > deadline {
-                    let _ = c.kill();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            stop_child(c);
         }
     }
 
@@ -174,9 +165,7 @@ impl Proc {
     pub fn terminate_within(&mut self, limit: Duration) -> Option<Duration> {
         let t = Instant::now();
         let c = self.child.as_mut()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
+        sigterm(c);
         while t.elapsed() < limit {
             if c.try_wait().unwrap().is_some() {
                 self.child = None;
@@ -206,6 +195,46 @@ fn binding_failed(log: &str) -> bool {
     l.contains("binding") || l.contains("address already in use") || l.contains("addrinuse")
 }
 
+/// A tabula process a test starts and restarts on its own port: the controller or an agent.
+trait Daemon {
+    /// The log line that says the process is ready.
+    const READY: &'static str;
+
+    fn proc(&mut self) -> &mut Proc;
+
+    /// Sets the process's command line from its current settings.
+    fn set_args(&mut self);
+
+    /// Picks a new free port for the process to listen on.
+    fn rebind(&mut self);
+
+    /// Starts the process and waits (30 s) for its ready line. When `may_rebind` and the port
+    /// was taken by someone else in the meantime, a new port and another try, five in all.
+    fn start_ready(&mut self, may_rebind: bool) {
+        for _ in 0..5 {
+            self.set_args();
+            let from = self.proc().start();
+            match self
+                .proc()
+                .wait_marker(from, Self::READY, Duration::from_secs(30))
+            {
+                Ok(()) => return,
+                Err(log) if may_rebind && binding_failed(&log) => {
+                    self.proc().kill9();
+                    self.rebind();
+                }
+                Err(log) => panic!("{log}"),
+            }
+        }
+        let proc = self.proc();
+        panic!(
+            "{} could not bind a free port:\n{}",
+            proc.what,
+            proc.log_text()
+        );
+    }
+}
+
 /// A `tabula controller`.
 pub struct Controller {
     pub proc: Proc,
@@ -233,52 +262,13 @@ impl Controller {
         c
     }
 
-    fn set_args(&mut self) {
-        self.proc.args = [
-            "controller",
-            "--data-dir",
-            self.data_dir.to_str().unwrap(),
-            "--api-listen",
-            &format!("{}:{}", self.host, self.api_port),
-            "--container-size",
-            &self.container_size,
-            "--lease",
-            &self.lease,
-            "--refresh-interval",
-            &self.refresh,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    }
-
     /// Starts (or restarts, on the same data directory and port) the controller and waits
     /// until it is ready and answers as *this* controller. On the first start a port taken in
     /// the meantime means a new port and another try (`rebind` may pick it).
     pub fn spawn(&mut self) {
         let first = !self.data_dir.exists();
-        for _ in 0..5 {
-            self.set_args();
-            let from = self.proc.start();
-            match self
-                .proc
-                .wait_marker(from, "tabula controller ready", Duration::from_secs(30))
-            {
-                Ok(()) => {
-                    self.wait_answers();
-                    return;
-                }
-                Err(log) if first && self.host == "127.0.0.1" && binding_failed(&log) => {
-                    self.proc.kill9();
-                    self.api_port = free_port();
-                }
-                Err(log) => panic!("{log}"),
-            }
-        }
-        panic!(
-            "controller could not bind a free port:\n{}",
-            self.proc.log_text()
-        );
+        self.start_ready(first && self.host == "127.0.0.1");
+        self.wait_answers();
     }
 
     fn wait_answers(&mut self) {
@@ -346,30 +336,51 @@ impl Controller {
 
     /// The `agents` entry named `name` in `status --json`, if listed.
     pub fn agent_view(&self, name: &str) -> Option<Value> {
-        self.status()["agents"]
-            .as_array()
-            .expect("status --json has an agents array")
-            .iter()
-            .find(|a| a["name"].as_str() == Some(name))
-            .cloned()
+        let st = self.status();
+        assert!(
+            st["agents"].is_array(),
+            "status --json has an agents array: {st}"
+        );
+        agent_entry(&st, name).cloned()
     }
 
     /// `tabula check` against the running controller must pass.
     pub fn check_live(&self) {
-        let out = self.try_cli(&["check"]);
-        assert!(
-            out.status.success(),
-            "tabula check (live) failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&self.try_cli(&["check"]), "tabula check (live)");
     }
 
     /// Stops the controller cleanly and runs `tabula check --data-dir` on its data.
     pub fn stop_and_check(&mut self) {
         self.proc.stop();
         check_data_dir(&self.data_dir);
+    }
+}
+
+impl Daemon for Controller {
+    const READY: &'static str = "tabula controller ready";
+
+    fn proc(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+
+    fn set_args(&mut self) {
+        self.proc.args = strings(&[
+            "controller",
+            "--data-dir",
+            self.data_dir.to_str().unwrap(),
+            "--api-listen",
+            &format!("{}:{}", self.host, self.api_port),
+            "--container-size",
+            &self.container_size,
+            "--lease",
+            &self.lease,
+            "--refresh-interval",
+            &self.refresh,
+        ]);
+    }
+
+    fn rebind(&mut self) {
+        self.api_port = free_port();
     }
 }
 
@@ -408,45 +419,10 @@ impl Agent {
         }
     }
 
-    fn set_args(&mut self) {
-        self.proc.args = [
-            "agent",
-            "--controller",
-            &self.controller_url,
-            "--nbd-listen",
-            &format!("{}:{}", self.host, self.nbd_port),
-            "--name",
-            &self.name,
-            "--fault-wait",
-            &self.fault_wait,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    }
-
-    /// Starts (or restarts, on the same port) the agent and waits for its ready line.
+    /// Starts (or restarts, on the same port) the agent and waits for its ready line. On the
+    /// first start (`first`) on loopback, a port taken in the meantime means a new port.
     pub fn spawn(&mut self, first: bool) {
-        for _ in 0..5 {
-            self.set_args();
-            let from = self.proc.start();
-            match self
-                .proc
-                .wait_marker(from, "tabula agent ready", Duration::from_secs(30))
-            {
-                Ok(()) => return,
-                Err(log) if first && self.host == "127.0.0.1" && binding_failed(&log) => {
-                    self.proc.kill9();
-                    self.nbd_port = free_port();
-                }
-                Err(log) => panic!("{log}"),
-            }
-        }
-        panic!(
-            "{} could not bind a free port:\n{}",
-            self.proc.what,
-            self.proc.log_text()
-        );
+        self.start_ready(first && self.host == "127.0.0.1");
     }
 
     pub fn url(&self, vdisk: &str) -> String {
@@ -457,6 +433,32 @@ impl Agent {
     pub fn client(&self, vdisk: &str) -> super::nbd::Client {
         super::nbd::Client::connect(self.nbd_port, vdisk)
             .unwrap_or_else(|e| panic!("connect to {} export {vdisk}: {e:?}", self.proc.what))
+    }
+}
+
+impl Daemon for Agent {
+    const READY: &'static str = "tabula agent ready";
+
+    fn proc(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+
+    fn set_args(&mut self) {
+        self.proc.args = strings(&[
+            "agent",
+            "--controller",
+            &self.controller_url,
+            "--nbd-listen",
+            &format!("{}:{}", self.host, self.nbd_port),
+            "--name",
+            &self.name,
+            "--fault-wait",
+            &self.fault_wait,
+        ]);
+    }
+
+    fn rebind(&mut self) {
+        self.nbd_port = free_port();
     }
 }
 
@@ -521,11 +523,48 @@ impl Cluster {
 
     /// Stops the agents, then the controller, and checks the data directory.
     pub fn stop_and_check(&mut self) {
-        for a in &mut self.agents {
-            a.proc.stop();
-        }
-        self.controller.stop_and_check();
+        stop_and_check(&mut self.controller, &mut self.agents);
     }
+}
+
+/// Stops the agents, then the controller, cleanly, and checks the controller's data directory.
+pub fn stop_and_check(controller: &mut Controller, agents: &mut [Agent]) {
+    for a in agents {
+        a.proc.stop();
+    }
+    controller.stop_and_check();
+}
+
+/// Kills (-9) the agents, then the controller; first, when the test is failing, prints the
+/// tail of every log for the report.
+pub fn kill_all(controller: &mut Controller, agents: &mut [Agent]) {
+    if std::thread::panicking() {
+        eprintln!(
+            "===== controller log ({}) tail:\n{}",
+            controller.proc.log.display(),
+            controller.proc.log_tail(60)
+        );
+        for a in agents.iter() {
+            eprintln!(
+                "===== {} log ({}) tail:\n{}",
+                a.proc.what,
+                a.proc.log.display(),
+                a.proc.log_tail(60)
+            );
+        }
+    }
+    for a in agents {
+        a.proc.kill9();
+    }
+    controller.proc.kill9();
+}
+
+/// The `agents` entry named `name` in a `status --json` report, if listed.
+pub fn agent_entry<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
+    status["agents"]
+        .as_array()?
+        .iter()
+        .find(|a| a["name"].as_str() == Some(name))
 }
 
 /// Waits until `status --json` lists every named agent as connected over gRPC; returns the
@@ -563,25 +602,6 @@ pub fn wait_connected(ctl: &Controller, names: &[&str], limit: Duration) -> Valu
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            // The logs of a failed test, for the report.
-            eprintln!(
-                "===== controller log ({}) tail:\n{}",
-                self.controller.proc.log.display(),
-                self.controller.proc.log_tail(60)
-            );
-            for a in &self.agents {
-                eprintln!(
-                    "===== {} log ({}) tail:\n{}",
-                    a.proc.what,
-                    a.proc.log.display(),
-                    a.proc.log_tail(60)
-                );
-            }
-        }
-        for a in &mut self.agents {
-            a.proc.kill9();
-        }
-        self.controller.proc.kill9();
+        kill_all(&mut self.controller, &mut self.agents);
     }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // Each test file uses a different part of the harness.
 
 pub mod cluster;
+pub mod fio;
 pub mod nbd;
 
 use std::net::TcpListener;
@@ -31,6 +32,11 @@ pub fn have(tool: &str) -> bool {
         eprintln!("SKIP: {tool} is not installed (install it to run this test)");
     }
     found
+}
+
+/// Owned copies of `args` (a command line kept for later).
+pub fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
 }
 
 pub fn free_port() -> u16 {
@@ -211,27 +217,15 @@ impl Server {
 
     /// kill -9.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            kill_child(c);
         }
     }
 
     /// SIGTERM and wait (a clean stop).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while c.try_wait().unwrap().is_none() {
-                if Instant::now() > deadline {
-                    let _ = c.kill();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            stop_child(c);
         }
     }
 
@@ -242,14 +236,47 @@ impl Server {
     }
 }
 
+/// Sends SIGTERM to `child` (asks it to stop cleanly) without waiting.
+pub fn sigterm(child: &Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+}
+
+/// SIGTERM, wait up to 20 s, then kill -9; reaps the child.
+pub fn stop_child(mut child: Child) {
+    sigterm(&child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.wait();
+}
+
+/// kill -9 and reap.
+pub fn kill_child(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 pub fn check_data_dir(dir: &Path) {
     let out = Command::new(BIN)
         .args(["check", "--data-dir", dir.to_str().unwrap()])
         .output()
         .unwrap();
+    assert_success(&out, "tabula check");
+}
+
+/// Panics unless the command that gave `out` (`what`) succeeded; shows its status and output.
+pub fn assert_success(out: &Output, what: &str) {
     assert!(
         out.status.success(),
-        "tabula check failed:\n{}{}",
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -264,13 +291,7 @@ impl Drop for Server {
 /// Runs an external command that must succeed (with a time bound); returns stdout.
 pub fn run(cmd: &str, args: &[&str]) -> String {
     let out = run_timeout(cmd, args, Duration::from_secs(300));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, &format!("{cmd} {args:?}"));
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
