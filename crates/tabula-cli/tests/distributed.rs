@@ -983,7 +983,13 @@ fn netns_usable() -> bool {
     if !have("ip") {
         return false;
     }
-    let probe = format!("tabula-probe-{}", std::process::id());
+    // Tests run in parallel threads of one process: each probe needs its own name.
+    static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let probe = format!(
+        "tabula-probe-{}-{}",
+        std::process::id(),
+        PROBES.fetch_add(1, Ordering::Relaxed)
+    );
     let ok = Command::new("ip")
         .args(["netns", "add", &probe])
         .stderr(Stdio::null())
