@@ -1,5 +1,6 @@
 //! Pure types and logic of tabula: sizes, identifiers, mapping tables, entry states,
-//! space allocation and the metadata invariant checker.
+//! space allocation, sharing of blocks between tables (snapshots, clones) and the metadata
+//! invariant checker.
 //!
 //! **Architecture invariant:** this crate does no I/O, spawns nothing and uses no async
 //! runtime, so every rule about tables and space can be tested exhaustively and fuzzed in
@@ -9,10 +10,12 @@
 pub mod alloc;
 pub mod check;
 pub mod ids;
+pub mod refs;
 pub mod table;
 pub mod units;
 
 pub use alloc::{FreeMap, Pool};
 pub use ids::{ContainerId, Generation, VdiskId};
+pub use refs::{SharedBlocks, SharedRun};
 pub use table::{Entry, MappingTable, Phys, Piece, State};
 pub use units::{BLOCK_SIZE, format_size, parse_size};

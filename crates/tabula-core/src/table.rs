@@ -329,6 +329,48 @@ impl MappingTable {
             .collect()
     }
 
+    /// The virtual block ranges where `self` and `other` map differently (another place, or
+    /// another state), merged, without reading any data: what changed between a snapshot
+    /// and a later table of the same lineage. Blocks beyond a table's size count as
+    /// unmapped.
+    pub fn diff(&self, other: &MappingTable) -> Vec<(u64, u64)> {
+        let end = self.size.max(other.size);
+        let pad = |t: &MappingTable| {
+            let mut v = t.lookup(0, t.size);
+            if t.size < end {
+                v.push(Piece {
+                    begin: t.size,
+                    end,
+                    target: None,
+                    state: State::Zero,
+                });
+            }
+            v
+        };
+        let (a, b) = (pad(self), pad(other));
+        let (mut i, mut j, mut pos) = (0, 0, 0);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        while pos < end {
+            let (pa, pb) = (&a[i], &b[j]);
+            let next = pa.end.min(pb.end);
+            let at = |p: &Piece| (p.target.map(|t| t.offset(pos - p.begin)), p.state);
+            if at(pa) != at(pb) {
+                match out.last_mut() {
+                    Some((_, e)) if *e == pos => *e = next,
+                    _ => out.push((pos, next)),
+                }
+            }
+            pos = next;
+            if pa.end == pos {
+                i += 1;
+            }
+            if pb.end == pos {
+                j += 1;
+            }
+        }
+        out
+    }
+
     /// Splits `[begin, end)` into the pieces it covers, gaps included as `Zero` pieces with no
     /// target. The pieces are contiguous and cover the whole range (clipped to the table size).
     pub fn lookup(&self, begin: u64, end: u64) -> Vec<Piece> {
@@ -633,6 +675,58 @@ mod tests {
             let canonical: Vec<Entry> = t.entries().collect();
             prop_assert_eq!(&MappingTable::from_entries(80, canonical).unwrap(), &t);
             prop_assert_eq!(&MappingTable::from_entries(80, raw).unwrap(), &t);
+        }
+
+        /// `diff` lists exactly the blocks whose (target, state) differ, merged.
+        #[test]
+        fn diff_matches_per_block_comparison(
+            ops_a in proptest::collection::vec(op(), 0..30),
+            ops_b in proptest::collection::vec(op(), 0..30),
+        ) {
+            let build = |ops: &[Op]| {
+                let mut t = MappingTable::new(64);
+                for op in ops {
+                    match *op {
+                        Op::Set(b, e, target, state) => {
+                            let _ = t.set(b, e, target.and_then(|(c, x)| phys(c, x)), state);
+                        }
+                        Op::Remove(b, e) => {
+                            let _ = t.remove(b, e);
+                        }
+                        Op::Resize(n) => t.resize(n),
+                    }
+                }
+                t
+            };
+            // Share a history, then diverge: the case diff is for.
+            let a = build(&ops_a);
+            let mut b = a.clone();
+            for op in &ops_b {
+                match *op {
+                    Op::Set(s, e, target, state) => {
+                        let _ = b.set(s, e, target.and_then(|(c, x)| phys(c, x)), state);
+                    }
+                    Op::Remove(s, e) => {
+                        let _ = b.remove(s, e);
+                    }
+                    Op::Resize(n) => b.resize(n),
+                }
+            }
+            let end = a.size().max(b.size());
+            let block = |t: &MappingTable, i: u64| {
+                if i >= t.size() {
+                    (None, State::Zero)
+                } else {
+                    let p = t.lookup(i, i + 1)[0];
+                    (p.target, p.state)
+                }
+            };
+            let want: Vec<u64> = (0..end).filter(|&i| block(&a, i) != block(&b, i)).collect();
+            let d = a.diff(&b);
+            let got: Vec<u64> = d.iter().flat_map(|&(s, e)| s..e).collect();
+            prop_assert_eq!(got, want);
+            prop_assert!(d.windows(2).all(|w| w[0].1 < w[1].0), "merged: {:?}", d);
+            prop_assert_eq!(b.diff(&a), d);
         }
 
         #[test]
