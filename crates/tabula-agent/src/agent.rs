@@ -84,24 +84,29 @@ impl Shared {
         if vol.synced_epoch.load(Ordering::Acquire) == epoch {
             return Ok(());
         }
-        let snap = match self.control.open_vdisk(&self.cfg.name, vol.name()).await {
-            Ok(s) => s,
+        let snap = self
+            .control
+            .open_vdisk(&self.cfg.name, vol.name())
+            .await
+            .and_then(|snap| {
+                if snap.vdisk == vol.id() {
+                    Ok(snap)
+                } else {
+                    Err(ControlError::NotFound(format!(
+                        "vdisk '{}' (deleted and created again; reconnect)",
+                        vol.name()
+                    )))
+                }
+            });
+        let snap = match snap {
             Err(e @ ControlError::NotFound(_)) => {
-                // Deleted while this agent was away.
+                // Deleted while this agent was away: its I/O fails instead of waiting.
                 vol.detach();
                 self.changed.notify_waiters();
                 return Err(e);
             }
-            Err(e) => return Err(e),
+            other => other?,
         };
-        if snap.vdisk != vol.id() {
-            vol.detach();
-            self.changed.notify_waiters();
-            return Err(ControlError::NotFound(format!(
-                "vdisk '{}' (deleted and created again; reconnect)",
-                vol.name()
-            )));
-        }
         self.install_snapshot(vol, &snap, true)
             .map_err(ControlError::Invalid)?;
         vol.synced_epoch.store(epoch, Ordering::Release);
@@ -307,10 +312,6 @@ impl Agent {
         self.shared.flush().await
     }
 
-    pub fn lease(&self) -> &Arc<Lease> {
-        &self.shared.lease
-    }
-
     /// Checks for missing table changes twice a second, for as long as the agent lives.
     pub fn spawn_gap_healer(&self) {
         let weak = Arc::downgrade(&self.shared);
@@ -368,12 +369,18 @@ impl Agent {
         Ok(())
     }
 
-    /// The volume a command is for; if it is still being attached, the command is kept
-    /// for the attach to apply (no I/O can use the volume before then).
-    fn volume_for(&self, id: VdiskId, cmd: &Command) -> Option<Arc<Volume>> {
-        let by_id = self.shared.by_id.lock();
-        match by_id.get(&id) {
-            Some(v) => Some(v.clone()),
+    /// The volume a command is for (taken out of the map with `remove`); if it is still
+    /// being attached, the command is kept for the attach to apply (no I/O can use the
+    /// volume before then).
+    fn volume_for(&self, id: VdiskId, cmd: &Command, remove: bool) -> Option<Arc<Volume>> {
+        let mut by_id = self.shared.by_id.lock();
+        let vol = if remove {
+            by_id.remove(&id)
+        } else {
+            by_id.get(&id).cloned()
+        };
+        match vol {
+            Some(v) => Some(v),
             None => {
                 self.shared
                     .pending
@@ -407,21 +414,8 @@ impl AgentPort for Agent {
     async fn apply(&self, command: Command) -> Result<(), String> {
         match command {
             Command::Detach { vdisk } => {
-                let vol = {
-                    let mut by_id = self.shared.by_id.lock();
-                    let vol = by_id.remove(&vdisk);
-                    if vol.is_none() {
-                        // Being attached: the attach will see this and refuse.
-                        self.shared
-                            .pending
-                            .lock()
-                            .entry(vdisk)
-                            .or_default()
-                            .push(command.clone());
-                    }
-                    vol
-                };
-                if let Some(vol) = vol {
+                // If it is being attached, the attach sees the command and refuses.
+                if let Some(vol) = self.volume_for(vdisk, &command, true) {
                     self.shared.volumes.lock().retain(|_, v| v.id() != vdisk);
                     vol.detach();
                     self.shared.changed.notify_waiters();
@@ -430,7 +424,7 @@ impl AgentPort for Agent {
                 }
             }
             ref cmd => {
-                if let Some(vol) = self.volume_for(cmd.vdisk(), cmd) {
+                if let Some(vol) = self.volume_for(cmd.vdisk(), cmd, false) {
                     Self::apply_to(&vol, cmd, &self.shared)?;
                     // Mappings that only fill gaps supersede nothing; everything else waits
                     // for the I/O that may have used what it replaced.

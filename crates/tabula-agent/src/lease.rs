@@ -7,7 +7,7 @@
 //! next I/O.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const FOREVER: u64 = u64::MAX;
 
@@ -58,16 +58,12 @@ impl Lease {
             self.deadline_ns.store(0, Ordering::Release);
         }
     }
-
-    /// Time left; `None` for a lease that never ends.
-    pub fn remaining(&self) -> Option<Duration> {
-        let d = self.deadline_ns.load(Ordering::Acquire);
-        (d != FOREVER).then(|| Duration::from_nanos(d.saturating_sub(self.ns(Instant::now()))))
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -84,7 +80,6 @@ mod tests {
         let f = Lease::forever();
         f.expire();
         assert!(f.valid());
-        assert_eq!(f.remaining(), None);
         let short = Lease::expired();
         short.extend_to(Instant::now() + Duration::from_millis(20));
         std::thread::sleep(Duration::from_millis(40));

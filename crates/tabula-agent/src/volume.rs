@@ -229,10 +229,6 @@ impl Volume {
         }
     }
 
-    pub fn is_detached(&self) -> bool {
-        self.detached.load(Ordering::Acquire)
-    }
-
     /// Installs a fault's answer. Answers can arrive out of order; an answer older than this
     /// copy is still safe to use where this copy has gaps, provided no command that could
     /// have removed mappings came after it: between the two, the controller only added

@@ -13,7 +13,7 @@ use tabula_api::{
     TableSnapshot,
 };
 use tabula_core::{ContainerId, Entry, Generation, Phys, State, VdiskId};
-use tabula_nbd::server::ExportProvider;
+use tabula_nbd::server::{Export, ExportProvider};
 
 const VD: VdiskId = VdiskId(7);
 const HOLE_ZERO: u32 = 3;
@@ -111,6 +111,23 @@ fn quick_config() -> AgentConfig {
     cfg
 }
 
+/// The agent's export of "vd".
+async fn export_of(a: &Agent) -> Arc<dyn Export> {
+    let Ok(export) = a.open("vd").await else {
+        panic!("attach failed")
+    };
+    export
+}
+
+async fn block(a: &Agent, timeout_ms: u64) {
+    a.apply(Command::Block {
+        vdisk: VD,
+        timeout_ms,
+    })
+    .await
+    .unwrap();
+}
+
 async fn agent(snap: TableSnapshot, race: Option<Command>) -> Agent {
     Agent::start(AgentConfig::new("t"), scripted(snap, race))
         .await
@@ -129,9 +146,7 @@ async fn an_unmap_that_races_the_attach_is_applied() {
         change: true,
     });
     let a = agent(snapshot(1, vec![mapped(0, 512, 0)]), Some(unmap)).await;
-    let Ok(export) = a.open("vd").await else {
-        panic!("attach failed")
-    };
+    let export = export_of(&a).await;
     let status = export.block_status(0, 2 << 20).await.unwrap();
     assert_eq!(
         status[0].flags, HOLE_ZERO,
@@ -196,15 +211,8 @@ async fn a_stale_answer_never_resurrects_an_unmapped_entry() {
 #[tokio::test]
 async fn a_block_holds_new_io_until_unblocked() {
     let a = agent(snapshot(1, vec![]), None).await;
-    let Ok(export) = a.open("vd").await else {
-        panic!("attach failed")
-    };
-    a.apply(Command::Block {
-        vdisk: VD,
-        timeout_ms: 10_000,
-    })
-    .await
-    .unwrap();
+    let export = export_of(&a).await;
+    block(&a, 10_000).await;
     let read = tokio::spawn(async move { export.read(0, 4096).await });
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(!read.is_finished(), "a read went through a block");
@@ -221,17 +229,10 @@ async fn a_block_holds_new_io_until_unblocked() {
 async fn a_block_never_lifted_makes_the_agent_fetch_the_table_again() {
     let ctl = scripted(snapshot(1, vec![]), None);
     let a = Agent::start(quick_config(), ctl.clone()).await.unwrap();
-    let Ok(export) = a.open("vd").await else {
-        panic!("attach failed")
-    };
+    let export = export_of(&a).await;
     // The controller changed the table and died before lifting the block.
     *ctl.snap.lock() = snapshot(5, vec![mapped(0, 256, 0)]);
-    a.apply(Command::Block {
-        vdisk: VD,
-        timeout_ms: 100,
-    })
-    .await
-    .unwrap();
+    block(&a, 100).await;
     let status = export
         .block_status(0, 1 << 20)
         .await
@@ -244,9 +245,7 @@ async fn a_block_never_lifted_makes_the_agent_fetch_the_table_again() {
 async fn set_state_restricts_writes_to_mapped_entries() {
     let ctl = scripted(snapshot(1, vec![mapped(0, 256, 0)]), None);
     let a = Agent::start(quick_config(), ctl.clone()).await.unwrap();
-    let Ok(export) = a.open("vd").await else {
-        panic!("attach failed")
-    };
+    let export = export_of(&a).await;
     a.apply(Command::SetState {
         vdisk: VD,
         generation: Generation(2),
@@ -342,9 +341,7 @@ async fn an_expired_lease_stops_io_until_a_new_session_resyncs() {
     let a = Agent::start_with_lease(quick_config(), ctl.clone(), lease.clone())
         .await
         .unwrap();
-    let Ok(export) = a.open("vd").await else {
-        panic!("attach failed")
-    };
+    let export = export_of(&a).await;
     export
         .read(0, 4096)
         .await

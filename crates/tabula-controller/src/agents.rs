@@ -170,21 +170,12 @@ impl Agents {
             .collect()
     }
 
-    /// Every agent and the tables it holds (for periodic replacement).
-    pub fn all_holdings(&self) -> Vec<(Holder, Vec<VdiskId>)> {
+    /// Every vdisk some agent holds a table of (for periodic replacement).
+    pub fn held_vdisks(&self) -> BTreeSet<VdiskId> {
         self.slots
             .lock()
-            .iter()
-            .map(|(n, s)| {
-                (
-                    Holder {
-                        name: n.clone(),
-                        session: s.session,
-                        port: s.port.clone(),
-                    },
-                    s.vdisks.iter().copied().collect(),
-                )
-            })
+            .values()
+            .flat_map(|s| s.vdisks.iter().copied())
             .collect()
     }
 
@@ -228,19 +219,42 @@ impl Agents {
     /// act as if it had: its lease ran out. An agent that keeps renewing but does not answer
     /// within `ack_timeout` is evicted, and its lease waited out.
     pub async fn deliver(&self, h: &Holder, cmd: Command, ack_timeout: Duration) -> Delivery {
-        let started = Instant::now();
+        let give_up = Instant::now() + ack_timeout;
         let apply = h.port.apply(cmd);
         tokio::pin!(apply);
         loop {
+            // Re-read each time round: heartbeats may have renewed the lease meanwhile.
             let Some(expiry) = self.expiry(&h.name, h.session) else {
                 // Replaced by a new session (which resyncs) or evicted meanwhile.
                 return Delivery::Evicted;
             };
-            let give_up = started + ack_timeout;
-            let wake = match expiry {
-                Some(e) => e.min(give_up),
-                None => give_up,
-            };
+            let now = Instant::now();
+            match expiry {
+                Some(e) if e <= now => {
+                    warn!(
+                        agent = h.name,
+                        "agent's lease expired before it acknowledged; evicted"
+                    );
+                    self.evict(&h.name, h.session);
+                    return Delivery::Evicted;
+                }
+                None if now >= give_up => {
+                    warn!(
+                        agent = h.name,
+                        "agent did not acknowledge a table command in time"
+                    );
+                    return Delivery::Failed;
+                }
+                Some(_) if now >= give_up => {
+                    warn!(
+                        agent = h.name,
+                        "agent renews its lease but does not acknowledge; evicting it"
+                    );
+                    return self.evict_and_wait(h, true).await;
+                }
+                _ => {}
+            }
+            let wake = expiry.map_or(give_up, |e| e.min(give_up));
             tokio::select! {
                 r = &mut apply => match r {
                     Ok(()) => return Delivery::Acked,
@@ -249,29 +263,7 @@ impl Agents {
                         return self.evict_and_wait(h, expiry.is_some()).await;
                     }
                 },
-                _ = tokio::time::sleep_until(wake.into()) => {
-                    let now = Instant::now();
-                    match expiry {
-                        None if now >= give_up => {
-                            warn!(agent = h.name, "agent did not acknowledge a table command in time");
-                            return Delivery::Failed;
-                        }
-                        Some(_) if now >= give_up => {
-                            warn!(agent = h.name, "agent renews its lease but does not acknowledge; evicting it");
-                            return self.evict_and_wait(h, true).await;
-                        }
-                        // Loop: the lease may have been renewed meanwhile.
-                        _ => {
-                            if let Some(Some(e)) = self.expiry(&h.name, h.session) {
-                                if e <= now {
-                                    warn!(agent = h.name, "agent's lease expired before it acknowledged; evicted");
-                                    self.evict(&h.name, h.session);
-                                    return Delivery::Evicted;
-                                }
-                            }
-                        }
-                    }
-                }
+                _ = tokio::time::sleep_until(wake.into()) => {}
             }
         }
     }

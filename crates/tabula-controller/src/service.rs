@@ -167,6 +167,13 @@ impl Meta {
         Ok(())
     }
 
+    /// Freed runs, committed as waiting to be zeroed.
+    fn mark_zeroing(&mut self, runs: &[(Phys, u64)]) {
+        for &(p, l) in runs {
+            self.zeroing.insert((p.container, p.block), l);
+        }
+    }
+
     fn vdisk(&self, id: VdiskId) -> Result<&VdiskMeta, ControlError> {
         self.vdisks
             .get(&id)
@@ -406,21 +413,21 @@ impl Controller {
     /// Sends every agent a fresh copy of every table it holds (seed 003 c21). Agents compare
     /// it with their copy and report mismatches; nothing here waits on a slow agent.
     pub async fn refresh_tables(&self) {
-        for (holder, vdisks) in self.agents.all_holdings() {
-            for id in vdisks {
-                let snap = {
-                    let meta = self.meta.lock().await;
-                    if !meta.vdisks.contains_key(&id) {
-                        continue;
-                    }
-                    Self::snapshot_of(&meta, id)
-                };
-                let port = holder.port.clone();
-                let name = holder.name.clone();
+        for id in self.agents.held_vdisks() {
+            // One snapshot per table, whatever the number of holders.
+            let snap = {
+                let meta = self.meta.lock().await;
+                if !meta.vdisks.contains_key(&id) {
+                    continue;
+                }
+                Self::snapshot_of(&meta, id)
+            };
+            for holder in self.agents.holders(id, None) {
+                let cmd = Command::Replace(snap.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = port.apply(Command::Replace(snap)).await {
+                    if let Err(e) = holder.port.apply(cmd).await {
                         warn!(
-                            agent = name,
+                            agent = holder.name,
                             error = e,
                             "periodic table replacement refused"
                         );
@@ -690,10 +697,7 @@ impl Controller {
         let result = self
             .commit(move |t| {
                 t.delete_vdisk(id)?;
-                for &(p, l) in &stored {
-                    t.put_zeroing(p.container, p.block, l)?;
-                }
-                Ok(())
+                t.put_zeroing_runs(&stored)
             })
             .await;
         if let Err(e) = result {
@@ -701,9 +705,7 @@ impl Controller {
             meta.vdisks.insert(id, v);
             return Err(e);
         }
-        for &(p, l) in &runs {
-            meta.zeroing.insert((p.container, p.block), l);
-        }
+        meta.mark_zeroing(&runs);
         info!(vdisk = name, "vdisk deleted");
         let acked = self.push(id, None, Command::Detach { vdisk: id }).await;
         self.agents.forget_vdisk(id);
@@ -743,17 +745,10 @@ impl Controller {
                 t.resize(new_blocks);
                 Ok(())
             },
-            move |t| {
-                for &(p, l) in &stored {
-                    t.put_zeroing(p.container, p.block, l)?;
-                }
-                Ok(())
-            },
+            move |t| t.put_zeroing_runs(&stored),
         )?;
         self.journal.wait(seq).await?;
-        for &(p, l) in &runs {
-            meta.zeroing.insert((p.container, p.block), l);
-        }
+        meta.mark_zeroing(&runs);
         let snap = Self::snapshot_of(&meta, id);
         let acked = self.push(id, None, Command::Replace(snap)).await;
         if acked && !runs.is_empty() {
@@ -1112,17 +1107,10 @@ impl Controller {
             f.vdisk,
             (b, e),
             |t| t.remove(b, e),
-            move |t| {
-                for &(p, l) in &stored {
-                    t.put_zeroing(p.container, p.block, l)?;
-                }
-                Ok(())
-            },
+            move |t| t.put_zeroing_runs(&stored),
         )?;
         self.journal.wait(seq).await?;
-        for &(p, l) in &runs {
-            meta.zeroing.insert((p.container, p.block), l);
-        }
+        meta.mark_zeroing(&runs);
         let update = self.range_update(meta, f.vdisk, b, e, true);
         if self
             .push(f.vdisk, None, Command::Update(update.clone()))

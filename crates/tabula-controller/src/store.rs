@@ -293,8 +293,12 @@ impl Txn<'_> {
         Ok(())
     }
 
-    pub fn put_zeroing(&mut self, c: ContainerId, start: u64, len: u64) -> Result<(), StoreError> {
-        self.tx.open_table(ZEROING)?.insert((c.0, start), len)?;
+    /// Records freed runs as waiting to be zeroed.
+    pub fn put_zeroing_runs(&mut self, runs: &[(Phys, u64)]) -> Result<(), StoreError> {
+        let mut table = self.tx.open_table(ZEROING)?;
+        for &(p, l) in runs {
+            table.insert((p.container.0, p.block), l)?;
+        }
         Ok(())
     }
 
