@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tabula_api::{ControlError, Fault, FaultOp, RangeUpdate, TableSnapshot};
+use tabula_api::{ControlError, CowCopy, Fault, FaultOp, RangeUpdate, TableSnapshot};
 use tabula_core::{BLOCK_SIZE, ContainerId, Generation, MappingTable, Piece, State, VdiskId};
 use tabula_nbd::consts::{NBD_STATE_HOLE, NBD_STATE_ZERO};
 use tabula_nbd::server::{Errno, Export, ExportInfo, IoError, StatusExtent, ZeroFlags};
@@ -113,6 +113,9 @@ pub struct Volume {
     block_set: AtomicBool,
     /// One resynchronisation at a time.
     pub(crate) resync_lock: tokio::sync::Mutex<()>,
+    /// One copy-on-write fault at a time: two writes to one shared segment must not both
+    /// copy into the new segment while the first already writes there.
+    cow_lock: tokio::sync::Mutex<()>,
 }
 
 impl Volume {
@@ -136,6 +139,7 @@ impl Volume {
             blocked: parking_lot::Mutex::new(None),
             block_set: AtomicBool::new(false),
             resync_lock: tokio::sync::Mutex::new(()),
+            cow_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -504,9 +508,119 @@ impl VolumeExport {
         Ok(())
     }
 
-    /// Sends a fault and installs the answer. While the controller cannot be reached, or
-    /// asks to retry, the fault is repeated for up to the fault wait.
+    /// Sends a fault and installs the answer. If the answer asks for copies (copy-on-write),
+    /// makes them, reports them and installs that answer too.
     async fn fault(&self, op: FaultOp, state: State, segs: (u64, u64)) -> Result<(), IoError> {
+        let update = self.ask(op, state, segs, Vec::new()).await?;
+        self.vol.install_answer(&update);
+        if update.copies.is_empty() {
+            return Ok(());
+        }
+        self.copy_segments(&update.copies).await?;
+        let first = update
+            .copies
+            .iter()
+            .map(|c| c.segment)
+            .min()
+            .expect("non-empty");
+        let last = update
+            .copies
+            .iter()
+            .map(|c| c.segment)
+            .max()
+            .expect("non-empty");
+        let done = self
+            .ask(
+                FaultOp::Copied,
+                State::New,
+                (first, last + 1),
+                update.copies,
+            )
+            .await?;
+        self.vol.install_answer(&done);
+        Ok(())
+    }
+
+    /// Copies shared segments into their new places (copy-on-write) and makes the copies
+    /// durable. Like any I/O it runs under the gate with a usable table, so a command that
+    /// frees the sources waits for it.
+    async fn copy_segments(&self, copies: &[CowCopy]) -> Result<(), IoError> {
+        for c in copies {
+            for x in &c.from {
+                if let Some(t) = x.target {
+                    self.open_container(t.container).await?;
+                }
+            }
+            self.open_container(c.to.container).await?;
+        }
+        for _ in 0..self.shared.cfg.max_fault_retries {
+            self.ready().await?;
+            let guard = self.vol.gate.read().await;
+            if !self.usable_now() {
+                continue;
+            }
+            // (source container, source offset, target container, target offset, len)
+            let mut plan = Vec::new();
+            for c in copies {
+                let base = c.segment * self.vol.segment_blocks;
+                let to = self.shared.cached_container(c.to.container);
+                for x in &c.from {
+                    let (Some(t), Some(to)) = (x.target, to.clone()) else {
+                        continue;
+                    };
+                    let Some(from) = self.shared.cached_container(t.container) else {
+                        continue;
+                    };
+                    plan.push((
+                        from,
+                        t.block * BLOCK_SIZE,
+                        to,
+                        (c.to.block + x.begin - base) * BLOCK_SIZE,
+                        x.len() * BLOCK_SIZE,
+                    ));
+                }
+            }
+            let bytes: u64 = plan.iter().map(|p| p.4).sum();
+            tokio::task::spawn_blocking(move || {
+                const CHUNK: u64 = 1 << 20;
+                let mut buf = vec![0u8; CHUNK.min(bytes) as usize];
+                let mut targets: Vec<Arc<OpenContainer>> = Vec::new();
+                for (from, src, to, dst, len) in &plan {
+                    let mut done = 0;
+                    while done < *len {
+                        let n = CHUNK.min(len - done) as usize;
+                        from.file.read_at(&mut buf[..n], src + done)?;
+                        to.file.write_at(&buf[..n], dst + done)?;
+                        done += n as u64;
+                    }
+                    if !targets.iter().any(|t| Arc::ptr_eq(t, to)) {
+                        targets.push(to.clone());
+                    }
+                }
+                // The controller maps the copy only once it is durable.
+                for t in &targets {
+                    t.file.sync()?;
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await
+            .map_err(|e| io_err("copy-on-write", std::io::Error::other(e)))?
+            .map_err(|e| io_err("copy-on-write copy of a shared segment", e))?;
+            drop(guard);
+            return Ok(());
+        }
+        Err(self.too_many_faults(copies[0].segment * self.vol.segment_bytes()))
+    }
+
+    /// Sends a fault and returns the answer. While the controller cannot be reached, or asks
+    /// to retry, the fault is repeated for up to the fault wait.
+    async fn ask(
+        &self,
+        op: FaultOp,
+        state: State,
+        segs: (u64, u64),
+        copied: Vec<CowCopy>,
+    ) -> Result<RangeUpdate, IoError> {
         let deadline = Instant::now() + self.shared.cfg.fault_wait;
         let mut backoff = Duration::from_millis(50);
         loop {
@@ -517,12 +631,10 @@ impl VolumeExport {
                 segments: segs,
                 state,
                 generation: self.vol.generation(),
+                copied: copied.clone(),
             };
             let wait = match self.shared.control.fault(fault).await {
-                Ok(update) => {
-                    self.vol.install_answer(&update);
-                    return Ok(());
-                }
+                Ok(update) => return Ok(update),
                 Err(ControlError::Retry { after_ms, .. }) => Duration::from_millis(after_ms),
                 Err(ControlError::Unavailable(m)) => {
                     backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -638,6 +750,13 @@ impl VolumeExport {
                     ),
                 });
             }
+            // Copy-on-write faults one at a time (see `cow_lock`); the next one finds the
+            // segment writable or faults for it afresh.
+            let _cow = if bad.iter().any(|p| p.state == State::New) {
+                Some(self.vol.cow_lock.lock().await)
+            } else {
+                None
+            };
             self.fault(FaultOp::Write, bad[0].state, self.fault_segments(&bad))
                 .await?;
         }
@@ -818,6 +937,23 @@ impl Export for VolumeExport {
                 continue;
             }
             let pieces = self.vol.pieces(offset, len64);
+            // Zeroing in place is a write: a shared segment is copied first.
+            let shared: Vec<Piece> = pieces
+                .iter()
+                .filter(|p| p.target.is_some() && !p.state.writable())
+                .copied()
+                .collect();
+            if !shared.is_empty() {
+                drop(guard);
+                let _cow = self.vol.cow_lock.lock().await;
+                self.fault(
+                    FaultOp::Write,
+                    shared[0].state,
+                    self.fault_segments(&shared),
+                )
+                .await?;
+                continue;
+            }
             match self.resolve_ops(&pieces, offset, len64) {
                 Ok(ops) => break (guard, ops),
                 Err(id) => {

@@ -144,6 +144,7 @@ async fn an_unmap_that_races_the_attach_is_applied() {
         range: (0, 256),
         entries: vec![],
         change: true,
+        copies: Vec::new(),
     });
     let a = agent(snapshot(1, vec![mapped(0, 512, 0)]), Some(unmap)).await;
     let export = export_of(&a).await;
@@ -181,6 +182,7 @@ async fn a_stale_answer_never_resurrects_an_unmapped_entry() {
         range: (0, 256),
         entries: vec![],
         change: true,
+        copies: Vec::new(),
     });
     vol.install_answer(&RangeUpdate {
         vdisk: VD,
@@ -188,6 +190,7 @@ async fn a_stale_answer_never_resurrects_an_unmapped_entry() {
         range: (0, 256),
         entries: vec![mapped(0, 256, 0)],
         change: true,
+        copies: Vec::new(),
     });
     assert_eq!(vol.entries(), 0, "stale mapping installed");
     // An older answer with no unmap after it is merged into gaps: it only adds.
@@ -197,6 +200,7 @@ async fn a_stale_answer_never_resurrects_an_unmapped_entry() {
         range: (256, 512),
         entries: vec![mapped(256, 512, 256)],
         change: true,
+        copies: Vec::new(),
     });
     vol.install_answer(&RangeUpdate {
         vdisk: VD,
@@ -204,6 +208,7 @@ async fn a_stale_answer_never_resurrects_an_unmapped_entry() {
         range: (512, 768),
         entries: vec![mapped(512, 768, 1024)],
         change: true,
+        copies: Vec::new(),
     });
     assert_eq!(vol.entries(), 2);
 }
@@ -276,6 +281,7 @@ async fn a_missing_change_is_healed_by_fetching_the_whole_table() {
         range: (0, 256),
         entries: vec![mapped(0, 256, 0)],
         change: true,
+        copies: Vec::new(),
     }))
     .await
     .unwrap();
@@ -301,6 +307,7 @@ async fn a_missing_change_is_healed_by_fetching_the_whole_table() {
         range: (256, 512),
         entries: vec![mapped(256, 512, 256)],
         change: true,
+        copies: Vec::new(),
     }))
     .await
     .unwrap();

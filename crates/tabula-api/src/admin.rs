@@ -8,6 +8,106 @@ pub struct CreateVdisk {
     pub name: String,
     pub size: u64,
     pub segment_size: Option<u64>,
+    /// How the first write to a segment shared with a snapshot or clone is done.
+    #[serde(default)]
+    pub cow: Option<CowPolicy>,
+}
+
+/// Where the first write to a shared segment lands (seed 004 c8-11). Either way the old
+/// contents are first copied into a newly allocated segment, and only that one segment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CowPolicy {
+    /// The write lands on the new segment, which the vdisk maps from then on; snapshots
+    /// and clones keep the original (004 c8).
+    #[default]
+    Redirect,
+    /// The write lands on the original segment, which the vdisk keeps; every snapshot and
+    /// clone that shared it is moved to the new segment holding the old data (004 c10).
+    CopyOut,
+}
+
+impl CowPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            CowPolicy::Redirect => "redirect",
+            CowPolicy::CopyOut => "copy-out",
+        }
+    }
+}
+
+impl std::fmt::Display for CowPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for CowPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<CowPolicy, String> {
+        match s {
+            "redirect" => Ok(CowPolicy::Redirect),
+            "copy-out" => Ok(CowPolicy::CopyOut),
+            _ => Err(format!(
+                "unknown copy-on-write policy '{s}': use redirect or copy-out"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreateSnapshot {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CloneVdisk {
+    /// The snapshot to clone, `VDISK@SNAP`.
+    pub source: String,
+    pub name: String,
+    #[serde(default)]
+    pub cow: Option<CowPolicy>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Rollback {
+    pub snapshot: String,
+}
+
+/// A read-only, point-in-time copy of a vdisk's table.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SnapshotView {
+    /// `VDISK@SNAP`: also its NBD export name.
+    pub name: String,
+    pub vdisk: String,
+    pub snapshot: String,
+    pub id: u64,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    pub size: u64,
+    /// Bytes of container space it maps (shared or not).
+    pub allocated: u64,
+    /// Bytes that only it maps: what deleting it frees.
+    pub unique: u64,
+    /// How long I/O to the vdisk was held while the snapshot was taken (create only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_ms: Option<f64>,
+}
+
+/// One virtual byte range whose mapping differs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffRange {
+    pub offset: u64,
+    pub length: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DiffView {
+    pub from: String,
+    pub to: String,
+    /// Bytes in all ranges.
+    pub changed: u64,
+    pub ranges: Vec<DiffRange>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -35,6 +135,16 @@ pub struct VdiskView {
     pub generation: u64,
     /// Seconds since the Unix epoch.
     pub created: u64,
+    pub cow: CowPolicy,
+    /// The snapshot it was cloned from, if it is a clone (it does not depend on it).
+    #[serde(default)]
+    pub origin: Option<String>,
+    /// Its snapshots, by snapshot name.
+    #[serde(default)]
+    pub snapshots: Vec<String>,
+    /// Bytes of its mapped space shared with snapshots or clones.
+    #[serde(default)]
+    pub shared: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -20,7 +20,7 @@ pub mod admin;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tabula_core::{ContainerId, Entry, Generation, State, VdiskId};
+use tabula_core::{ContainerId, Entry, Generation, Phys, State, VdiskId};
 
 /// An error and its causes as one line (`outer: cause: root cause`), for errors that cross
 /// to another part as text.
@@ -66,6 +66,22 @@ pub enum FaultOp {
     Trim,
     /// Write zeroes that may deallocate (NBD WRITE_ZEROES without NO_HOLE).
     WriteZeroes,
+    /// Not an inhibited I/O: the agent has done the copies a write fault's answer asked
+    /// for (`Fault::copied`) and made them durable; the controller may now switch tables.
+    Copied,
+}
+
+/// Copy-on-write of one segment (seed 004 c8-11): copy the data of `from` (the segment's
+/// current entries; unmapped parts are zeros and need no copy) into the newly allocated run
+/// at `to`, make it durable, and report it back (`FaultOp::Copied`). Until the controller
+/// answers that report, nothing may write to `to` but the copy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CowCopy {
+    /// Segment index.
+    pub segment: u64,
+    pub from: Vec<Entry>,
+    /// First block of the new run; it covers the segment's blocks in order.
+    pub to: Phys,
 }
 
 /// An I/O the agent's table does not allow: it names the operation, the vdisk, the segment
@@ -80,6 +96,9 @@ pub struct Fault {
     pub state: State,
     /// The generation of the agent's copy when it faulted.
     pub generation: Generation,
+    /// With `FaultOp::Copied`: the copies done.
+    #[serde(default)]
+    pub copied: Vec<CowCopy>,
 }
 
 /// The controller's answer to a fault: the authoritative entries of the block range covered by
@@ -95,6 +114,10 @@ pub struct RangeUpdate {
     /// Whether this carries the whole of the change that produced `generation` (rather than
     /// a view of a range at that generation): agents count these to detect gaps.
     pub change: bool,
+    /// Copies to do before the write may proceed (copy-on-write); then report them with a
+    /// `FaultOp::Copied` fault and install its answer.
+    #[serde(default)]
+    pub copies: Vec<CowCopy>,
 }
 
 /// Commands from the controller to an agent. The agent acknowledges only after no I/O that

@@ -154,6 +154,7 @@ pub async fn run(a: Args) -> Result<()> {
                     segments: (s, s + 1),
                     state: State::Zero,
                     generation,
+                    copied: Vec::new(),
                 };
                 let t0 = Instant::now();
                 let r = sim.control.fault(f).await;

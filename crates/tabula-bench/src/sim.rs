@@ -110,6 +110,7 @@ impl Admin {
             name: name.to_string(),
             size,
             segment_size: Some(segment_size),
+            cow: None,
         };
         let resp = tokio::task::block_in_place(|| {
             self.http

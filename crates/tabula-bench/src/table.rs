@@ -83,6 +83,7 @@ pub async fn run(a: Args) -> Result<()> {
                     segments: (2 * i, 2 * i + 1),
                     state: State::Zero,
                     generation: snap.generation,
+                    copied: Vec::new(),
                 };
                 if let Err(e) = b.control.fault(f).await {
                     failed.store(true, Ordering::Relaxed);

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use tabula_api::admin::{AddContainer, CreateVdisk, ResizeVdisk};
+use tabula_api::admin::{AddContainer, CloneVdisk, CowPolicy, CreateVdisk, ResizeVdisk};
 use tabula_core::parse_size;
 
 use crate::client::Client;
@@ -53,6 +53,10 @@ pub enum Cmd {
     /// Create, inspect, resize and delete virtual disks.
     #[command(subcommand)]
     Vdisk(VdiskCmd),
+    /// Take, list, compare and delete snapshots: read-only point-in-time copies of a vdisk,
+    /// exported over NBD as VDISK@SNAP.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
     /// Add and inspect storage containers.
     #[command(subcommand)]
     Container(ContainerCmd),
@@ -82,6 +86,10 @@ pub struct ServeArgs {
     /// Agent name, shown in `tabula status`.
     #[arg(long, default_value = "local")]
     pub name: String,
+    /// The longest a snapshot or rollback may hold a vdisk's I/O while in-flight I/O
+    /// drains; past it the operation is cancelled and I/O resumes.
+    #[arg(long, default_value = "5s", value_parser = duration_arg)]
+    pub snapshot_hold: std::time::Duration,
 }
 
 #[derive(Args, Debug)]
@@ -105,6 +113,10 @@ pub struct ControllerArgs {
     /// (a mismatch is logged and counted in `tabula status`). 0 turns it off.
     #[arg(long, default_value = "60s", value_parser = duration_arg)]
     pub refresh_interval: std::time::Duration,
+    /// The longest a snapshot or rollback may hold a vdisk's I/O on every agent exporting
+    /// it while in-flight I/O drains; past it the operation is cancelled and I/O resumes.
+    #[arg(long, default_value = "5s", value_parser = duration_arg)]
+    pub snapshot_hold: std::time::Duration,
 }
 
 #[derive(Args, Debug)]
@@ -152,6 +164,11 @@ pub enum VdiskCmd {
         /// Allocation unit (power of two, at least 4K; default 1M).
         #[arg(long, value_parser = size_arg)]
         segment_size: Option<u64>,
+        /// First write to a segment shared with a snapshot or clone: `redirect` writes to a
+        /// new copy of the segment (the vdisk moves), `copy-out` writes in place after
+        /// moving the old data out for the snapshots and clones.
+        #[arg(long, default_value = "redirect")]
+        cow: CowPolicy,
     },
     /// List vdisks.
     List(JsonFlag),
@@ -167,13 +184,70 @@ pub enum VdiskCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Delete a vdisk; its space is zeroed and returned to the pool.
-    Delete { name: String },
+    /// Delete a vdisk; space no snapshot or clone maps is zeroed and returned to the pool.
+    Delete {
+        name: String,
+        /// Delete its snapshots too (without it, a vdisk with snapshots is not deleted).
+        #[arg(long)]
+        with_snapshots: bool,
+    },
+    /// Create a writable vdisk from a snapshot, sharing all its space (copied on write).
+    /// The clone depends on nothing: the snapshot and its vdisk can be deleted.
+    Clone {
+        /// The snapshot to clone: VDISK@SNAP.
+        source: String,
+        /// Name of the new vdisk.
+        name: String,
+        /// Copy-on-write policy of the clone (default: that of the snapshot's vdisk).
+        #[arg(long)]
+        cow: Option<CowPolicy>,
+    },
+    /// Make a vdisk's contents (and size) those of one of its snapshots again. I/O is held
+    /// while agents switch; space only the vdisk held is freed.
+    Rollback {
+        name: String,
+        /// Snapshot name (without the VDISK@ prefix).
+        snapshot: String,
+    },
     /// Grow or shrink a vdisk (shrinking frees the space beyond the new end).
     Resize {
         name: String,
         #[arg(long, value_parser = size_arg)]
         size: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCmd {
+    /// Take a snapshot: returns in milliseconds whatever the vdisk's size. I/O to the vdisk
+    /// is held (not failed) only while agents drain in-flight I/O. It holds every write
+    /// acknowledged before the command and none issued after it returned.
+    Create {
+        vdisk: String,
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List snapshots (of one vdisk, or all) with the space unique to each.
+    List {
+        vdisk: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot; the space only it maps is zeroed and freed.
+    Delete {
+        /// VDISK@SNAP
+        name: String,
+    },
+    /// List the byte ranges whose contents may differ between two tables of one lineage
+    /// (a vdisk, its snapshots and clones), without reading data: for incremental backup.
+    Diff {
+        /// VDISK@SNAP or VDISK
+        from: String,
+        /// VDISK@SNAP or VDISK
+        to: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -219,11 +293,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 name,
                 size,
                 segment_size,
+                cow,
             } => {
                 let v = client().create_vdisk(&CreateVdisk {
                     name,
                     size,
                     segment_size,
+                    cow: Some(cow),
                 })?;
                 println!(
                     "created vdisk {} ({}); NBD export name: {}",
@@ -244,9 +320,34 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 let m = client().map(&name)?;
                 output::print(&m, json, output::map_table)?;
             }
-            VdiskCmd::Delete { name } => {
-                client().delete_vdisk(&name)?;
+            VdiskCmd::Delete {
+                name,
+                with_snapshots,
+            } => {
+                client().delete_vdisk(&name, with_snapshots)?;
                 println!("deleted vdisk {name}");
+            }
+            VdiskCmd::Clone { source, name, cow } => {
+                let v = client().clone_vdisk(&CloneVdisk {
+                    source: source.clone(),
+                    name,
+                    cow,
+                })?;
+                println!(
+                    "created vdisk {} as a clone of {source} ({}, copy-on-write: {}); NBD export name: {}",
+                    v.name,
+                    tabula_core::format_size(v.size),
+                    v.cow,
+                    v.name
+                );
+            }
+            VdiskCmd::Rollback { name, snapshot } => {
+                let v = client().rollback(&name, &snapshot)?;
+                println!(
+                    "rolled vdisk {} back to {name}@{snapshot} ({})",
+                    v.name,
+                    tabula_core::format_size(v.size)
+                );
             }
             VdiskCmd::Resize { name, size } => {
                 let v = client().resize_vdisk(&name, &ResizeVdisk { size })?;
@@ -255,6 +356,36 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     v.name,
                     tabula_core::format_size(v.size)
                 );
+            }
+        },
+        Cmd::Snapshot(cmd) => match cmd {
+            SnapshotCmd::Create { vdisk, name, json } => {
+                let s = client().create_snapshot(&vdisk, &name)?;
+                if json {
+                    output::print(&s, true, output::snapshot_detail)?;
+                } else {
+                    println!(
+                        "created snapshot {} (I/O held {:.1} ms); NBD export name (read-only): {}",
+                        s.name,
+                        s.hold_ms.unwrap_or(0.0),
+                        s.name
+                    );
+                }
+            }
+            SnapshotCmd::List { vdisk, json } => {
+                let list = client().list_snapshots(vdisk.as_deref())?;
+                output::print(&list, json, output::snapshot_table)?;
+            }
+            SnapshotCmd::Delete { name } => {
+                if !name.contains('@') {
+                    bail!("give the snapshot as VDISK@SNAP (tabula snapshot list shows them)");
+                }
+                client().delete_snapshot(&name)?;
+                println!("deleted snapshot {name}");
+            }
+            SnapshotCmd::Diff { from, to, json } => {
+                let d = client().diff(&from, &to)?;
+                output::print(&d, json, output::diff)?;
             }
         },
         Cmd::Container(cmd) => match cmd {

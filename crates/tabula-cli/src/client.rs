@@ -4,8 +4,8 @@ use anyhow::{Context, Result, anyhow};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tabula_api::admin::{
-    AddContainer, ApiError, CheckView, ContainerView, CreateVdisk, MapView, ResizeVdisk,
-    StatusView, VdiskView,
+    AddContainer, ApiError, CheckView, CloneVdisk, ContainerView, CreateSnapshot, CreateVdisk,
+    DiffView, MapView, ResizeVdisk, Rollback, SnapshotView, StatusView, VdiskView,
 };
 
 pub struct Client {
@@ -100,10 +100,19 @@ impl Client {
         self.post(&format!("/v1/vdisks/{}/resize", enc(name)), req)
     }
 
-    pub fn delete_vdisk(&self, name: &str) -> Result<()> {
+    pub fn delete_vdisk(&self, name: &str, with_snapshots: bool) -> Result<()> {
+        let q = if with_snapshots {
+            "?with_snapshots=true"
+        } else {
+            ""
+        };
+        self.delete(&format!("/v1/vdisks/{}{q}", enc(name)))
+    }
+
+    fn delete(&self, path: &str) -> Result<()> {
         let mut r = self
             .agent
-            .delete(&self.url(&format!("/v1/vdisks/{}", enc(name))))
+            .delete(&self.url(path))
             .call()
             .map_err(|e| self.unreachable(e))?;
         if r.status().is_success() {
@@ -115,6 +124,43 @@ impl Client {
             .map(|e| e.error)
             .unwrap_or_else(|_| r.status().to_string());
         Err(anyhow!("{msg}"))
+    }
+
+    pub fn create_snapshot(&self, vdisk: &str, name: &str) -> Result<SnapshotView> {
+        self.post(
+            &format!("/v1/vdisks/{}/snapshots", enc(vdisk)),
+            &CreateSnapshot {
+                name: name.to_string(),
+            },
+        )
+    }
+
+    pub fn list_snapshots(&self, vdisk: Option<&str>) -> Result<Vec<SnapshotView>> {
+        match vdisk {
+            Some(v) => self.get(&format!("/v1/snapshots?vdisk={}", enc(v))),
+            None => self.get("/v1/snapshots"),
+        }
+    }
+
+    pub fn delete_snapshot(&self, full: &str) -> Result<()> {
+        self.delete(&format!("/v1/snapshots/{}", enc(full)))
+    }
+
+    pub fn clone_vdisk(&self, req: &CloneVdisk) -> Result<VdiskView> {
+        self.post("/v1/clones", req)
+    }
+
+    pub fn rollback(&self, vdisk: &str, snapshot: &str) -> Result<VdiskView> {
+        self.post(
+            &format!("/v1/vdisks/{}/rollback", enc(vdisk)),
+            &Rollback {
+                snapshot: snapshot.to_string(),
+            },
+        )
+    }
+
+    pub fn diff(&self, from: &str, to: &str) -> Result<DiffView> {
+        self.get(&format!("/v1/diff?from={}&to={}", enc(from), enc(to)))
     }
 
     pub fn list_containers(&self) -> Result<Vec<ContainerView>> {

@@ -4,7 +4,9 @@ use std::fmt::Write as _;
 
 use anyhow::Result;
 use serde::Serialize;
-use tabula_api::admin::{CheckView, ContainerView, MapView, StatusView, VdiskView};
+use tabula_api::admin::{
+    CheckView, ContainerView, DiffView, MapView, SnapshotView, StatusView, VdiskView,
+};
 use tabula_core::format_size;
 
 pub fn print<T: Serialize>(v: &T, json: bool, human: fn(&T) -> String) -> Result<()> {
@@ -47,20 +49,70 @@ pub fn vdisk_table(list: &Vec<VdiskView>) -> String {
 
 pub fn vdisk_detail(v: &VdiskView) -> String {
     format!(
-        "name:        {}\nid:          {}\nsize:        {} ({} bytes)\nallocated:   {} ({})\nsegment:     {}\nentries:     {}\ngeneration:  {}\ncreated:     {}\n",
+        "name:        {}\nid:          {}\nsize:        {} ({} bytes)\nallocated:   {} ({})\nshared:      {} (with snapshots and clones)\nsegment:     {}\nentries:     {}\ngeneration:  {}\ncreated:     {}\ncow:         {}\norigin:      {}\nsnapshots:   {}\n",
         v.name,
         v.id,
         format_size(v.size),
         v.size,
         format_size(v.allocated),
         pct(v.allocated, v.size),
+        format_size(v.shared),
         format_size(v.segment_size),
         v.entries,
         v.generation,
-        humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + std::time::Duration::from_secs(v.created)
-        )
+        time(v.created),
+        v.cow,
+        v.origin.as_deref().unwrap_or("-"),
+        if v.snapshots.is_empty() {
+            "-".to_string()
+        } else {
+            v.snapshots.join(", ")
+        }
     )
+}
+
+fn time(secs: u64) -> humantime::Rfc3339Timestamp {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
+pub fn snapshot_table(list: &Vec<SnapshotView>) -> String {
+    let mut s = format!(
+        "{:<32} {:<20} {:>10} {:>10} {:>10}\n",
+        "SNAPSHOT", "CREATED", "SIZE", "ALLOCATED", "UNIQUE"
+    );
+    for v in list {
+        let _ = writeln!(
+            s,
+            "{:<32} {:<20} {:>10} {:>10} {:>10}",
+            v.name,
+            time(v.created).to_string(),
+            format_size(v.size),
+            format_size(v.allocated),
+            format_size(v.unique)
+        );
+    }
+    if list.is_empty() {
+        s.push_str("(no snapshots: take one with `tabula snapshot create VDISK NAME`)\n");
+    }
+    s
+}
+
+pub fn snapshot_detail(v: &SnapshotView) -> String {
+    snapshot_table(&vec![v.clone()])
+}
+
+pub fn diff(d: &DiffView) -> String {
+    let mut s = format!(
+        "{} -> {}: {} in {} range(s)\n",
+        d.from,
+        d.to,
+        format_size(d.changed),
+        d.ranges.len()
+    );
+    for r in &d.ranges {
+        let _ = writeln!(s, "{:>16} {:>12}", r.offset, r.length);
+    }
+    s
 }
 
 pub fn map_table(m: &MapView) -> String {

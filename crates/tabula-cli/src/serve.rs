@@ -160,7 +160,11 @@ async fn run_until_signal(
 }
 
 async fn serve(mut args: ServeArgs) -> Result<()> {
-    let ctl = open_controller(&mut args.data_dir, args.container_size, |_| {}).await?;
+    let hold = args.snapshot_hold;
+    let ctl = open_controller(&mut args.data_dir, args.container_size, |c| {
+        c.snapshot_hold = hold;
+    })
+    .await?;
     let plane: Arc<dyn ControlPlane> = ctl.clone();
     let agent = Agent::start(agent_config(&args.name)?, plane)
         .await
@@ -185,6 +189,7 @@ async fn serve(mut args: ServeArgs) -> Result<()> {
 async fn controller(mut args: ControllerArgs) -> Result<()> {
     let lease = args.lease;
     let refresh = args.refresh_interval;
+    let hold = args.snapshot_hold;
     if lease.is_zero() {
         anyhow::bail!("--lease must be more than 0");
     }
@@ -192,6 +197,7 @@ async fn controller(mut args: ControllerArgs) -> Result<()> {
         c.lease = lease;
         c.restart_grace = true;
         c.refresh_interval = (!refresh.is_zero()).then_some(refresh);
+        c.snapshot_hold = hold;
     })
     .await?;
     let api = bind_api(&args.api_listen).await?;

@@ -128,6 +128,11 @@ impl Agents {
             .is_some_and(|s| s.session == session)
     }
 
+    /// The current session of `name`, if it has one.
+    pub fn session_of(&self, name: &str) -> Option<u64> {
+        self.slots.lock().get(name).map(|s| s.session)
+    }
+
     /// The session's stream ended; its lease runs on until it expires.
     pub fn disconnected(&self, name: &str, session: u64) {
         if let Some(s) = self.slots.lock().get_mut(name) {

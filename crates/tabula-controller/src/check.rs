@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use tabula_api::admin::CheckView;
-use tabula_core::check::{Inventory, check};
+use tabula_core::check::{Inventory, TableInventory, check};
 
 use crate::store::{Loaded, Store, StoreError};
 
@@ -14,12 +14,17 @@ pub fn inventory(loaded: &Loaded) -> Inventory {
             .insert(*id, (rec.name.clone(), rec.size_blocks));
     }
     for (id, rec, entries) in &loaded.vdisks {
-        let size = rec.size_bytes / tabula_core::BLOCK_SIZE;
-        inv.vdisks
-            .push((*id, rec.name.clone(), size, entries.clone()));
+        inv.vdisks.push(TableInventory {
+            id: *id,
+            name: rec.name.clone(),
+            size: rec.size_bytes / tabula_core::BLOCK_SIZE,
+            writable: !rec.read_only,
+            entries: entries.clone(),
+        });
     }
     inv.free = loaded.free.clone();
     inv.zeroing = loaded.zeroing.clone();
+    inv.cow = loaded.cow.clone();
     inv
 }
 
@@ -31,6 +36,7 @@ pub fn check_loaded(loaded: &Loaded) -> CheckView {
         containers: r.containers,
         vdisks: r.vdisks,
         entries: r.entries,
+        // Distinct blocks: a block shared by snapshots and clones counts once.
         mapped: r.mapped_blocks * tabula_core::BLOCK_SIZE,
         free: r.free_blocks * tabula_core::BLOCK_SIZE,
         zeroing: r.zeroing_blocks * tabula_core::BLOCK_SIZE,

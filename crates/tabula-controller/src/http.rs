@@ -11,21 +11,30 @@
 //! | GET    | /v1/vdisks                  | `[VdiskView]`                 |
 //! | POST   | /v1/vdisks                  | `CreateVdisk` -> `VdiskView`  |
 //! | GET    | /v1/vdisks/{name}           | `VdiskView`                   |
-//! | DELETE | /v1/vdisks/{name}           | -                             |
+//! | DELETE | /v1/vdisks/{name}[?with_snapshots=true] | -                 |
 //! | POST   | /v1/vdisks/{name}/resize    | `ResizeVdisk` -> `VdiskView`  |
 //! | GET    | /v1/vdisks/{name}/map       | `MapView`                     |
+//! | POST   | /v1/vdisks/{name}/snapshots | `CreateSnapshot` -> `SnapshotView` |
+//! | GET    | /v1/snapshots[?vdisk=NAME]  | `[SnapshotView]`              |
+//! | DELETE | /v1/snapshots/{vdisk@snap}  | -                             |
+//! | POST   | /v1/clones                  | `CloneVdisk` -> `VdiskView`   |
+//! | POST   | /v1/vdisks/{name}/rollback  | `Rollback` -> `VdiskView`     |
+//! | GET    | /v1/diff?from=A&to=B        | `DiffView`                    |
 //!
 //! Errors answer with a status code and `{"error": "..."}`.
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::Deserialize;
 use tabula_api::ControlError;
-use tabula_api::admin::{AddContainer, ApiError, CreateVdisk, ResizeVdisk};
+use tabula_api::admin::{
+    AddContainer, ApiError, CloneVdisk, CreateSnapshot, CreateVdisk, ResizeVdisk, Rollback,
+};
 
 use crate::Controller;
 
@@ -96,7 +105,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
             "/v1/vdisks",
             get(|State(c): Ctl| async move { Json(c.list_vdisk_views().await) }).post(
                 |State(c): Ctl, Json(req): Json<CreateVdisk>| async move {
-                    c.create_vdisk(&req.name, req.size, req.segment_size)
+                    c.create_vdisk(&req.name, req.size, req.segment_size, req.cow)
                         .await
                         .map(Json)
                         .map_err(Error)
@@ -108,8 +117,8 @@ pub fn router(ctl: Arc<Controller>) -> Router {
             get(|State(c): Ctl, Path(name): Path<String>| async move {
                 c.vdisk_by_name(&name).await.map(Json).map_err(Error)
             })
-            .delete(|State(c): Ctl, Path(name): Path<String>| async move {
-                c.delete_vdisk(&name)
+            .delete(|State(c): Ctl, Path(name): Path<String>, Query(q): Query<DeleteQuery>| async move {
+                c.delete_vdisk(&name, q.with_snapshots)
                     .await
                     .map(|_| StatusCode::NO_CONTENT)
                     .map_err(Error)
@@ -132,7 +141,79 @@ pub fn router(ctl: Arc<Controller>) -> Router {
                 c.map_view(&name).await.map(Json).map_err(Error)
             }),
         )
+        .route(
+            "/v1/vdisks/{name}/snapshots",
+            post(
+                |State(c): Ctl, Path(name): Path<String>, Json(req): Json<CreateSnapshot>| async move {
+                    c.create_snapshot(&name, &req.name)
+                        .await
+                        .map(Json)
+                        .map_err(Error)
+                },
+            ),
+        )
+        .route(
+            "/v1/snapshots",
+            get(|State(c): Ctl, Query(q): Query<SnapshotQuery>| async move {
+                c.list_snapshots(q.vdisk.as_deref())
+                    .await
+                    .map(Json)
+                    .map_err(Error)
+            }),
+        )
+        .route(
+            "/v1/snapshots/{name}",
+            axum::routing::delete(|State(c): Ctl, Path(name): Path<String>| async move {
+                c.delete_snapshot(&name)
+                    .await
+                    .map(|_| StatusCode::NO_CONTENT)
+                    .map_err(Error)
+            }),
+        )
+        .route(
+            "/v1/clones",
+            post(|State(c): Ctl, Json(req): Json<CloneVdisk>| async move {
+                c.clone_vdisk(&req.source, &req.name, req.cow)
+                    .await
+                    .map(Json)
+                    .map_err(Error)
+            }),
+        )
+        .route(
+            "/v1/vdisks/{name}/rollback",
+            post(
+                |State(c): Ctl, Path(name): Path<String>, Json(req): Json<Rollback>| async move {
+                    c.rollback(&name, &req.snapshot)
+                        .await
+                        .map(Json)
+                        .map_err(Error)
+                },
+            ),
+        )
+        .route(
+            "/v1/diff",
+            get(|State(c): Ctl, Query(q): Query<DiffQuery>| async move {
+                c.diff(&q.from, &q.to).await.map(Json).map_err(Error)
+            }),
+        )
         .with_state(ctl)
+}
+
+#[derive(Deserialize)]
+struct DeleteQuery {
+    #[serde(default)]
+    with_snapshots: bool,
+}
+
+#[derive(Deserialize)]
+struct SnapshotQuery {
+    vdisk: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct DiffQuery {
+    from: String,
+    to: String,
 }
 
 /// Serves the admin API on `listener` until `shutdown` resolves.

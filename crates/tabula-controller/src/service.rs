@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use tabula_api::admin::CowPolicy;
 use tabula_api::admin::{CheckView, ContainerView, MapEntryView, MapView, StatusView, VdiskView};
 use tabula_api::{
     AgentPort, Command, ContainerLocation, ControlError, ControlPlane, Fault, FaultOp, RangeUpdate,
@@ -27,8 +28,8 @@ use tabula_api::{
 use tabula_container::Container;
 use tabula_core::table::TableError;
 use tabula_core::{
-    BLOCK_SIZE, ContainerId, FreeMap, Generation, MappingTable, Phys, Pool, State, VdiskId,
-    format_size,
+    BLOCK_SIZE, ContainerId, Entry, FreeMap, Generation, MappingTable, Phys, Pool, SharedBlocks,
+    State, VdiskId, format_size,
 };
 use tokio::sync::Mutex;
 use tracing::{info, warn};
@@ -59,6 +60,9 @@ pub struct ControllerConfig {
     pub restart_grace: bool,
     /// How often every agent's copy of every table is replaced wholesale (`None`: never).
     pub refresh_interval: Option<Duration>,
+    /// The longest a snapshot or rollback may hold a vdisk's I/O while agents drain; past
+    /// it the operation is cancelled and I/O resumes.
+    pub snapshot_hold: Duration,
 }
 
 impl ControllerConfig {
@@ -70,6 +74,7 @@ impl ControllerConfig {
             lease: Duration::from_secs(10),
             restart_grace: false,
             refresh_interval: None,
+            snapshot_hold: Duration::from_secs(5),
         }
     }
 }
@@ -117,8 +122,27 @@ struct Meta {
     vdisks: BTreeMap<VdiskId, VdiskMeta>,
     pool: Pool,
     zeroing: BTreeMap<(ContainerId, u64), u64>,
-    /// Runs waiting in `zeroing` whose zeroing must wait for the restart grace to end.
-    deferred: Vec<(Phys, u64)>,
+    /// Runs waiting in `zeroing` that may not be zeroed before the given time: the restart
+    /// grace, or the lease of an agent that was copying into them when it went away.
+    deferred: Vec<(Instant, Phys, u64)>,
+    /// Extra references of blocks shared by several tables (derived from the tables at
+    /// load, kept up to date by every change).
+    shared: SharedBlocks,
+    /// Copy-on-write in progress, by (vdisk, segment).
+    cows: BTreeMap<(VdiskId, u64), PendingCow>,
+}
+
+/// A segment being copied by an agent before its first write after a snapshot or clone.
+#[derive(Clone, Debug)]
+struct PendingCow {
+    /// The segment's entries when the copy was asked for: the switch happens only if they
+    /// are still the same.
+    from: Vec<Entry>,
+    to: Phys,
+    len: u64,
+    agent: String,
+    /// The agent's session then (`None` if it had none: an unknown agent).
+    session: Option<u64>,
 }
 
 impl Meta {
@@ -172,6 +196,43 @@ impl Meta {
         for &(p, l) in runs {
             self.zeroing.insert((p.container, p.block), l);
         }
+    }
+
+    /// One table stops mapping these runs: returns the parts nobody maps any more.
+    fn release(&mut self, runs: &[(Phys, u64)]) -> Vec<(Phys, u64)> {
+        let mut freed = Vec::new();
+        for &(p, l) in runs {
+            freed.extend(self.shared.release(p, l));
+        }
+        freed
+    }
+
+    /// Blocks of these runs that other tables map too.
+    fn shared_blocks(&self, runs: &[(Phys, u64)]) -> u64 {
+        runs.iter().map(|&(p, l)| self.shared.shared_in(p, l)).sum()
+    }
+
+    /// The snapshots of `vdisk`, by id.
+    fn snapshots_of(&self, vdisk: VdiskId) -> Vec<VdiskId> {
+        self.vdisks
+            .iter()
+            .filter(|(_, v)| v.rec.parent == Some(vdisk.0))
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    /// Takes the copy-on-writes pending for `vdisk` (it is being deleted): their runs must be
+    /// freed once no agent can still be copying into them.
+    fn take_cows(&mut self, vdisk: VdiskId) -> Vec<(Phys, u64)> {
+        let keys: Vec<_> = self
+            .cows
+            .range((vdisk, 0)..=(vdisk, u64::MAX))
+            .map(|(k, _)| *k)
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| self.cows.remove(&k))
+            .map(|c| (c.to, c.len))
+            .collect()
     }
 
     fn vdisk(&self, id: VdiskId) -> Result<&VdiskMeta, ControlError> {
@@ -228,6 +289,46 @@ fn span_edges(t: &MappingTable, b: u64, e: u64) -> (u64, u64) {
         .map(|x| x.end)
         .fold(e, u64::max);
     (lo, hi)
+}
+
+/// The mapped runs of a table.
+fn mapped_runs(t: &MappingTable) -> Vec<(Phys, u64)> {
+    t.entries()
+        .filter_map(|e| e.target.map(|p| (p, e.len())))
+        .collect()
+}
+
+/// One table's changed span with its record, ready to be written.
+struct TableWrite {
+    vdisk: VdiskId,
+    lo: u64,
+    hi: u64,
+    entries: Vec<Entry>,
+    rec: VdiskRecord,
+}
+
+impl TableWrite {
+    /// The whole table (a new one, or one rewritten wholesale).
+    fn whole(vdisk: VdiskId, v: &VdiskMeta) -> TableWrite {
+        TableWrite {
+            vdisk,
+            lo: 0,
+            hi: u64::MAX,
+            entries: v.table.entries().collect(),
+            rec: v.rec.clone(),
+        }
+    }
+
+    fn apply(&self, t: &mut Txn<'_>) -> Result<(), StoreError> {
+        t.replace_entries(self.vdisk, self.lo, self.hi, &self.entries)?;
+        t.put_vdisk(self.vdisk, &self.rec)
+    }
+}
+
+fn read_only(name: &str) -> ControlError {
+    ControlError::Invalid(format!(
+        "'{name}' is a read-only snapshot: clone it (tabula vdisk clone) to get a writable copy"
+    ))
 }
 
 fn now_secs() -> u64 {
@@ -331,6 +432,33 @@ impl Controller {
         for (c, s, l) in loaded.zeroing {
             meta.zeroing.insert((c, s), l);
         }
+        meta.shared =
+            SharedBlocks::from_mappings(meta.vdisks.values().flat_map(|v| mapped_runs(&v.table)));
+        // Copies an agent was making when the controller stopped: nothing maps them, so
+        // they are freed like any freed space (zeroed first, after the restart grace).
+        let abandoned: Vec<(Phys, u64)> = loaded
+            .cow
+            .iter()
+            .map(|&(c, s, l)| {
+                (
+                    Phys {
+                        container: c,
+                        block: s,
+                    },
+                    l,
+                )
+            })
+            .collect();
+        if !abandoned.is_empty() {
+            let stored = abandoned.clone();
+            store.write(move |t| {
+                for &(p, _) in &stored {
+                    t.delete_cow(p)?;
+                }
+                t.put_zeroing_runs(&stored)
+            })?;
+            meta.mark_zeroing(&abandoned);
+        }
         let ctl = Controller {
             cfg,
             journal: Journal::start(store.clone()),
@@ -382,15 +510,7 @@ impl Controller {
         tokio::spawn(async move {
             tokio::time::sleep_until(grace_until.into()).await;
             let Some(c) = ctl.upgrade() else { return };
-            let mut meta = c.meta.lock().await;
-            let runs = std::mem::take(&mut meta.deferred);
-            if !runs.is_empty() {
-                info!(runs = runs.len(), "restart grace over: zeroing freed space");
-                if let Err(e) = c.zero_and_free(&mut meta, runs).await {
-                    warn!(error = %e, "zeroing after the restart grace failed");
-                }
-            }
-            drop(meta);
+            c.zero_deferred().await;
             drop(c);
             let tick = refresh
                 .unwrap_or(Duration::from_secs(10))
@@ -400,6 +520,8 @@ impl Controller {
                 tokio::time::sleep(tick).await;
                 let Some(c) = ctl.upgrade() else { return };
                 c.agents.sweep();
+                c.reap_abandoned_cows().await;
+                c.zero_deferred().await;
                 if let Some(every) = refresh {
                     if last_refresh.elapsed() >= every {
                         last_refresh = Instant::now();
@@ -408,6 +530,24 @@ impl Controller {
                 }
             }
         });
+    }
+
+    /// Zeroes and frees the deferred runs whose time has come.
+    async fn zero_deferred(&self) {
+        let mut meta = self.meta.lock().await;
+        let now = Instant::now();
+        if !meta.deferred.iter().any(|d| d.0 <= now) {
+            return;
+        }
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut meta.deferred)
+            .into_iter()
+            .partition(|d| d.0 <= now);
+        meta.deferred = later;
+        let runs: Vec<(Phys, u64)> = due.into_iter().map(|(_, p, l)| (p, l)).collect();
+        info!(runs = runs.len(), "zeroing freed space whose wait is over");
+        if let Err(e) = self.zero_and_free(&mut meta, runs).await {
+            warn!(error = %e, "zeroing deferred freed space failed");
+        }
     }
 
     /// Sends every agent a fresh copy of every table it holds (seed 003 c21). Agents compare
@@ -584,6 +724,7 @@ impl Controller {
         name: &str,
         size: u64,
         segment_size: Option<u64>,
+        cow: Option<CowPolicy>,
     ) -> Result<VdiskView, ControlError> {
         validate_name("vdisk", name)?;
         let seg = segment_size.unwrap_or(DEFAULT_SEGMENT_SIZE);
@@ -616,6 +757,11 @@ impl Controller {
             segment_blocks: seg / BLOCK_SIZE,
             generation: 1,
             created: now_secs(),
+            read_only: false,
+            parent: None,
+            origin: None,
+            lineage: id.0,
+            cow: cow.unwrap_or_default(),
         };
         let stored = rec.clone();
         self.commit(move |t| {
@@ -648,6 +794,20 @@ impl Controller {
             entries: v.table.len(),
             generation: v.rec.generation,
             created: v.rec.created,
+            cow: v.rec.cow,
+            origin: v.rec.origin.clone(),
+            snapshots: meta
+                .snapshots_of(id)
+                .iter()
+                .filter_map(|s| {
+                    meta.vdisks[s]
+                        .rec
+                        .name
+                        .split_once('@')
+                        .map(|x| x.1.to_string())
+                })
+                .collect(),
+            shared: meta.shared_blocks(&mapped_runs(&v.table)) * BLOCK_SIZE,
         }
     }
 
@@ -656,6 +816,7 @@ impl Controller {
         let mut ids: Vec<(&String, &VdiskId)> = meta.names.iter().collect();
         ids.sort();
         ids.into_iter()
+            .filter(|(_, id)| !meta.vdisks[id].rec.read_only)
             .map(|(_, &id)| Self::vdisk_view(&meta, id))
             .collect()
     }
@@ -683,34 +844,83 @@ impl Controller {
         })
     }
 
-    pub async fn delete_vdisk(&self, name: &str) -> Result<(), ControlError> {
+    /// Deletes a vdisk (with its snapshots if `with_snapshots`), or a snapshot by its
+    /// `VDISK@SNAP` name. Space no other table maps is zeroed and freed.
+    pub async fn delete_vdisk(&self, name: &str, with_snapshots: bool) -> Result<(), ControlError> {
         let mut meta = self.meta.lock().await;
         let id = meta.by_name(name)?;
-        let v = meta.vdisks.remove(&id).expect("named vdisk exists");
-        meta.names.remove(name);
-        let runs: Vec<(Phys, u64)> = v
-            .table
-            .entries()
-            .filter_map(|e| e.target.map(|t| (t, e.len())))
+        let snaps = meta.snapshots_of(id);
+        if !snaps.is_empty() && !with_snapshots {
+            let names: Vec<&str> = snaps
+                .iter()
+                .map(|s| meta.vdisks[s].rec.name.as_str())
+                .collect();
+            return Err(ControlError::Invalid(format!(
+                "vdisk '{name}' has {} snapshot(s) ({}): delete them first (tabula snapshot delete {}) or pass --with-snapshots",
+                names.len(),
+                names.join(", "),
+                names[0]
+            )));
+        }
+        let mut ids = snaps;
+        ids.push(id);
+        self.delete_tables(&mut meta, &ids).await?;
+        info!(vdisk = name, "deleted");
+        Ok(())
+    }
+
+    /// Deletes tables in one transaction, then detaches agents and frees what nobody else
+    /// maps.
+    async fn delete_tables(&self, meta: &mut Meta, ids: &[VdiskId]) -> Result<(), ControlError> {
+        let removed: Vec<(VdiskId, VdiskMeta)> = ids
+            .iter()
+            .filter_map(|id| meta.vdisks.remove(id).map(|v| (*id, v)))
             .collect();
+        let mut runs = Vec::new();
+        let mut cows = Vec::new();
+        for (id, v) in &removed {
+            meta.names.remove(&v.rec.name);
+            runs.extend(meta.release(&mapped_runs(&v.table)));
+            cows.extend(meta.take_cows(*id));
+        }
+        runs.extend(cows.iter().copied());
         let stored = runs.clone();
+        let ids_stored: Vec<VdiskId> = removed.iter().map(|(id, _)| *id).collect();
         let result = self
             .commit(move |t| {
-                t.delete_vdisk(id)?;
+                for &id in &ids_stored {
+                    t.delete_vdisk(id)?;
+                }
+                for &(p, _) in &cows {
+                    t.delete_cow(p)?;
+                }
                 t.put_zeroing_runs(&stored)
             })
             .await;
         if let Err(e) = result {
-            meta.names.insert(name.to_string(), id);
-            meta.vdisks.insert(id, v);
+            // Nothing was stored: put everything back as it was.
+            for (id, v) in removed.into_iter().rev() {
+                for (p, l) in mapped_runs(&v.table) {
+                    meta.shared.share(p, l);
+                }
+                meta.names.insert(v.rec.name.clone(), id);
+                meta.vdisks.insert(id, v);
+            }
+            // The released references were those of the removed tables; sharing them again
+            // over-counts blocks that were freed, so rebuild from the tables.
+            meta.shared = SharedBlocks::from_mappings(
+                meta.vdisks.values().flat_map(|v| mapped_runs(&v.table)),
+            );
             return Err(e);
         }
         meta.mark_zeroing(&runs);
-        info!(vdisk = name, "vdisk deleted");
-        let acked = self.push(id, None, Command::Detach { vdisk: id }).await;
-        self.agents.forget_vdisk(id);
-        if acked {
-            self.zero_and_free(&mut meta, runs).await?;
+        let mut acked = true;
+        for (id, _) in &removed {
+            acked &= self.push(*id, None, Command::Detach { vdisk: *id }).await;
+            self.agents.forget_vdisk(*id);
+        }
+        if acked && !runs.is_empty() {
+            self.zero_and_free(meta, runs).await?;
         }
         Ok(())
     }
@@ -726,14 +936,21 @@ impl Controller {
         let new_blocks = size / BLOCK_SIZE;
         let v = meta.vdisks.get_mut(&id).expect("named vdisk exists");
         let old_blocks = v.table.size();
-        let mut runs = Vec::new();
+        if v.rec.read_only {
+            return Err(ControlError::Invalid(format!(
+                "'{name}' is a snapshot: snapshots cannot be resized (clone it first)"
+            )));
+        }
+        let mut cut = Vec::new();
         if new_blocks < old_blocks {
             for e in v.table.entries_in(new_blocks, old_blocks) {
                 if let Some(t) = e.target {
-                    runs.push((t, e.len()));
+                    cut.push((t, e.len()));
                 }
             }
         }
+        let runs = meta.release(&cut);
+        let v = meta.vdisks.get_mut(&id).expect("named vdisk exists");
         // The record is persisted with the table edit, so it carries the new size.
         v.rec.size_bytes = size;
         let stored = runs.clone();
@@ -766,7 +983,7 @@ impl Controller {
             size_bytes: v.rec.size_bytes,
             segment_blocks: v.rec.segment_blocks,
             generation: Generation(v.rec.generation),
-            read_only: false,
+            read_only: v.rec.read_only,
             entries: v.table.entries().collect(),
         }
     }
@@ -793,8 +1010,13 @@ impl Controller {
             allocated: capacity - free - zeroing,
             free,
             zeroing,
-            vdisks: meta.vdisks.len(),
-            provisioned: meta.vdisks.values().map(|v| v.rec.size_bytes).sum(),
+            vdisks: meta.vdisks.values().filter(|v| !v.rec.read_only).count(),
+            provisioned: meta
+                .vdisks
+                .values()
+                .filter(|v| !v.rec.read_only)
+                .map(|v| v.rec.size_bytes)
+                .sum(),
             containers,
             agents,
             out_of_space: self.out_of_space.load(Ordering::Relaxed),
@@ -849,7 +1071,9 @@ impl Controller {
         runs: Vec<(Phys, u64)>,
     ) -> Result<(), ControlError> {
         if Instant::now() < self.grace_until {
-            meta.deferred.extend(runs);
+            let until = self.grace_until;
+            meta.deferred
+                .extend(runs.into_iter().map(|(p, l)| (until, p, l)));
             return Ok(());
         }
         // Punch every run, then make the holes durable with one sync per container (a sync
@@ -907,11 +1131,14 @@ impl Controller {
         Ok(())
     }
 
-    /// Allocates for a write fault. Returns the answer and the journal ticket to wait for
-    /// before giving it to the agent.
+    /// Allocates for a write fault, or starts a copy-on-write. Returns the answer and the
+    /// journal ticket to wait for before giving it to the agent.
     fn write_fault(&self, meta: &mut Meta, f: &Fault) -> Result<(RangeUpdate, u64), ControlError> {
         let readahead = self.cfg.readahead_segments;
         let v = meta.vdisk(f.vdisk)?;
+        if v.rec.read_only {
+            return Err(read_only(&v.rec.name));
+        }
         let seg = v.rec.segment_blocks;
         let size = v.table.size();
         let nsegs = size.div_ceil(seg);
@@ -922,55 +1149,89 @@ impl Controller {
                 f.segments.0, f.segments.1, v.rec.name
             )));
         }
-        // Which segments need space.
+        // What each segment needs: space, a flip of unshared `new` entries to `normal`, or a
+        // copy-on-write.
         let mut need: Vec<u64> = Vec::new();
+        let mut flips: Vec<u64> = Vec::new();
+        let mut cows: Vec<u64> = Vec::new();
+        let mut copies = Vec::new();
         for s in s0..s1 {
-            let mut unmapped = false;
+            if let Some(copy) = self.pending_cow(meta, f, s)? {
+                copies.push(copy);
+                continue;
+            }
+            let v = &meta.vdisks[&f.vdisk];
+            let (mut unmapped, mut normal, mut new, mut shared) = (false, false, false, false);
             for p in v.table.lookup(s * seg, ((s + 1) * seg).min(size)) {
-                match p.state {
-                    State::Zero if p.target.is_none() => unmapped = true,
-                    State::Normal | State::Zero => {}
-                    other => {
+                match (p.state, p.target) {
+                    (State::Zero, None) => unmapped = true,
+                    (State::Normal | State::Zero, Some(_)) => normal = true,
+                    (State::New, Some(t)) => {
+                        new = true;
+                        shared |= meta.shared.shared_in(t, p.end - p.begin) > 0;
+                    }
+                    (other, _) => {
                         return Err(ControlError::Invalid(format!(
-                            "write to segment {s} of vdisk {} in state {other} is not supported yet",
+                            "write to segment {s} of vdisk {} in state {other} is not supported",
                             v.rec.name
                         )));
                     }
                 }
             }
-            if unmapped {
-                need.push(s);
-            }
-        }
-        let mut lo = s0;
-        let mut hi = s1;
-        if need.is_empty() {
-            // Mapped already, perhaps by a concurrent fault whose commit is still in flight.
-            let seq = v.last_seq;
-            return Ok((
-                self.range_update(meta, f.vdisk, lo * seg, (hi * seg).min(size), false),
-                seq,
-            ));
-        }
-        // A fault right after a mapped segment continues a sequential stream: allocate ahead.
-        let first = need[0];
-        let last = *need.last().expect("non-empty");
-        let prev_target = (first > 0)
-            .then(|| v.table.lookup(first * seg - 1, first * seg)[0].target)
-            .flatten();
-        let mut optional = Vec::new();
-        if prev_target.is_some() {
-            let mut s = last + 1;
-            while s < nsegs && s <= last + readahead {
-                let p = v.table.lookup(s * seg, ((s + 1) * seg).min(size));
-                if p.len() == 1 && p[0].target.is_none() && p[0].state == State::Zero {
-                    optional.push(s);
-                    s += 1;
-                } else {
-                    break;
+            match (new, normal, shared || unmapped) {
+                (false, _, _) if unmapped => need.push(s),
+                (false, _, _) => {}
+                (true, false, true) => cows.push(s),
+                (true, _, false) => flips.push(s),
+                (true, true, true) => {
+                    return Err(ControlError::Invalid(format!(
+                        "segment {s} of vdisk {} mixes shared and writable space; run tabula check",
+                        v.rec.name
+                    )));
                 }
             }
         }
+        copies.extend(self.start_cows(meta, f.vdisk, &cows, &f.agent)?);
+        let v = &meta.vdisks[&f.vdisk];
+        let mut lo = s0;
+        let mut hi = s1;
+        if need.is_empty() && flips.is_empty() {
+            // Mapped already (perhaps by a concurrent fault whose commit is still in
+            // flight), or copies to do first (whose reservation must be durable).
+            let seq = if copies.is_empty() {
+                v.last_seq
+            } else {
+                self.journal.last()
+            };
+            let mut update =
+                self.range_update(meta, f.vdisk, lo * seg, (hi * seg).min(size), false);
+            update.copies = copies;
+            return Ok((update, seq));
+        }
+        // A fault right after a mapped segment continues a sequential stream: allocate ahead.
+        let mut optional = Vec::new();
+        let mut prev_target = None;
+        if let (Some(&first), Some(&last)) = (need.first(), need.last()) {
+            prev_target = (first > 0)
+                .then(|| v.table.lookup(first * seg - 1, first * seg)[0].target)
+                .flatten();
+            if prev_target.is_some() {
+                let mut s = last + 1;
+                while s < nsegs && s <= last + readahead {
+                    let p = v.table.lookup(s * seg, ((s + 1) * seg).min(size));
+                    if p.len() == 1 && p[0].target.is_none() && p[0].state == State::Zero {
+                        optional.push(s);
+                        s += 1;
+                    } else {
+                        break;
+                    }
+                }
+            }
+        }
+        let flip_entries: Vec<Entry> = flips
+            .iter()
+            .flat_map(|&s| v.table.entries_in(s * seg, ((s + 1) * seg).min(size)))
+            .collect();
         // Allocate: required segments must all succeed; read-ahead is best effort.
         let mut deltas = Vec::new();
         let mut got: Vec<(u64, u64, Phys)> = Vec::new(); // (begin block, len, target)
@@ -993,7 +1254,9 @@ impl Controller {
             let reached = fill(meta, seg, a * seg, end, &mut hint, &mut deltas, &mut got)?;
             hi = hi.max(reached.div_ceil(seg));
         }
-        lo = lo.min(first);
+        if let Some(&first) = need.first().or(flips.first()) {
+            lo = lo.min(first);
+        }
         self.out_of_space.store(false, Ordering::Relaxed);
         // Install in the table and persist the span that changed.
         let (b, e) = (lo * seg, (hi * seg).min(size));
@@ -1005,12 +1268,19 @@ impl Controller {
                 for &(pos, n, at) in &got {
                     t.set(pos, pos + n, Some(at), State::Normal)?;
                 }
+                for x in &flip_entries {
+                    t.set(x.begin, x.end, x.target, State::Normal)?;
+                }
                 Ok(())
             },
             move |t| write_deltas(t, &deltas),
         );
         match result {
-            Ok(seq) => Ok((self.range_update(meta, f.vdisk, b, e, true), seq)),
+            Ok(seq) => {
+                let mut update = self.range_update(meta, f.vdisk, b, e, true);
+                update.copies = copies;
+                Ok((update, seq.max(self.journal.last())))
+            }
             Err(err) => {
                 for &(_, n, at) in &got {
                     let mut scratch = Vec::new();
@@ -1029,10 +1299,45 @@ impl Controller {
         &self,
         meta: &mut Meta,
         vdisk: VdiskId,
-        (b, e): (u64, u64),
+        range: (u64, u64),
         edit: impl FnOnce(&mut MappingTable) -> Result<(), TableError>,
         extra: impl FnOnce(&mut Txn<'_>) -> Result<(), StoreError> + Send + 'static,
     ) -> Result<u64, ControlError> {
+        let w = Self::edit_table(meta, vdisk, range, edit)?;
+        Ok(self.queue(meta, vec![w], extra))
+    }
+
+    /// Queues the writes of several tables and `extra` as one journal change (one
+    /// transaction) and returns its ticket.
+    fn queue(
+        &self,
+        meta: &mut Meta,
+        writes: Vec<TableWrite>,
+        extra: impl FnOnce(&mut Txn<'_>) -> Result<(), StoreError> + Send + 'static,
+    ) -> u64 {
+        let ids: Vec<VdiskId> = writes.iter().map(|w| w.vdisk).collect();
+        let seq = self.journal.push(Box::new(move |t| {
+            for w in &writes {
+                w.apply(t)?;
+            }
+            extra(t)
+        }));
+        for id in ids {
+            if let Some(v) = meta.vdisks.get_mut(&id) {
+                v.last_seq = seq;
+            }
+        }
+        seq
+    }
+
+    /// Edits the table of `vdisk` within `range` in memory and bumps its generation;
+    /// returns the span to write.
+    fn edit_table(
+        meta: &mut Meta,
+        vdisk: VdiskId,
+        (b, e): (u64, u64),
+        edit: impl FnOnce(&mut MappingTable) -> Result<(), TableError>,
+    ) -> Result<TableWrite, ControlError> {
         let v = meta.vdisk_mut(vdisk)?;
         let (olo, ohi) = span_edges(&v.table, b, e);
         let undo = v.table.entries_in(olo, ohi);
@@ -1047,16 +1352,15 @@ impl Controller {
         }
         let (nlo, nhi) = span_edges(&v.table, b, e);
         let (slo, shi) = (olo.min(nlo), ohi.max(nhi));
-        let stored = v.table.entries_in(slo, shi);
+        let entries = v.table.entries_in(slo, shi);
         v.rec.generation += 1;
-        let rec = v.rec.clone();
-        let seq = self.journal.push(Box::new(move |t| {
-            t.replace_entries(vdisk, slo, shi, &stored)?;
-            extra(t)?;
-            t.put_vdisk(vdisk, &rec)
-        }));
-        v.last_seq = seq;
-        Ok(seq)
+        Ok(TableWrite {
+            vdisk,
+            lo: slo,
+            hi: shi,
+            entries,
+            rec: v.rec.clone(),
+        })
     }
 
     /// The entries of `[b, e)` now; `change` says the update carries the whole of the change
@@ -1076,6 +1380,7 @@ impl Controller {
             range: (b, e),
             entries: v.table.entries_in(b, e),
             change,
+            copies: Vec::new(),
         }
     }
 
@@ -1092,15 +1397,20 @@ impl Controller {
                 f.segments.0, f.segments.1, v.rec.name
             )));
         }
-        let runs: Vec<(Phys, u64)> = v
+        if v.rec.read_only {
+            return Err(read_only(&v.rec.name));
+        }
+        let cut: Vec<(Phys, u64)> = v
             .table
             .entries_in(b, e)
             .into_iter()
             .filter_map(|x| x.target.map(|t| (t, x.len())))
             .collect();
-        if runs.is_empty() && v.table.entries_in(b, e).is_empty() {
+        if cut.is_empty() && v.table.entries_in(b, e).is_empty() {
             return Ok(self.range_update(meta, f.vdisk, b, e, false));
         }
+        // Blocks a snapshot or clone still maps stay; only the rest is freed.
+        let runs = meta.release(&cut);
         let stored = runs.clone();
         let seq = self.commit_table_edit(
             meta,
@@ -1241,6 +1551,7 @@ impl ControlPlane for Controller {
                 Ok(update)
             }
             FaultOp::Trim | FaultOp::WriteZeroes => self.unmap_fault(&mut meta, &fault).await,
+            FaultOp::Copied => self.cow_done(&mut meta, &fault).await,
             FaultOp::Read => {
                 let v = meta.vdisk(fault.vdisk)?;
                 let seg = v.rec.segment_blocks;
@@ -1264,5 +1575,7 @@ impl ControlPlane for Controller {
     }
 }
 
+mod cow;
+mod snapshot;
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,8 @@
 //! forget. Freed space goes first to `zeroing` and only becomes `free` after it has been
 //! zeroed and the zeroing made durable; on open, anything still in `zeroing` is zeroed again.
 //!
-//! Key layout (version 1):
+//! Key layout (version 2; version 1 had no `cow` table and no snapshot fields in vdisk
+//! records, and is upgraded in place on open):
 //!
 //! | table        | key                     | value                                        |
 //! |--------------|-------------------------|----------------------------------------------|
@@ -16,14 +17,23 @@
 //! | `entries`    | (vdisk id, begin block) | (end, container, physical block, has target, state) |
 //! | `free`       | (container, start)      | length in blocks                             |
 //! | `zeroing`    | (container, start)      | length in blocks                             |
+//! | `cow`        | (container, start)      | length in blocks                             |
+//!
+//! `cow` holds runs allocated for a copy-on-write that an agent is copying into: they belong
+//! to no table yet. A start finds any left there abandoned and frees them (after zeroing,
+//! like `zeroing`). Reference counts of shared blocks are not stored: they are derived from
+//! the tables at load, so they can never disagree with them.
 
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
+use tabula_api::admin::CowPolicy;
 use tabula_core::{ContainerId, Entry, Phys, State, VdiskId};
 
-pub const SCHEMA_VERSION: u64 = 1;
+/// Version 2 added snapshots and clones. A version-1 tabula must not open a version-2 store:
+/// it would free blocks that snapshots still map.
+pub const SCHEMA_VERSION: u64 = 2;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const CONTAINERS: TableDefinition<u32, &str> = TableDefinition::new("containers");
@@ -33,6 +43,7 @@ type EntryValue = (u64, u32, u64, bool, u8);
 const ENTRIES: TableDefinition<(u64, u64), EntryValue> = TableDefinition::new("entries");
 const FREE: TableDefinition<(u32, u64), u64> = TableDefinition::new("free");
 const ZEROING: TableDefinition<(u32, u64), u64> = TableDefinition::new("zeroing");
+const COW: TableDefinition<(u32, u64), u64> = TableDefinition::new("cow");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -80,11 +91,28 @@ pub struct ContainerRecord {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VdiskRecord {
+    /// For a snapshot, `VDISK@SNAP` (its export name).
     pub name: String,
     pub size_bytes: u64,
     pub segment_blocks: u64,
     pub generation: u64,
     pub created: u64,
+    /// Set for snapshots: no I/O may change them.
+    #[serde(default)]
+    pub read_only: bool,
+    /// For a snapshot, the vdisk it belongs to.
+    #[serde(default)]
+    pub parent: Option<u64>,
+    /// For a clone, the snapshot it was cloned from (by name, for display only: a clone
+    /// depends on nothing).
+    #[serde(default)]
+    pub origin: Option<String>,
+    /// The first vdisk of the family it was copied from (itself for an original): only
+    /// tables of one lineage can be compared by `snapshot diff`.
+    #[serde(default)]
+    pub lineage: u64,
+    #[serde(default)]
+    pub cow: CowPolicy,
 }
 
 /// Everything in the store, as loaded at startup.
@@ -96,6 +124,7 @@ pub struct Loaded {
     pub vdisks: Vec<(VdiskId, VdiskRecord, Vec<Entry>)>,
     pub free: Vec<(ContainerId, u64, u64)>,
     pub zeroing: Vec<(ContainerId, u64, u64)>,
+    pub cow: Vec<(ContainerId, u64, u64)>,
 }
 
 pub struct Store {
@@ -150,6 +179,9 @@ impl Store {
                     meta.insert("schema", SCHEMA_VERSION)?;
                 }
                 Some(v) if v > SCHEMA_VERSION => return Err(StoreError::TooNew { found: v }),
+                Some(v) if v < SCHEMA_VERSION => {
+                    meta.insert("schema", SCHEMA_VERSION)?;
+                }
                 Some(_) => {}
             }
             tx.open_table(CONTAINERS)?;
@@ -157,6 +189,7 @@ impl Store {
             tx.open_table(ENTRIES)?;
             tx.open_table(FREE)?;
             tx.open_table(ZEROING)?;
+            tx.open_table(COW)?;
         }
         tx.commit()?;
         Ok(store)
@@ -196,6 +229,11 @@ impl Store {
             let (k, v) = row?;
             let (c, s) = k.value();
             out.zeroing.push((ContainerId(c), s, v.value()));
+        }
+        for row in tx.open_table(COW)?.iter()? {
+            let (k, v) = row?;
+            let (c, s) = k.value();
+            out.cow.push((ContainerId(c), s, v.value()));
         }
         Ok(out)
     }
@@ -299,6 +337,20 @@ impl Txn<'_> {
         for &(p, l) in runs {
             table.insert((p.container.0, p.block), l)?;
         }
+        Ok(())
+    }
+
+    pub fn put_cow(&mut self, at: Phys, len: u64) -> Result<(), StoreError> {
+        self.tx
+            .open_table(COW)?
+            .insert((at.container.0, at.block), len)?;
+        Ok(())
+    }
+
+    pub fn delete_cow(&mut self, at: Phys) -> Result<(), StoreError> {
+        self.tx
+            .open_table(COW)?
+            .remove((at.container.0, at.block))?;
         Ok(())
     }
 

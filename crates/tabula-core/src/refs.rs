@@ -82,6 +82,59 @@ impl SharedBlocks {
         Ok(s)
     }
 
+    /// Derives the extra references from every mapped run of every table (a run per entry
+    /// with a target; runs of different tables overlap where they share blocks): a block
+    /// covered `n` times has `n - 1` extra. One sort and one sweep, so the controller can
+    /// rebuild the counts at start from millions of entries instead of storing them.
+    pub fn from_mappings(runs: impl IntoIterator<Item = (Phys, u64)>) -> SharedBlocks {
+        // +1 where a run starts, -1 where it ends; ends sort before starts at the same
+        // block, though the net count at a position is what matters.
+        let mut events: Vec<(ContainerId, u64, i64)> = Vec::new();
+        for (at, len) in runs {
+            if len > 0 {
+                events.push((at.container, at.block, 1));
+                events.push((at.container, at.block.saturating_add(len), -1));
+            }
+        }
+        events.sort_unstable();
+        let mut out: Vec<((ContainerId, u64), Run)> = Vec::new();
+        let mut count: i64 = 0;
+        for (i, &(c, b, d)) in events.iter().enumerate() {
+            count += d;
+            let Some(&(nc, nb, _)) = events.get(i + 1) else {
+                break;
+            };
+            // Every run that starts in a container ends there, so the count is 0 between
+            // containers and at equal positions the segment is empty.
+            if nc != c || nb == b || count < 2 {
+                continue;
+            }
+            // More than u32::MAX tables mapping one block cannot be stored anyway.
+            let extra = u32::try_from(count - 1).unwrap_or(u32::MAX);
+            match out.last_mut() {
+                Some(((lc, _), last)) if *lc == c && last.end == b && last.extra == extra => {
+                    last.end = nb;
+                }
+                _ => out.push(((c, b), Run { end: nb, extra })),
+            }
+        }
+        SharedBlocks {
+            map: out.into_iter().collect(),
+        }
+    }
+
+    /// How many blocks of `[at, at + len)` are shared (have extra references).
+    pub fn shared_in(&self, at: Phys, len: u64) -> u64 {
+        if len == 0 {
+            return 0;
+        }
+        let b = at.block;
+        self.pieces(at.container, b, b.saturating_add(len))
+            .into_iter()
+            .map(|(s, t, _)| t - s)
+            .sum()
+    }
+
     /// The extra references of one block.
     pub fn extra(&self, at: Phys) -> u32 {
         self.covering(at.container, at.block)
@@ -273,6 +326,49 @@ mod tests {
         s.validate().unwrap();
     }
 
+    #[test]
+    fn from_mappings_counts_covering_runs() {
+        // A vdisk mapping 0..512, a snapshot of it, then a second snapshot taken after the
+        // vdisk moved 0..256 elsewhere (copy-on-write).
+        let runs = [
+            (p(1, 0), 512),
+            (p(1, 0), 512),
+            (p(1, 256), 256),
+            (p(1, 1000), 256),
+        ];
+        let s = SharedBlocks::from_mappings(runs);
+        assert_eq!(
+            s.runs().collect::<Vec<_>>(),
+            vec![
+                SharedRun {
+                    at: p(1, 0),
+                    len: 256,
+                    extra: 1
+                },
+                SharedRun {
+                    at: p(1, 256),
+                    len: 256,
+                    extra: 2
+                },
+            ]
+        );
+        assert_eq!(s.shared_in(p(1, 200), 100), 100);
+        assert_eq!(s.shared_in(p(1, 500), 600), 12);
+        assert_eq!(s.shared_in(p(2, 0), 600), 0);
+        assert_eq!(s.shared_in(p(1, 0), 0), 0);
+        // Runs of one table that only touch are not shared, and touching shared runs of
+        // equal count are one record.
+        let s = SharedBlocks::from_mappings([
+            (p(1, 0), 10),
+            (p(1, 10), 10),
+            (p(1, 0), 10),
+            (p(1, 10), 10),
+        ]);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.shared_in(p(1, 0), 30), 20);
+        assert!(SharedBlocks::from_mappings([(p(1, 0), 10), (p(1, 10), 5)]).is_empty());
+    }
+
     #[derive(Clone, Debug)]
     enum Op {
         Share(u32, u64, u64),
@@ -335,7 +431,64 @@ mod tests {
                 }
                 let back = SharedBlocks::from_runs(s.runs()).unwrap();
                 prop_assert_eq!(&back, &s);
+                for c in 0..2u32 {
+                    let shared = model[c as usize].iter().filter(|&&m| m > 1).count();
+                    prop_assert_eq!(s.shared_in(p(c, 0), 64), shared as u64);
+                }
             }
+        }
+
+        /// Deriving counts from all mapped runs at once agrees with the per-block model
+        /// (a block covered `n` times has `n - 1` extra), with `shared_in`, and, in its
+        /// merged form, with sharing run by run as snapshots and clones do.
+        #[test]
+        fn from_mappings_matches_model_and_incremental_sharing(
+            runs in proptest::collection::vec((0u32..2, 0u64..48, 1u64..16), 0..40),
+            query in (0u32..2, 0u64..64, 0u64..64),
+        ) {
+            let runs: Vec<(Phys, u64)> = runs.into_iter().map(|(c, b, l)| (p(c, b), l)).collect();
+            let s = SharedBlocks::from_mappings(runs.iter().copied());
+            prop_assert_eq!(s.validate(), Ok(()));
+            let mut model = vec![[0u32; 64]; 2];
+            for &(at, l) in &runs {
+                for i in at.block..at.block + l {
+                    model[at.container.0 as usize][i as usize] += 1;
+                }
+            }
+            for c in 0..2u32 {
+                for i in 0..64u64 {
+                    prop_assert_eq!(s.extra(p(c, i)), model[c as usize][i as usize].saturating_sub(1));
+                }
+            }
+            let (qc, qb, ql) = query;
+            let want = (qb..(qb + ql).min(64))
+                .filter(|&i| model[qc as usize][i as usize] > 1)
+                .count();
+            prop_assert_eq!(s.shared_in(p(qc, qb), ql), want as u64);
+
+            // Incrementally: the first run over a block maps it; every later one shares it.
+            let mut inc = SharedBlocks::new();
+            let mut mapped = [[false; 64]; 2];
+            for &(at, l) in &runs {
+                let m = &mut mapped[at.container.0 as usize];
+                let mut i = at.block;
+                while i < at.block + l {
+                    let was = m[i as usize];
+                    let mut j = i;
+                    while j < at.block + l && m[j as usize] == was {
+                        m[j as usize] = true;
+                        j += 1;
+                    }
+                    if was {
+                        inc.share(p(at.container.0, i), j - i);
+                    }
+                    i = j;
+                }
+            }
+            prop_assert_eq!(&s, &inc);
+            let mut reversed = runs.clone();
+            reversed.reverse();
+            prop_assert_eq!(&SharedBlocks::from_mappings(reversed), &s);
         }
     }
 }

@@ -202,6 +202,28 @@ pub struct Piece {
     pub state: State,
 }
 
+/// What a block reads as, for [`MappingTable::diff`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DataKey {
+    /// The data at this physical block (whatever state allows reading it).
+    Mapped(Phys),
+    /// Unmapped: zeros.
+    Zeros,
+    /// Not readable (`Invalid`, `Error`): no data to compare, so only the same state is equal.
+    Unreadable(State),
+}
+
+impl Piece {
+    /// The data identity of the block `off` blocks into this piece.
+    fn data_key(&self, off: u64) -> DataKey {
+        match self.target {
+            _ if !self.state.readable() => DataKey::Unreadable(self.state),
+            Some(t) => DataKey::Mapped(t.offset(off)),
+            None => DataKey::Zeros,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Value {
     end: u64,
@@ -329,10 +351,13 @@ impl MappingTable {
             .collect()
     }
 
-    /// The virtual block ranges where `self` and `other` map differently (another place, or
-    /// another state), merged, without reading any data: what changed between a snapshot
-    /// and a later table of the same lineage. Blocks beyond a table's size count as
-    /// unmapped.
+    /// The virtual block ranges whose data may differ between `self` and `other`, merged,
+    /// without reading any data: what changed between a snapshot and a later table of the
+    /// same lineage, for incremental backup. Blocks are compared by data identity, not by
+    /// state: a readable mapped block is its target (so a snapshot's `NoWrite` entry and its
+    /// vdisk's `New` entry at the same place are equal), an unmapped block reads zeros, and a
+    /// block in `Invalid` or `Error` is unreadable, equal only to the same state. Blocks
+    /// beyond a table's size count as unmapped.
     pub fn diff(&self, other: &MappingTable) -> Vec<(u64, u64)> {
         let end = self.size.max(other.size);
         let pad = |t: &MappingTable| {
@@ -353,7 +378,7 @@ impl MappingTable {
         while pos < end {
             let (pa, pb) = (&a[i], &b[j]);
             let next = pa.end.min(pb.end);
-            let at = |p: &Piece| (p.target.map(|t| t.offset(pos - p.begin)), p.state);
+            let at = |p: &Piece| p.data_key(pos - p.begin);
             if at(pa) != at(pb) {
                 match out.last_mut() {
                     Some((_, e)) if *e == pos => *e = next,
@@ -633,6 +658,26 @@ mod tests {
         t.validate().unwrap();
     }
 
+    #[test]
+    fn diff_compares_data_not_state() {
+        // A snapshot (no-write) and its vdisk (new, same targets) hold the same data.
+        let mut snap = MappingTable::new(100);
+        snap.set(0, 50, phys(1, 0), State::NoWrite).unwrap();
+        let mut vdisk = MappingTable::new(100);
+        vdisk.set(0, 50, phys(1, 0), State::New).unwrap();
+        assert!(snap.diff(&vdisk).is_empty());
+        // A copy-on-write moved 10..20; a write filled 60..70; 40..50 became unreadable.
+        vdisk.set(10, 20, phys(1, 500), State::Normal).unwrap();
+        vdisk.set(60, 70, phys(1, 600), State::Normal).unwrap();
+        vdisk.set(40, 50, None, State::Error).unwrap();
+        assert_eq!(snap.diff(&vdisk), vec![(10, 20), (40, 50), (60, 70)]);
+        // Invalid and error differ from each other, and from unmapped zeros.
+        let mut inv = MappingTable::new(100);
+        inv.set(40, 50, None, State::Invalid).unwrap();
+        assert_eq!(inv.diff(&vdisk), vec![(0, 50), (60, 70)]);
+        assert_eq!(inv.diff(&MappingTable::new(100)), vec![(40, 50)]);
+    }
+
     #[derive(Clone, Debug)]
     enum Op {
         Set(u64, u64, Option<(u32, u64)>, State),
@@ -677,7 +722,7 @@ mod tests {
             prop_assert_eq!(&MappingTable::from_entries(80, raw).unwrap(), &t);
         }
 
-        /// `diff` lists exactly the blocks whose (target, state) differ, merged.
+        /// `diff` lists exactly the blocks whose data identity differs, merged.
         #[test]
         fn diff_matches_per_block_comparison(
             ops_a in proptest::collection::vec(op(), 0..30),
@@ -713,12 +758,16 @@ mod tests {
                 }
             }
             let end = a.size().max(b.size());
-            let block = |t: &MappingTable, i: u64| {
+            // Data identity: Ok(target) for readable blocks (None: zeros, unmapped), and
+            // Err(state) for unreadable ones.
+            let block = |t: &MappingTable, i: u64| -> Result<Option<Phys>, State> {
                 if i >= t.size() {
-                    (None, State::Zero)
-                } else {
-                    let p = t.lookup(i, i + 1)[0];
-                    (p.target, p.state)
+                    return Ok(None);
+                }
+                let p = t.lookup(i, i + 1)[0];
+                match p.state {
+                    State::Invalid | State::Error => Err(p.state),
+                    _ => Ok(p.target),
                 }
             };
             let want: Vec<u64> = (0..end).filter(|&i| block(&a, i) != block(&b, i)).collect();

@@ -11,7 +11,7 @@ pub mod pb {
 }
 
 use tabula_api::{
-    Command, ContainerLocation, ControlError, Fault, FaultOp, RangeUpdate, TableSnapshot,
+    Command, ContainerLocation, ControlError, CowCopy, Fault, FaultOp, RangeUpdate, TableSnapshot,
 };
 use tabula_core::{ContainerId, Entry, Generation, Phys, State, VdiskId};
 
@@ -84,6 +84,42 @@ fn entries_from_pb(v: &[pb::Entry]) -> Result<Vec<Entry>, Malformed> {
     v.iter().map(entry_from_pb).collect()
 }
 
+fn phys_from_pb(p: &pb::Phys) -> Phys {
+    Phys {
+        container: ContainerId(p.container),
+        block: p.block,
+    }
+}
+
+pub fn cow_to_pb(c: &CowCopy) -> pb::CowCopy {
+    pb::CowCopy {
+        segment: c.segment,
+        from: c.from.iter().map(entry_to_pb).collect(),
+        to: Some(pb::Phys {
+            container: c.to.container.0,
+            block: c.to.block,
+        }),
+    }
+}
+
+pub fn cow_from_pb(c: &pb::CowCopy) -> Result<CowCopy, Malformed> {
+    let from = entries_from_pb(&c.from)?;
+    if from.iter().any(|e| e.target.is_none()) {
+        return Err(bad(format!(
+            "copy for segment {} names an unmapped source",
+            c.segment
+        )));
+    }
+    Ok(CowCopy {
+        segment: c.segment,
+        from,
+        to: phys_from_pb(
+            c.to.as_ref()
+                .ok_or_else(|| bad(format!("copy for segment {} has no target", c.segment)))?,
+        ),
+    })
+}
+
 // ---- tables ----
 
 pub fn snapshot_to_pb(s: &TableSnapshot) -> pb::TableSnapshot {
@@ -121,6 +157,7 @@ pub fn update_to_pb(u: &RangeUpdate) -> pb::RangeUpdate {
         end: u.range.1,
         entries: u.entries.iter().map(entry_to_pb).collect(),
         change: u.change,
+        copies: u.copies.iter().map(cow_to_pb).collect(),
     }
 }
 
@@ -141,6 +178,7 @@ pub fn update_from_pb(u: &pb::RangeUpdate) -> Result<RangeUpdate, Malformed> {
         range: (u.begin, u.end),
         entries,
         change: u.change,
+        copies: u.copies.iter().map(cow_from_pb).collect::<Result<_, _>>()?,
     })
 }
 
@@ -209,6 +247,7 @@ pub fn fault_op_to_pb(op: FaultOp) -> pb::FaultOp {
         FaultOp::Write => pb::FaultOp::Write,
         FaultOp::Trim => pb::FaultOp::Trim,
         FaultOp::WriteZeroes => pb::FaultOp::WriteZeroes,
+        FaultOp::Copied => pb::FaultOp::Copied,
     }
 }
 
@@ -221,6 +260,7 @@ pub fn fault_to_pb(f: &Fault) -> pb::Fault {
         segment_end: f.segments.1,
         state: state_to_pb(f.state) as i32,
         generation: f.generation.0,
+        copied: f.copied.iter().map(cow_to_pb).collect(),
     }
 }
 
@@ -230,6 +270,7 @@ pub fn fault_from_pb(f: pb::Fault) -> Result<Fault, Malformed> {
         pb::FaultOp::Write => FaultOp::Write,
         pb::FaultOp::Trim => FaultOp::Trim,
         pb::FaultOp::WriteZeroes => FaultOp::WriteZeroes,
+        pb::FaultOp::Copied => FaultOp::Copied,
     };
     if f.segment_begin >= f.segment_end {
         return Err(bad(format!(
@@ -244,6 +285,7 @@ pub fn fault_from_pb(f: pb::Fault) -> Result<Fault, Malformed> {
         segments: (f.segment_begin, f.segment_end),
         state: state_from_pb(f.state)?,
         generation: Generation(f.generation),
+        copied: f.copied.iter().map(cow_from_pb).collect::<Result<_, _>>()?,
     })
 }
 
@@ -360,6 +402,7 @@ mod tests {
             range: (0, 512),
             entries: sample_entries(),
             change: true,
+            copies: Vec::new(),
         };
         let snap = TableSnapshot {
             vdisk: VdiskId(3),
@@ -432,6 +475,7 @@ mod tests {
             end: 512,
             entries: vec![entry_to_pb(&sample_entries()[0])],
             change: false,
+            copies: Vec::new(),
         };
         assert!(update_from_pb(&u).is_err(), "entry outside the range");
         let f = pb::Fault {

@@ -54,7 +54,7 @@ async fn leased_setup(dir: &Path, lease_ms: u64) -> (Arc<Controller>, VdiskView)
     ctl.register_agent("a", Arc::new(NullAgent), Vec::new())
         .await
         .unwrap();
-    let v = ctl.create_vdisk("vd", 16 * MIB, None).await.unwrap();
+    let v = ctl.create_vdisk("vd", 16 * MIB, None, None).await.unwrap();
     (ctl, v)
 }
 
@@ -133,7 +133,7 @@ async fn after_a_restart_freed_space_waits_out_one_lease() {
         ctl.register_agent("a", Arc::new(NullAgent), Vec::new())
             .await
             .unwrap();
-        let v = ctl.create_vdisk("vd", 16 * MIB, None).await.unwrap();
+        let v = ctl.create_vdisk("vd", 16 * MIB, None, None).await.unwrap();
         ctl.fault(fault(v.id, FaultOp::Write, 0, 2)).await.unwrap();
         v
     };
@@ -165,6 +165,7 @@ fn fault(vdisk: u64, op: FaultOp, s0: u64, s1: u64) -> Fault {
         segments: (s0, s1),
         state: State::Zero,
         generation: Generation(0),
+        copied: Vec::new(),
     }
 }
 
@@ -177,7 +178,7 @@ async fn assert_consistent(ctl: &Controller) {
 async fn write_fault_allocates_whole_segment_and_persists() {
     let dir = tempfile::tempdir().unwrap();
     let ctl = setup(dir.path(), 64 * MIB).await;
-    let v = ctl.create_vdisk("vd", 16 * MIB, None).await.unwrap();
+    let v = ctl.create_vdisk("vd", 16 * MIB, None, None).await.unwrap();
     let u = ctl.fault(fault(v.id, FaultOp::Write, 3, 4)).await.unwrap();
     assert_eq!(u.entries.len(), 1);
     assert_eq!(u.entries[0].len() * BLOCK_SIZE, MIB);
@@ -196,7 +197,7 @@ async fn write_fault_allocates_whole_segment_and_persists() {
 async fn concurrent_faults_for_one_segment_allocate_once() {
     let dir = tempfile::tempdir().unwrap();
     let ctl = setup(dir.path(), 64 * MIB).await;
-    let v = ctl.create_vdisk("vd", 16 * MIB, None).await.unwrap();
+    let v = ctl.create_vdisk("vd", 16 * MIB, None, None).await.unwrap();
     let mut tasks = Vec::new();
     for _ in 0..16 {
         let c = ctl.clone();
@@ -217,7 +218,7 @@ async fn concurrent_faults_for_one_segment_allocate_once() {
 async fn sequential_faults_allocate_ahead_contiguously() {
     let dir = tempfile::tempdir().unwrap();
     let ctl = setup(dir.path(), 256 * MIB).await;
-    let v = ctl.create_vdisk("vd", 64 * MIB, None).await.unwrap();
+    let v = ctl.create_vdisk("vd", 64 * MIB, None, None).await.unwrap();
     ctl.fault(fault(v.id, FaultOp::Write, 0, 1)).await.unwrap();
     let u = ctl.fault(fault(v.id, FaultOp::Write, 1, 2)).await.unwrap();
     // The stream continues: more than the faulted segment, physically after segment 0.
@@ -232,7 +233,7 @@ async fn sequential_faults_allocate_ahead_contiguously() {
 async fn out_of_space_fails_then_new_container_allows_writes() {
     let dir = tempfile::tempdir().unwrap();
     let ctl = setup(dir.path(), 4 * MIB).await;
-    let v = ctl.create_vdisk("vd", 16 * MIB, None).await.unwrap();
+    let v = ctl.create_vdisk("vd", 16 * MIB, None, None).await.unwrap();
     for s in [0, 2, 4, 6] {
         ctl.fault(fault(v.id, FaultOp::Write, s, s + 1))
             .await
@@ -259,9 +260,9 @@ async fn trim_and_delete_return_space_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let ctl = setup(dir.path(), 64 * MIB).await;
     let start = ctl.status().await.free;
-    let a = ctl.create_vdisk("a", 32 * MIB, None).await.unwrap();
+    let a = ctl.create_vdisk("a", 32 * MIB, None, None).await.unwrap();
     let b = ctl
-        .create_vdisk("b", 32 * MIB, Some(4 * MIB))
+        .create_vdisk("b", 32 * MIB, Some(4 * MIB), None)
         .await
         .unwrap();
     for s in 0..8 {
@@ -278,7 +279,7 @@ async fn trim_and_delete_return_space_exactly() {
         .await
         .unwrap();
     assert_eq!(ctl.vdisk_by_name("b").await.unwrap().allocated, 0);
-    ctl.delete_vdisk("a").await.unwrap();
+    ctl.delete_vdisk("a", false).await.unwrap();
     assert_consistent(&ctl).await;
     let s = ctl.status().await;
     assert_eq!((s.free, s.zeroing), (start, 0));
@@ -292,7 +293,7 @@ async fn trim_and_delete_return_space_exactly() {
 async fn shrink_frees_tail_and_grow_reads_zero() {
     let dir = tempfile::tempdir().unwrap();
     let ctl = setup(dir.path(), 64 * MIB).await;
-    let v = ctl.create_vdisk("vd", 8 * MIB, None).await.unwrap();
+    let v = ctl.create_vdisk("vd", 8 * MIB, None, None).await.unwrap();
     ctl.fault(fault(v.id, FaultOp::Write, 0, 8)).await.unwrap();
     ctl.resize_vdisk("vd", 3 * MIB).await.unwrap();
     assert_eq!(ctl.vdisk_by_name("vd").await.unwrap().allocated, 3 * MIB);
@@ -306,17 +307,17 @@ async fn shrink_frees_tail_and_grow_reads_zero() {
 async fn rejects_bad_requests_with_reasons() {
     let dir = tempfile::tempdir().unwrap();
     let ctl = setup(dir.path(), 64 * MIB).await;
-    let e = ctl.create_vdisk("x", 1000, None).await.unwrap_err();
+    let e = ctl.create_vdisk("x", 1000, None, None).await.unwrap_err();
     assert!(e.to_string().contains("multiple of the block size"), "{e}");
-    let e = ctl.create_vdisk("a@b", MIB, None).await.unwrap_err();
+    let e = ctl.create_vdisk("a@b", MIB, None, None).await.unwrap_err();
     assert!(e.to_string().contains("may contain only"), "{e}");
     let e = ctl
-        .create_vdisk("x", MIB, Some(3 * 4096))
+        .create_vdisk("x", MIB, Some(3 * 4096), None)
         .await
         .unwrap_err();
     assert!(e.to_string().contains("power of two"), "{e}");
-    ctl.create_vdisk("x", MIB, None).await.unwrap();
-    let e = ctl.create_vdisk("x", MIB, None).await.unwrap_err();
+    ctl.create_vdisk("x", MIB, None, None).await.unwrap();
+    let e = ctl.create_vdisk("x", MIB, None, None).await.unwrap_err();
     assert!(matches!(e, ControlError::Exists(_)));
     let e = ctl
         .fault(fault(99, FaultOp::Write, 0, 1))
@@ -330,7 +331,10 @@ async fn tail_segment_smaller_than_segment_size_is_not_leaked() {
     let dir = tempfile::tempdir().unwrap();
     let ctl = setup(dir.path(), 64 * MIB).await;
     // 2.5 segments: the last segment is half a segment.
-    let v = ctl.create_vdisk("vd", 5 * MIB / 2, None).await.unwrap();
+    let v = ctl
+        .create_vdisk("vd", 5 * MIB / 2, None, None)
+        .await
+        .unwrap();
     ctl.fault(fault(v.id, FaultOp::Write, 2, 3)).await.unwrap();
     assert_eq!(ctl.vdisk_by_name("vd").await.unwrap().allocated, MIB / 2);
     assert_consistent(&ctl).await;

@@ -1,0 +1,391 @@
+//! Snapshots, clones, rollback and diffs by table copy (seed 004).
+//!
+//! A snapshot is a read-only table holding a copy of a vdisk's entries; a clone is a
+//! writable one copied from a snapshot. Copying a table copies no data: both tables map the
+//! same blocks, which are counted in `Meta::shared`, and every writable entry that maps a
+//! shared block is `new`, so its first write faults and is copied (see `cow.rs`).
+//!
+//! Taking a snapshot holds the vdisk's I/O on every agent that exports it (`Block`: new
+//! I/O waits, in-flight I/O drains), marks the vdisk's mapped entries `new` in the
+//! controller and on every agent (`SetState`), and releases the I/O (`Unblock`). The copy
+//! and its durable commit happen after the release, still under the metadata lock: any
+//! write to the vdisk now faults, and a fault's answer waits for a later journal ticket, so
+//! nothing can depend on a snapshot that a crash would lose. The hold is bounded by
+//! `snapshot_hold`; past it the snapshot is cancelled and I/O resumes.
+
+use std::time::Instant;
+
+use tabula_api::admin::{CowPolicy, DiffRange, DiffView, SnapshotView, VdiskView};
+use tabula_api::{Command, ControlError};
+use tabula_core::{BLOCK_SIZE, Entry, Generation, MappingTable, State, VdiskId};
+use tracing::{info, warn};
+
+use super::{
+    Controller, Meta, TableWrite, VdiskMeta, mapped_runs, now_secs, read_only, storage,
+    validate_name,
+};
+use crate::agents::Delivery;
+use crate::store::VdiskRecord;
+
+/// The entries of `t` with every mapped entry in `state` (unmapped ones as they are).
+fn with_state(t: &MappingTable, state: State) -> Result<MappingTable, ControlError> {
+    let entries: Vec<Entry> = t
+        .entries()
+        .map(|e| match e.target {
+            Some(_) => Entry { state, ..e },
+            None => e,
+        })
+        .collect();
+    MappingTable::from_entries(t.size(), entries).map_err(storage)
+}
+
+fn lineage(id: VdiskId, rec: &VdiskRecord) -> u64 {
+    if rec.lineage == 0 { id.0 } else { rec.lineage }
+}
+
+impl Controller {
+    /// Holds the I/O of `vdisk` on every agent that exports it until each has drained what
+    /// was in flight. On timeout or failure the hold is released and the caller told why.
+    async fn hold(&self, vdisk: VdiskId, what: &str) -> Result<(), ControlError> {
+        let holders = self.agents.holders(vdisk, None);
+        if holders.is_empty() {
+            return Ok(());
+        }
+        let hold = self.cfg.snapshot_hold;
+        let block = Command::Block {
+            vdisk,
+            timeout_ms: hold.as_millis() as u64,
+        };
+        let all = futures::future::join_all(
+            holders
+                .iter()
+                .map(|h| self.agents.deliver(h, block.clone(), self.cfg.ack_timeout)),
+        );
+        let why = match tokio::time::timeout(hold, all).await {
+            Ok(r) if !r.contains(&Delivery::Failed) => return Ok(()),
+            Ok(_) => "an agent refused to hold I/O".to_string(),
+            Err(_) => format!(
+                "agents exporting it did not finish their in-flight I/O within {hold:?} (the controller's --snapshot-hold)"
+            ),
+        };
+        self.release_hold(vdisk);
+        warn!(%vdisk, reason = why, "{what} cancelled");
+        Err(ControlError::Unavailable(format!(
+            "{what} cancelled, I/O resumed: {why}; try again"
+        )))
+    }
+
+    /// Releases a hold without waiting for acknowledgements.
+    fn release_hold(&self, vdisk: VdiskId) {
+        for h in self.agents.holders(vdisk, None) {
+            tokio::spawn(async move {
+                let _ = h.port.apply(Command::Unblock { vdisk }).await;
+            });
+        }
+    }
+
+    /// Takes snapshot `snap` of vdisk `name` (seed 004 c1-7).
+    pub async fn create_snapshot(
+        &self,
+        name: &str,
+        snap: &str,
+    ) -> Result<SnapshotView, ControlError> {
+        validate_name("snapshot", snap)?;
+        let mut meta = self.meta.lock().await;
+        let id = meta.by_name(name)?;
+        if meta.vdisks[&id].rec.read_only {
+            return Err(ControlError::Invalid(format!(
+                "'{name}' is a snapshot: clone it first to snapshot the clone"
+            )));
+        }
+        let full = format!("{name}@{snap}");
+        if meta.names.contains_key(&full) {
+            return Err(ControlError::Exists(format!(
+                "snapshot '{full}' already exists: pick another name or delete it first"
+            )));
+        }
+        let started = Instant::now();
+        self.hold(id, &format!("snapshot {full}")).await?;
+        let v = meta.vdisks.get_mut(&id).expect("named vdisk exists");
+        let size = v.table.size();
+        let before = std::mem::replace(&mut v.table, MappingTable::new(0));
+        v.table = match with_state(&before, State::New) {
+            Ok(t) => t,
+            Err(e) => {
+                v.table = before;
+                self.release_hold(id);
+                return Err(e);
+            }
+        };
+        v.rec.generation += 1;
+        let generation = Generation(v.rec.generation);
+        let acked = self
+            .push(
+                id,
+                None,
+                Command::SetState {
+                    vdisk: id,
+                    generation,
+                    range: (0, size),
+                    state: State::New,
+                },
+            )
+            .await;
+        if !acked {
+            // An agent may still write in place: undo, tell every agent, give up.
+            let v = meta.vdisks.get_mut(&id).expect("named vdisk exists");
+            v.table = before;
+            v.rec.generation += 1;
+            let table = Self::snapshot_of(&meta, id);
+            self.push(id, None, Command::Replace(table)).await;
+            self.release_hold(id);
+            return Err(ControlError::Unavailable(format!(
+                "snapshot {full} cancelled, I/O resumed: an agent did not apply the change; try again"
+            )));
+        }
+        self.push(id, None, Command::Unblock { vdisk: id }).await;
+        let hold = started.elapsed();
+        // The copy: a read-only table mapping the same blocks.
+        let table = with_state(&before, State::NoWrite)?;
+        drop(before);
+        for (p, l) in mapped_runs(&table) {
+            meta.shared.share(p, l);
+        }
+        let v = &meta.vdisks[&id];
+        let sid = VdiskId(meta.next_vdisk);
+        let rec = VdiskRecord {
+            name: full.clone(),
+            size_bytes: v.rec.size_bytes,
+            segment_blocks: v.rec.segment_blocks,
+            generation: 1,
+            created: now_secs(),
+            read_only: true,
+            parent: Some(id.0),
+            origin: None,
+            lineage: lineage(id, &v.rec),
+            cow: CowPolicy::default(),
+        };
+        meta.next_vdisk += 1;
+        meta.names.insert(full.clone(), sid);
+        meta.vdisks.insert(
+            sid,
+            VdiskMeta {
+                rec,
+                table,
+                last_seq: 0,
+            },
+        );
+        let writes = vec![
+            TableWrite::whole(id, &meta.vdisks[&id]),
+            TableWrite::whole(sid, &meta.vdisks[&sid]),
+        ];
+        let next = sid.0 + 1;
+        let seq = self.queue(&mut meta, writes, move |t| t.set_meta("next_vdisk", next));
+        self.journal.wait(seq).await?;
+        info!(
+            snapshot = full,
+            hold_ms = hold.as_secs_f64() * 1e3,
+            "snapshot taken"
+        );
+        let mut view = Self::snapshot_view(&meta, sid);
+        view.hold_ms = Some(hold.as_secs_f64() * 1e3);
+        Ok(view)
+    }
+
+    pub(super) fn snapshot_view(meta: &Meta, id: VdiskId) -> SnapshotView {
+        let v = &meta.vdisks[&id];
+        let (vdisk, snapshot) = v
+            .rec
+            .name
+            .split_once('@')
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .unwrap_or_default();
+        let runs = mapped_runs(&v.table);
+        let allocated: u64 = runs.iter().map(|r| r.1).sum();
+        let shared = meta.shared_blocks(&runs);
+        SnapshotView {
+            name: v.rec.name.clone(),
+            vdisk,
+            snapshot,
+            id: id.0,
+            created: v.rec.created,
+            size: v.rec.size_bytes,
+            allocated: allocated * BLOCK_SIZE,
+            unique: (allocated - shared) * BLOCK_SIZE,
+            hold_ms: None,
+        }
+    }
+
+    /// Snapshots of one vdisk (by name), or of all.
+    pub async fn list_snapshots(
+        &self,
+        vdisk: Option<&str>,
+    ) -> Result<Vec<SnapshotView>, ControlError> {
+        let meta = self.meta.lock().await;
+        let parent = vdisk.map(|n| meta.by_name(n)).transpose()?;
+        let mut out: Vec<SnapshotView> = meta
+            .vdisks
+            .iter()
+            .filter(|(_, v)| v.rec.read_only && parent.is_none_or(|p| v.rec.parent == Some(p.0)))
+            .map(|(&id, _)| Self::snapshot_view(&meta, id))
+            .collect();
+        out.sort_by(|a, b| (&a.vdisk, a.created, a.id).cmp(&(&b.vdisk, b.created, b.id)));
+        Ok(out)
+    }
+
+    /// Deletes snapshot `VDISK@SNAP`; the space only it maps is freed.
+    pub async fn delete_snapshot(&self, full: &str) -> Result<(), ControlError> {
+        let mut meta = self.meta.lock().await;
+        let id = meta.by_name(full)?;
+        if !meta.vdisks[&id].rec.read_only {
+            return Err(ControlError::Invalid(format!(
+                "'{full}' is a vdisk, not a snapshot: use tabula vdisk delete"
+            )));
+        }
+        self.delete_tables(&mut meta, &[id]).await?;
+        info!(snapshot = full, "snapshot deleted");
+        Ok(())
+    }
+
+    /// Creates vdisk `name`, a writable copy of snapshot `source` sharing all its blocks.
+    /// It depends on nothing: the snapshot can be deleted while the clone lives.
+    pub async fn clone_vdisk(
+        &self,
+        source: &str,
+        name: &str,
+        cow: Option<CowPolicy>,
+    ) -> Result<VdiskView, ControlError> {
+        validate_name("vdisk", name)?;
+        let mut meta = self.meta.lock().await;
+        let sid = meta.by_name(source)?;
+        let s = &meta.vdisks[&sid];
+        if !s.rec.read_only {
+            return Err(ControlError::Invalid(format!(
+                "'{source}' is a vdisk: clone a snapshot of it (tabula snapshot create {source} SNAP, then clone {source}@SNAP)"
+            )));
+        }
+        if meta.names.contains_key(name) {
+            return Err(ControlError::Exists(format!(
+                "vdisk '{name}' already exists: pick another name or delete it first"
+            )));
+        }
+        let table = with_state(&s.table, State::New)?;
+        let parent_cow = s
+            .rec
+            .parent
+            .and_then(|p| meta.vdisks.get(&VdiskId(p)))
+            .map(|p| p.rec.cow)
+            .unwrap_or_default();
+        let id = VdiskId(meta.next_vdisk);
+        let rec = VdiskRecord {
+            name: name.to_string(),
+            size_bytes: s.rec.size_bytes,
+            segment_blocks: s.rec.segment_blocks,
+            generation: 1,
+            created: now_secs(),
+            read_only: false,
+            parent: None,
+            origin: Some(source.to_string()),
+            lineage: lineage(sid, &s.rec),
+            cow: cow.unwrap_or(parent_cow),
+        };
+        for (p, l) in mapped_runs(&table) {
+            meta.shared.share(p, l);
+        }
+        meta.next_vdisk += 1;
+        meta.names.insert(name.to_string(), id);
+        meta.vdisks.insert(
+            id,
+            VdiskMeta {
+                rec,
+                table,
+                last_seq: 0,
+            },
+        );
+        let writes = vec![TableWrite::whole(id, &meta.vdisks[&id])];
+        let next = id.0 + 1;
+        let seq = self.queue(&mut meta, writes, move |t| t.set_meta("next_vdisk", next));
+        self.journal.wait(seq).await?;
+        info!(vdisk = name, source, "clone created");
+        Ok(Self::vdisk_view(&meta, id))
+    }
+
+    /// Makes vdisk `name`'s table equal to its snapshot `snap`'s (size included). Space only
+    /// the vdisk mapped is freed.
+    pub async fn rollback(&self, name: &str, snap: &str) -> Result<VdiskView, ControlError> {
+        let full = format!("{name}@{snap}");
+        let mut meta = self.meta.lock().await;
+        let id = meta.by_name(name)?;
+        if meta.vdisks[&id].rec.read_only {
+            return Err(read_only(name));
+        }
+        let sid = meta.by_name(&full)?;
+        if meta.vdisks[&sid].rec.parent != Some(id.0) {
+            return Err(ControlError::Invalid(format!(
+                "'{full}' is not a snapshot of '{name}'"
+            )));
+        }
+        let table = with_state(&meta.vdisks[&sid].table, State::New)?;
+        let size_bytes = meta.vdisks[&sid].rec.size_bytes;
+        let started = Instant::now();
+        self.hold(id, &format!("rollback of {name}")).await?;
+        for (p, l) in mapped_runs(&table) {
+            meta.shared.share(p, l);
+        }
+        let v = meta.vdisks.get_mut(&id).expect("named vdisk exists");
+        let old = std::mem::replace(&mut v.table, table);
+        v.rec.size_bytes = size_bytes;
+        v.rec.generation += 1;
+        let runs = meta.release(&mapped_runs(&old));
+        drop(old);
+        let snapshot = Self::snapshot_of(&meta, id);
+        let writes = vec![TableWrite::whole(id, &meta.vdisks[&id])];
+        let stored = runs.clone();
+        let seq = self.queue(&mut meta, writes, move |t| t.put_zeroing_runs(&stored));
+        // Every copy is now all `new`: no write lands without a fault, and a fault's answer
+        // waits for this commit, so I/O may resume before it is durable.
+        let acked = self.push(id, None, Command::Replace(snapshot)).await;
+        self.push(id, None, Command::Unblock { vdisk: id }).await;
+        let hold = started.elapsed();
+        self.journal.wait(seq).await?;
+        meta.mark_zeroing(&runs);
+        if acked && !runs.is_empty() {
+            self.zero_and_free(&mut meta, runs).await?;
+        }
+        info!(
+            vdisk = name,
+            snapshot = full,
+            hold_ms = hold.as_secs_f64() * 1e3,
+            "rolled back"
+        );
+        Ok(Self::vdisk_view(&meta, id))
+    }
+
+    /// The virtual ranges whose mapping differs between two tables of one lineage: what
+    /// changed, for an incremental backup. No data is read.
+    pub async fn diff(&self, from: &str, to: &str) -> Result<DiffView, ControlError> {
+        let meta = self.meta.lock().await;
+        let (a, b) = (meta.by_name(from)?, meta.by_name(to)?);
+        let (va, vb) = (&meta.vdisks[&a], &meta.vdisks[&b]);
+        if lineage(a, &va.rec) != lineage(b, &vb.rec) {
+            return Err(ControlError::Invalid(format!(
+                "'{from}' and '{to}' are not of one lineage (copies of one vdisk): their tables cannot be compared"
+            )));
+        }
+        let ranges: Vec<DiffRange> = va
+            .table
+            .diff(&vb.table)
+            .into_iter()
+            .map(|(b, e)| DiffRange {
+                offset: b * BLOCK_SIZE,
+                length: (e - b) * BLOCK_SIZE,
+            })
+            .collect();
+        Ok(DiffView {
+            from: from.to_string(),
+            to: to.to_string(),
+            changed: ranges.iter().map(|r| r.length).sum(),
+            ranges,
+        })
+    }
+}
