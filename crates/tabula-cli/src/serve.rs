@@ -76,6 +76,24 @@ async fn open_controller(
         .with_context(|| format!("resolving --data-dir {}", data_dir.display()))?;
     let mut c = ControllerConfig::new(&*data_dir);
     cfg(&mut c);
+    for (var, slot) in [
+        (
+            "TABULA_TEST_SNAPSHOT_COMMIT_PAUSE_MS",
+            &mut c.test_pauses.snapshot_commit,
+        ),
+        (
+            "TABULA_TEST_COW_SWITCH_PAUSE_MS",
+            &mut c.test_pauses.cow_switch,
+        ),
+    ] {
+        if let Ok(ms) = std::env::var(var) {
+            let ms: u64 = ms
+                .parse()
+                .with_context(|| format!("{var} must be milliseconds"))?;
+            tracing::warn!(var, ms, "test hook: the controller pauses here");
+            *slot = Some(std::time::Duration::from_millis(ms));
+        }
+    }
     let ctl = Controller::open(c)
         .await
         .with_context(|| format!("opening the controller in {}", data_dir.display()))?;

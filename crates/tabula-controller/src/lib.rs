@@ -20,4 +20,4 @@ pub mod journal;
 pub mod service;
 pub mod store;
 
-pub use service::{Controller, ControllerConfig, ControllerError};
+pub use service::{Controller, ControllerConfig, ControllerError, TestPauses};

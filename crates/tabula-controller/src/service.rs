@@ -63,6 +63,17 @@ pub struct ControllerConfig {
     /// The longest a snapshot or rollback may hold a vdisk's I/O while agents drain; past
     /// it the operation is cancelled and I/O resumes.
     pub snapshot_hold: Duration,
+    /// Test hooks: pauses at the points crash tests kill the controller in.
+    pub test_pauses: TestPauses,
+}
+
+/// Pauses for crash tests (set from `TABULA_TEST_*` environment variables by the binary).
+#[derive(Clone, Debug, Default)]
+pub struct TestPauses {
+    /// After a snapshot's hold, before its commit.
+    pub snapshot_commit: Option<Duration>,
+    /// After an agent reported a copy-on-write copy, before the tables are switched.
+    pub cow_switch: Option<Duration>,
 }
 
 impl ControllerConfig {
@@ -75,6 +86,7 @@ impl ControllerConfig {
             restart_grace: false,
             refresh_interval: None,
             snapshot_hold: Duration::from_secs(5),
+            test_pauses: TestPauses::default(),
         }
     }
 }

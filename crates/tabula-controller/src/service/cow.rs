@@ -174,6 +174,9 @@ impl Controller {
         meta: &mut Meta,
         f: &Fault,
     ) -> Result<RangeUpdate, ControlError> {
+        if let Some(p) = self.cfg.test_pauses.cow_switch {
+            tokio::time::sleep(p).await;
+        }
         let vdisk = f.vdisk;
         let v = meta.vdisk(vdisk)?;
         let seg = v.rec.segment_blocks;

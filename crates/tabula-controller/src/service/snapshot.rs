@@ -145,6 +145,9 @@ impl Controller {
         }
         self.push(id, None, Command::Unblock { vdisk: id }).await;
         let hold = started.elapsed();
+        if let Some(p) = self.cfg.test_pauses.snapshot_commit {
+            tokio::time::sleep(p).await;
+        }
         // The copy: a read-only table mapping the same blocks.
         let table = with_state(&before, State::NoWrite)?;
         drop(before);
