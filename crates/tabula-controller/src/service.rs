@@ -1590,4 +1590,6 @@ impl ControlPlane for Controller {
 mod cow;
 mod snapshot;
 #[cfg(test)]
+mod snapshot_tests;
+#[cfg(test)]
 mod tests;

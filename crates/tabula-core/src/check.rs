@@ -11,9 +11,9 @@
 //! - a physical block may be mapped by several tables (snapshots and clones share it), but
 //!   by at most one entry of each, and never also be free, waiting to be zeroed or reserved
 //!   for a copy-on-write: anything else owns it twice;
-//! - a block shared between tables is mapped `new` by every writable table (so its first
-//!   write faults and is copied): a `normal` entry there would change the other tables'
-//!   data;
+//! - a block shared between tables is mapped in a state that does not allow writes (`new`)
+//!   by every writable table, so its first write faults and is copied: a `normal` entry
+//!   there would change the other tables' data;
 //! - free space, pending-zero space, copy-on-write space and mapped space together cover
 //!   every container exactly, so nothing leaks.
 //!
@@ -24,7 +24,7 @@
 use std::collections::BTreeMap;
 
 use crate::ids::{ContainerId, VdiskId};
-use crate::table::{Entry, State, list_defects};
+use crate::table::{Entry, list_defects};
 
 /// What a physical run is used for, to name it in a report.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -366,7 +366,7 @@ impl Sweep<'_> {
                 unreachable!("only entries are listed");
             };
             let table = &self.inv.vdisks[t];
-            if table.writable && table.entries[entry].state != State::New {
+            if table.writable && table.entries[entry].state.writable() {
                 // Name an entry of another table it shares with.
                 found.push(Conflict::Writable(k, if t == t0 { kn } else { k0 }));
             }
@@ -733,7 +733,7 @@ mod tests {
                 }
                 if ts.len() >= 2 {
                     shared += 1;
-                    if e.iter().any(|&(t, st)| t != 2 && st != State::New) {
+                    if e.iter().any(|&(t, st)| t != 2 && st.writable()) {
                         writable.push(x);
                     }
                 }
