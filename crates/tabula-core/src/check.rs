@@ -412,6 +412,7 @@ mod tests {
 
     use super::*;
     use crate::table::Phys;
+    use crate::table::State;
 
     fn entry(begin: u64, end: u64, block: u64, state: State) -> Entry {
         Entry {
