@@ -565,6 +565,15 @@ impl VolumeExport {
                 let base = c.segment * self.vol.segment_blocks;
                 let to = self.shared.cached_container(c.to.container);
                 for x in &c.from {
+                    if x.begin < base || x.end > base + self.vol.segment_blocks {
+                        return Err(IoError {
+                            errno: Errno::Io,
+                            message: format!(
+                                "vdisk {}: the controller asked to copy blocks {}..{} as part of segment {}; refusing",
+                                self.vol.name, x.begin, x.end, c.segment
+                            ),
+                        });
+                    }
                     let (Some(t), Some(to)) = (x.target, to.clone()) else {
                         continue;
                     };

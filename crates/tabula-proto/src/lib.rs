@@ -402,7 +402,7 @@ mod tests {
             range: (0, 512),
             entries: sample_entries(),
             change: true,
-            copies: Vec::new(),
+            copies: vec![cow_sample()],
         };
         let snap = TableSnapshot {
             vdisk: VdiskId(3),
@@ -434,6 +434,37 @@ mod tests {
             let back = command_from_pb(command_to_pb(i as u64, &c)).unwrap();
             assert_eq!(back, (i as u64, c));
         }
+    }
+
+    fn cow_sample() -> CowCopy {
+        CowCopy {
+            segment: 0,
+            from: vec![sample_entries()[0]],
+            to: Phys {
+                container: ContainerId(2),
+                block: 4096,
+            },
+        }
+    }
+
+    #[test]
+    fn copy_on_write_fault_round_trips_and_unmapped_sources_are_refused() {
+        let f = Fault {
+            agent: "a".into(),
+            vdisk: VdiskId(3),
+            op: FaultOp::Copied,
+            segments: (0, 1),
+            state: State::New,
+            generation: Generation(4),
+            copied: vec![cow_sample()],
+        };
+        assert_eq!(fault_from_pb(fault_to_pb(&f)).unwrap(), f);
+        let mut bad = cow_to_pb(&cow_sample());
+        bad.from[0].target = None;
+        assert!(cow_from_pb(&bad).is_err(), "a copy from nowhere");
+        bad = cow_to_pb(&cow_sample());
+        bad.to = None;
+        assert!(cow_from_pb(&bad).is_err(), "a copy to nowhere");
     }
 
     #[test]
