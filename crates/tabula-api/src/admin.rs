@@ -241,9 +241,16 @@ pub struct CheckView {
     pub containers: usize,
     pub vdisks: usize,
     pub entries: usize,
+    /// Bytes of distinct container space mapped (shared space counted once).
     pub mapped: u64,
+    /// Of `mapped`, bytes mapped by more than one table (snapshots, clones).
+    #[serde(default)]
+    pub shared: u64,
     pub free: u64,
     pub zeroing: u64,
+    /// Bytes reserved for copies-on-write in progress.
+    #[serde(default)]
+    pub copying: u64,
 }
 
 /// The body of every admin API error.

@@ -257,13 +257,15 @@ pub fn status(s: &StatusView) -> String {
 
 pub fn check(c: &CheckView) -> String {
     let mut o = format!(
-        "checked {} containers, {} vdisks, {} entries: {} mapped, {} free, {} waiting to be zeroed\n",
+        "checked {} containers, {} tables, {} entries: {} mapped ({} shared), {} free, {} waiting to be zeroed, {} being copied\n",
         c.containers,
         c.vdisks,
         c.entries,
         format_size(c.mapped),
+        format_size(c.shared),
         format_size(c.free),
-        format_size(c.zeroing)
+        format_size(c.zeroing),
+        format_size(c.copying)
     );
     if c.ok {
         o.push_str("OK: no invariant is violated\n");

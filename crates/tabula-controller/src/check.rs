@@ -38,6 +38,8 @@ pub fn check_loaded(loaded: &Loaded) -> CheckView {
         entries: r.entries,
         // Distinct blocks: a block shared by snapshots and clones counts once.
         mapped: r.mapped_blocks * tabula_core::BLOCK_SIZE,
+        shared: r.shared_blocks * tabula_core::BLOCK_SIZE,
+        copying: r.cow_blocks * tabula_core::BLOCK_SIZE,
         free: r.free_blocks * tabula_core::BLOCK_SIZE,
         zeroing: r.zeroing_blocks * tabula_core::BLOCK_SIZE,
     }
