@@ -187,9 +187,8 @@ impl Volume {
             return;
         }
         let (b, e) = (range.0.min(t.table.size()), range.1.min(t.table.size()));
-        let mapped: Vec<_> = t.table.entries_in(b, e);
-        for x in mapped {
-            let _ = t.table.set(x.begin, x.end, x.target, state);
+        if b < e {
+            let _ = t.table.set_mapped_state(b, e, state);
         }
         t.generation = generation;
         t.unmap_generation = generation;

@@ -477,6 +477,64 @@ impl MappingTable {
         Ok(())
     }
 
+    /// Sets the state of every mapped block in `[begin, end)` (unmapped blocks stay so),
+    /// splitting entries at the edges. Many entries (a snapshot marks a whole table `new`)
+    /// are rewritten in one pass rather than edited one by one.
+    pub fn set_mapped_state(
+        &mut self,
+        begin: u64,
+        end: u64,
+        state: State,
+    ) -> Result<(), TableError> {
+        let many = self.map.range(begin..end).nth(64).is_some();
+        self.set_mapped_state_by(begin, end, state, many)
+    }
+
+    fn set_mapped_state_by(
+        &mut self,
+        begin: u64,
+        end: u64,
+        state: State,
+        rebuild: bool,
+    ) -> Result<(), TableError> {
+        self.check_range(begin, end)?;
+        if !rebuild {
+            for x in self.entries_in(begin, end) {
+                if x.target.is_some() {
+                    self.set(x.begin, x.end, x.target, state)?;
+                }
+            }
+            return Ok(());
+        }
+        let mut all = Vec::with_capacity(self.map.len() + 2);
+        for e in self.entries() {
+            if e.target.is_none() || e.end <= begin || e.begin >= end {
+                all.push(e);
+                continue;
+            }
+            let (b, x) = (e.begin.max(begin), e.end.min(end));
+            let at = |pos: u64| e.target.map(|t| t.offset(pos - e.begin));
+            if e.begin < b {
+                all.push(Entry { end: b, ..e });
+            }
+            all.push(Entry {
+                begin: b,
+                end: x,
+                target: at(b),
+                state,
+            });
+            if x < e.end {
+                all.push(Entry {
+                    begin: x,
+                    target: at(x),
+                    ..e
+                });
+            }
+        }
+        *self = MappingTable::from_entries(self.size, all)?;
+        Ok(())
+    }
+
     /// Unmaps `[begin, end)`: it reads as zeros again.
     pub fn remove(&mut self, begin: u64, end: u64) -> Result<(), TableError> {
         self.check_range(begin, end)?;
@@ -683,6 +741,7 @@ mod tests {
         Set(u64, u64, Option<(u32, u64)>, State),
         Remove(u64, u64),
         Resize(u64),
+        SetMappedState(u64, u64, State, bool),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -692,6 +751,8 @@ mod tests {
                 .prop_map(|(b, l, t, s)| Op::Set(b, b + l, t.map(|(c, x)| (c, x * 8)), s)),
             2 => (0u64..64, 1u64..16).prop_map(|(b, l)| Op::Remove(b, b + l)),
             1 => (32u64..80).prop_map(Op::Resize),
+            1 => (0u64..64, 1u64..40, proptest::sample::select(State::ALL.to_vec()), any::<bool>())
+                .prop_map(|(b, l, s, r)| Op::SetMappedState(b, b + l, s, r)),
         ]
     }
 
@@ -739,6 +800,9 @@ mod tests {
                             let _ = t.remove(b, e);
                         }
                         Op::Resize(n) => t.resize(n),
+                        Op::SetMappedState(b, e, s, r) => {
+                            let _ = t.set_mapped_state_by(b, e, s, r);
+                        }
                     }
                 }
                 t
@@ -755,6 +819,9 @@ mod tests {
                         let _ = b.remove(s, e);
                     }
                     Op::Resize(n) => b.resize(n),
+                    Op::SetMappedState(x, e, s, r) => {
+                        let _ = b.set_mapped_state_by(x, e, s, r);
+                    }
                 }
             }
             let end = a.size().max(b.size());
@@ -815,6 +882,19 @@ mod tests {
                     Op::Resize(n) => {
                         t.resize(n);
                         m.resize(n as usize, None);
+                    }
+                    Op::SetMappedState(b, e, state, rebuild) => {
+                        let r = t.set_mapped_state_by(b, e, state, rebuild);
+                        if e > m.len() as u64 {
+                            prop_assert!(r.is_err());
+                            continue;
+                        }
+                        prop_assert!(r.is_ok());
+                        for i in b..e {
+                            if let Some((Some(p), _)) = m[i as usize] {
+                                m[i as usize] = Some((Some(p), state));
+                            }
+                        }
                     }
                 }
                 prop_assert_eq!(t.validate(), Ok(()));
