@@ -41,6 +41,8 @@ use crate::store::{ContainerRecord, Store, StoreError, Txn, VdiskRecord};
 pub const DB_FILE: &str = "tabula.redb";
 pub const DEFAULT_SEGMENT_SIZE: u64 = 1 << 20;
 const MAX_NAME: usize = 128;
+/// Above this many runs, sharing and releasing rebuild the reference counts in one pass.
+const BULK_RUNS: usize = 1024;
 /// How long a fault waits for the metadata lock before it is told to retry.
 const FAULT_LOCK_WAIT: Duration = Duration::from_secs(1);
 
@@ -212,11 +214,27 @@ impl Meta {
 
     /// One table stops mapping these runs: returns the parts nobody maps any more.
     fn release(&mut self, runs: &[(Phys, u64)]) -> Vec<(Phys, u64)> {
+        // A few runs (a trim) edit the map in place; a whole table (a delete) is one pass
+        // over it.
+        if runs.len() > BULK_RUNS {
+            return self.shared.release_all(runs.iter().copied());
+        }
         let mut freed = Vec::new();
         for &(p, l) in runs {
             freed.extend(self.shared.release(p, l));
         }
         freed
+    }
+
+    /// One more table maps these runs.
+    fn share(&mut self, runs: &[(Phys, u64)]) {
+        if runs.len() > BULK_RUNS {
+            self.shared.share_all(runs.iter().copied());
+        } else {
+            for &(p, l) in runs {
+                self.shared.share(p, l);
+            }
+        }
     }
 
     /// Blocks of these runs that other tables map too.
@@ -912,14 +930,10 @@ impl Controller {
         if let Err(e) = result {
             // Nothing was stored: put everything back as it was.
             for (id, v) in removed.into_iter().rev() {
-                for (p, l) in mapped_runs(&v.table) {
-                    meta.shared.share(p, l);
-                }
                 meta.names.insert(v.rec.name.clone(), id);
                 meta.vdisks.insert(id, v);
             }
-            // The released references were those of the removed tables; sharing them again
-            // over-counts blocks that were freed, so rebuild from the tables.
+            // Releasing freed some blocks outright: recount from the tables.
             meta.shared = SharedBlocks::from_mappings(
                 meta.vdisks.values().flat_map(|v| mapped_runs(&v.table)),
             );

@@ -87,40 +87,82 @@ impl SharedBlocks {
     /// covered `n` times has `n - 1` extra. One sort and one sweep, so the controller can
     /// rebuild the counts at start from millions of entries instead of storing them.
     pub fn from_mappings(runs: impl IntoIterator<Item = (Phys, u64)>) -> SharedBlocks {
-        // +1 where a run starts, -1 where it ends; ends sort before starts at the same
-        // block, though the net count at a position is what matters.
-        let mut events: Vec<(ContainerId, u64, i64)> = Vec::new();
+        let mut events = Vec::new();
+        push_runs(&mut events, runs, 1);
+        SharedBlocks {
+            map: sweep(events, 1),
+        }
+    }
+
+    /// Each of `runs` is mapped by one more table: the same as [`share`](Self::share) for
+    /// each, in one pass (a snapshot of a million-entry table shares a million runs).
+    pub fn share_all(&mut self, runs: impl IntoIterator<Item = (Phys, u64)>) {
+        let mut events = Vec::new();
+        for (&(c, b), r) in &self.map {
+            events.push((c, b, i64::from(r.extra)));
+            events.push((c, r.end, -i64::from(r.extra)));
+        }
+        push_runs(&mut events, runs, 1);
+        self.map = sweep(events, 0);
+    }
+
+    /// Each of `runs` loses one reference: the same as [`release`](Self::release) for each,
+    /// in one pass. Returns the sub-runs nobody maps any more, in order.
+    pub fn release_all(&mut self, runs: impl IntoIterator<Item = (Phys, u64)>) -> Vec<(Phys, u64)> {
+        // (container, block, change of extra, change of releases)
+        let mut events: Vec<(ContainerId, u64, i64, i64)> = Vec::new();
+        for (&(c, b), r) in &self.map {
+            events.push((c, b, i64::from(r.extra), 0));
+            events.push((c, r.end, -i64::from(r.extra), 0));
+        }
         for (at, len) in runs {
             if len > 0 {
-                events.push((at.container, at.block, 1));
-                events.push((at.container, at.block.saturating_add(len), -1));
+                events.push((at.container, at.block, 0, 1));
+                events.push((at.container, at.block.saturating_add(len), 0, -1));
             }
         }
         events.sort_unstable();
-        let mut out: Vec<((ContainerId, u64), Run)> = Vec::new();
-        let mut count: i64 = 0;
-        for (i, &(c, b, d)) in events.iter().enumerate() {
-            count += d;
-            let Some(&(nc, nb, _)) = events.get(i + 1) else {
+        let mut kept: Vec<((ContainerId, u64), Run)> = Vec::new();
+        let mut freed: Vec<(Phys, u64)> = Vec::new();
+        let (mut extra, mut gone) = (0i64, 0i64);
+        for (i, &(c, b, de, dg)) in events.iter().enumerate() {
+            extra += de;
+            gone += dg;
+            let Some(&(nc, nb, _, _)) = events.get(i + 1) else {
                 break;
             };
-            // Every run that starts in a container ends there, so the count is 0 between
-            // containers and at equal positions the segment is empty.
-            if nc != c || nb == b || count < 2 {
+            if nc != c || nb == b {
                 continue;
             }
-            // More than u32::MAX tables mapping one block cannot be stored anyway.
-            let extra = u32::try_from(count - 1).unwrap_or(u32::MAX);
-            match out.last_mut() {
-                Some(((lc, _), last)) if *lc == c && last.end == b && last.extra == extra => {
-                    last.end = nb;
+            // References left: the mapping itself (if released at all) plus the extras.
+            let left = if gone > 0 {
+                extra + 1 - gone
+            } else {
+                extra + 1
+            };
+            if left <= 0 {
+                match freed.last_mut() {
+                    Some((p, l)) if p.container == c && p.block + *l == b => *l += nb - b,
+                    _ => freed.push((
+                        Phys {
+                            container: c,
+                            block: b,
+                        },
+                        nb - b,
+                    )),
                 }
-                _ => out.push(((c, b), Run { end: nb, extra })),
+            } else if left > 1 {
+                let extra = u32::try_from(left - 1).unwrap_or(u32::MAX);
+                match kept.last_mut() {
+                    Some(((lc, _), last)) if *lc == c && last.end == b && last.extra == extra => {
+                        last.end = nb;
+                    }
+                    _ => kept.push(((c, b), Run { end: nb, extra })),
+                }
             }
         }
-        SharedBlocks {
-            map: out.into_iter().collect(),
-        }
+        self.map = kept.into_iter().collect();
+        freed
     }
 
     /// How many blocks of `[at, at + len)` are shared (have extra references).
@@ -295,6 +337,48 @@ impl SharedBlocks {
         }
         Ok(())
     }
+}
+
+/// Start (+weight) and end (-weight) events of runs.
+fn push_runs(
+    events: &mut Vec<(ContainerId, u64, i64)>,
+    runs: impl IntoIterator<Item = (Phys, u64)>,
+    weight: i64,
+) {
+    for (at, len) in runs {
+        if len > 0 {
+            events.push((at.container, at.block, weight));
+            events.push((at.container, at.block.saturating_add(len), -weight));
+        }
+    }
+}
+
+/// Sums the events along each container; where the sum exceeds `base`, the blocks have
+/// `sum - base` extra references. Equal neighbouring runs are merged (the canonical form).
+fn sweep(mut events: Vec<(ContainerId, u64, i64)>, base: i64) -> BTreeMap<(ContainerId, u64), Run> {
+    events.sort_unstable();
+    let mut out: Vec<((ContainerId, u64), Run)> = Vec::new();
+    let mut count: i64 = 0;
+    for (i, &(c, b, d)) in events.iter().enumerate() {
+        count += d;
+        let Some(&(nc, nb, _)) = events.get(i + 1) else {
+            break;
+        };
+        // Every run that starts in a container ends there, so the count is back to 0
+        // between containers, and at equal positions the segment is empty.
+        if nc != c || nb == b || count <= base {
+            continue;
+        }
+        // More than u32::MAX tables mapping one block cannot be stored anyway.
+        let extra = u32::try_from(count - base).unwrap_or(u32::MAX);
+        match out.last_mut() {
+            Some(((lc, _), last)) if *lc == c && last.end == b && last.extra == extra => {
+                last.end = nb;
+            }
+            _ => out.push(((c, b), Run { end: nb, extra })),
+        }
+    }
+    out.into_iter().collect()
 }
 
 #[cfg(test)]
@@ -489,6 +573,57 @@ mod tests {
             let mut reversed = runs.clone();
             reversed.reverse();
             prop_assert_eq!(&SharedBlocks::from_mappings(reversed), &s);
+        }
+
+        /// Releasing many runs at once equals releasing them one by one.
+        #[test]
+        fn release_all_equals_release_one_by_one(
+            before in proptest::collection::vec((0u32..2, 0u64..48, 1u64..16), 0..20),
+            runs in proptest::collection::vec((0u32..2, 0u64..48, 1u64..16), 0..20),
+        ) {
+            let mut one = SharedBlocks::new();
+            for &(c, b, l) in &before {
+                one.share(p(c, b), l);
+            }
+            let mut all = one.clone();
+            // Freed blocks, per block: releasing one by one may free a block and then see
+            // it again unshared (it counts once: a second release of a freed block would be
+            // a caller's bug, so compare the set of freed blocks).
+            let mut want = std::collections::BTreeSet::new();
+            for &(c, b, l) in &runs {
+                for (at, n) in one.release(p(c, b), l) {
+                    for i in at.block..at.block + n {
+                        want.insert((at.container.0, i));
+                    }
+                }
+            }
+            let got: std::collections::BTreeSet<(u32, u64)> = all
+                .release_all(runs.iter().map(|&(c, b, l)| (p(c, b), l)))
+                .into_iter()
+                .flat_map(|(at, n)| (at.block..at.block + n).map(move |i| (at.container.0, i)))
+                .collect();
+            prop_assert_eq!(all.validate(), Ok(()));
+            prop_assert_eq!(&all, &one);
+            prop_assert_eq!(got, want);
+        }
+
+        /// Sharing many runs at once equals sharing them one by one.
+        #[test]
+        fn share_all_equals_share_one_by_one(
+            before in proptest::collection::vec((0u32..2, 0u64..48, 1u64..16), 0..20),
+            runs in proptest::collection::vec((0u32..2, 0u64..48, 1u64..16), 0..20),
+        ) {
+            let mut one = SharedBlocks::new();
+            for &(c, b, l) in &before {
+                one.share(p(c, b), l);
+            }
+            let mut all = one.clone();
+            for &(c, b, l) in &runs {
+                one.share(p(c, b), l);
+            }
+            all.share_all(runs.iter().map(|&(c, b, l)| (p(c, b), l)));
+            prop_assert_eq!(all.validate(), Ok(()));
+            prop_assert_eq!(&all, &one);
         }
     }
 }

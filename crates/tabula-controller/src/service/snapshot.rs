@@ -151,9 +151,7 @@ impl Controller {
         // The copy: a read-only table mapping the same blocks.
         let table = with_state(&before, State::NoWrite)?;
         drop(before);
-        for (p, l) in mapped_runs(&table) {
-            meta.shared.share(p, l);
-        }
+        meta.share(&mapped_runs(&table));
         let v = &meta.vdisks[&id];
         let sid = VdiskId(meta.next_vdisk);
         let rec = VdiskRecord {
@@ -292,9 +290,7 @@ impl Controller {
             lineage: lineage(sid, &s.rec),
             cow: cow.unwrap_or(parent_cow),
         };
-        for (p, l) in mapped_runs(&table) {
-            meta.shared.share(p, l);
-        }
+        meta.share(&mapped_runs(&table));
         meta.next_vdisk += 1;
         meta.names.insert(name.to_string(), id);
         meta.vdisks.insert(
@@ -332,9 +328,7 @@ impl Controller {
         let size_bytes = meta.vdisks[&sid].rec.size_bytes;
         let started = Instant::now();
         self.hold(id, &format!("rollback of {name}")).await?;
-        for (p, l) in mapped_runs(&table) {
-            meta.shared.share(p, l);
-        }
+        meta.share(&mapped_runs(&table));
         let v = meta.vdisks.get_mut(&id).expect("named vdisk exists");
         let old = std::mem::replace(&mut v.table, table);
         v.rec.size_bytes = size_bytes;
