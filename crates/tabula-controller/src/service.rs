@@ -1178,6 +1178,9 @@ impl Controller {
         // What each segment needs: space, a flip of unshared `new` entries to `normal`, or a
         // copy-on-write.
         let mut need: Vec<u64> = Vec::new();
+        // Unmapped pieces of segments that are partly mapped (left by a shrink and a grow):
+        // only the gaps get space, the mapped part stays.
+        let mut gaps: Vec<(u64, u64)> = Vec::new();
         let mut flips: Vec<u64> = Vec::new();
         let mut cows: Vec<u64> = Vec::new();
         let mut copies = Vec::new();
@@ -1205,6 +1208,13 @@ impl Controller {
                 }
             }
             match (new, normal, shared || unmapped) {
+                (false, true, _) if unmapped => gaps.extend(
+                    v.table
+                        .lookup(s * seg, ((s + 1) * seg).min(size))
+                        .into_iter()
+                        .filter(|p| p.target.is_none())
+                        .map(|p| (p.begin, p.end)),
+                ),
                 (false, _, _) if unmapped => need.push(s),
                 (false, _, _) => {}
                 (true, false, true) => cows.push(s),
@@ -1219,9 +1229,9 @@ impl Controller {
         }
         copies.extend(self.start_cows(meta, f.vdisk, &cows, &f.agent)?);
         let v = &meta.vdisks[&f.vdisk];
-        let mut lo = s0;
+        let lo = s0;
         let mut hi = s1;
-        if need.is_empty() && flips.is_empty() {
+        if need.is_empty() && flips.is_empty() && gaps.is_empty() {
             // Mapped already (perhaps by a concurrent fault whose commit is still in
             // flight), or copies to do first (whose reservation must be durable).
             let seq = if copies.is_empty() {
@@ -1275,13 +1285,22 @@ impl Controller {
                 return Err(ControlError::NoSpace);
             }
         }
+        for &(b, e) in &gaps {
+            let Some((at, n)) = meta.alloc(1, e - b, e - b, None, &mut deltas) else {
+                for &(_, n, at) in &got {
+                    let mut scratch = Vec::new();
+                    meta.free(at, n, &mut scratch)?;
+                }
+                self.out_of_space.store(true, Ordering::Relaxed);
+                self.enospc_faults.fetch_add(1, Ordering::Relaxed);
+                return Err(ControlError::NoSpace);
+            };
+            got.push((b, n, at));
+        }
         if let (Some(&a), Some(&b)) = (optional.first(), optional.last()) {
             let end = ((b + 1) * seg).min(size);
             let reached = fill(meta, seg, a * seg, end, &mut hint, &mut deltas, &mut got)?;
             hi = hi.max(reached.div_ceil(seg));
-        }
-        if let Some(&first) = need.first().or(flips.first()) {
-            lo = lo.min(first);
         }
         self.out_of_space.store(false, Ordering::Relaxed);
         // Install in the table and persist the span that changed.

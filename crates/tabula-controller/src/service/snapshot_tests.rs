@@ -247,3 +247,25 @@ async fn snapshots_refuse_writes_and_vdisks_with_snapshots_refuse_plain_delete()
     let e = ctl.diff("vd@s1", &other.name).await.unwrap_err();
     assert!(e.to_string().contains("lineage"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partly_mapped_segment_keeps_its_mapped_part_when_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path()).await;
+    let v = ctl.create_vdisk("vd", 16 * MIB, None, None).await.unwrap();
+    ctl.fault(fault(v.id, FaultOp::Write, 3, 4)).await.unwrap();
+    let head = entry_at(&ctl, "vd", 768).await.target;
+    // Shrinking into segment 3 and growing back leaves its tail unmapped.
+    ctl.resize_vdisk("vd", 3 * MIB + MIB / 2).await.unwrap();
+    ctl.resize_vdisk("vd", 16 * MIB).await.unwrap();
+    ctl.fault(fault(v.id, FaultOp::Write, 3, 4)).await.unwrap();
+    assert_eq!(
+        entry_at(&ctl, "vd", 768).await.target,
+        head,
+        "the mapped half stays"
+    );
+    let tail = entry_at(&ctl, "vd", 1023).await;
+    assert!(tail.target.is_some() && tail.state == State::Normal);
+    assert_consistent(&ctl).await;
+    assert_eq!(ctl.vdisk_by_name("vd").await.unwrap().allocated, MIB);
+}
