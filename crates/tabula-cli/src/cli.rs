@@ -219,18 +219,26 @@ pub enum VdiskCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCmd {
-    /// Take a snapshot: returns in milliseconds whatever the vdisk's size. I/O to the vdisk
-    /// is held (not failed) only while agents drain in-flight I/O. It holds every write
-    /// acknowledged before the command and none issued after it returned.
+    /// Take a snapshot. No data is copied: the vdisk's table is. I/O to the vdisk is held
+    /// (it waits, it does not fail) only while agents drain in-flight I/O and mark the
+    /// vdisk's segments shared, milliseconds whatever its size; the command returns once
+    /// the copy of the table is durable. The snapshot holds every write acknowledged before
+    /// the command began and none issued after it returned.
     Create {
+        /// The vdisk to snapshot.
         vdisk: String,
+        /// The snapshot's name; it is exported read-only as VDISK@NAME.
         name: String,
+        /// Print the snapshot as JSON (with `hold_ms`, how long I/O was held).
         #[arg(long)]
         json: bool,
     },
-    /// List snapshots (of one vdisk, or all) with the space unique to each.
+    /// List snapshots (of one vdisk, or all) with the space unique to each: what deleting
+    /// it would free.
     List {
+        /// Only the snapshots of this vdisk.
         vdisk: Option<String>,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -246,6 +254,7 @@ pub enum SnapshotCmd {
         from: String,
         /// VDISK@SNAP or VDISK
         to: String,
+        /// Print JSON ({from, to, changed, ranges: [{offset, length}]}).
         #[arg(long)]
         json: bool,
     },
