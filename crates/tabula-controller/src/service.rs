@@ -41,6 +41,9 @@ use crate::store::{ContainerRecord, Store, StoreError, Txn, VdiskRecord};
 pub const DB_FILE: &str = "tabula.redb";
 pub const DEFAULT_SEGMENT_SIZE: u64 = 1 << 20;
 const MAX_NAME: usize = 128;
+/// How far each table's generation moves at a start: beyond the one generation a snapshot
+/// or rollback may have shown agents before a crash kept it from the store.
+const GENERATION_SKIP_AT_START: u64 = 2;
 /// Above this many runs, sharing and releasing rebuild the reference counts in one pass.
 const BULK_RUNS: usize = 1024;
 /// How long a fault waits for the metadata lock before it is told to retry.
@@ -418,7 +421,7 @@ impl Controller {
             source,
         })?;
         let store = Arc::new(Store::open(&cfg.data_dir.join(DB_FILE))?);
-        let loaded = store.load()?;
+        let mut loaded = store.load()?;
         let mut meta = Meta {
             next_vdisk: loaded.next_vdisk,
             next_container: loaded.next_container,
@@ -445,6 +448,24 @@ impl Controller {
                     l,
                 )
                 .map_err(|e| StoreError::Corrupt(format!("free list: {e}")))?;
+        }
+        // A snapshot or rollback shows agents its next generation before committing it (so
+        // the I/O hold does not include the commit). After a crash there, agents may hold a
+        // generation the store never got; they would keep that copy as the newer one. So
+        // every start moves each table past anything a previous run could have shown, and
+        // stores that before answering anyone.
+        let mut bumped = Vec::new();
+        for (id, rec, _) in &mut loaded.vdisks {
+            rec.generation += GENERATION_SKIP_AT_START;
+            bumped.push((*id, rec.clone()));
+        }
+        if !bumped.is_empty() {
+            store.write(move |t| {
+                for (id, rec) in &bumped {
+                    t.put_vdisk(*id, rec)?;
+                }
+                Ok(())
+            })?;
         }
         for (id, rec, entries) in loaded.vdisks {
             let table = MappingTable::from_entries(rec.size_bytes / BLOCK_SIZE, entries)

@@ -605,3 +605,51 @@ impl Drop for Cluster {
         kill_all(&mut self.controller, &mut self.agents);
     }
 }
+
+/// A prefix that runs a process with extra environment (`env NAME=VALUE ... BIN`; `env`
+/// execs, so the pid stays the process's). For test hooks such as
+/// `TABULA_TEST_SNAPSHOT_COMMIT_PAUSE_MS`: set it as `controller.proc.prefix` before a
+/// (re)start, and clear the prefix to restart without them. The CLI run through
+/// [`Controller::try_cli`] gets the same environment, which it ignores. Loopback only (a
+/// namespace prefix would be replaced).
+pub fn env_prefix(env: &[(&str, &str)]) -> Vec<String> {
+    if env.is_empty() {
+        return Vec::new();
+    }
+    let mut p = vec!["env".to_string()];
+    p.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
+    p
+}
+
+impl Cluster {
+    /// Like [`start_with_lease`](Self::start_with_lease), with the controller started with the
+    /// extra environment `env` (see [`env_prefix`]).
+    pub fn start_with_controller_env(
+        container_size: &str,
+        names: &[&str],
+        lease: &str,
+        env: &[(&str, &str)],
+    ) -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut controller = Controller::prepare(&dir, "127.0.0.1", free_port(), &env_prefix(env));
+        controller.container_size = container_size.to_string();
+        controller.lease = lease.to_string();
+        controller.spawn();
+        let mut agents = Vec::new();
+        for name in names {
+            let mut a =
+                Agent::prepare(&dir, name, "127.0.0.1", free_port(), &controller.url(), &[]);
+            a.spawn(true);
+            agents.push(a);
+        }
+        let c = Cluster {
+            agents,
+            controller,
+            dir,
+            _tmp: tmp,
+        };
+        c.wait_connected(names, Duration::from_secs(30));
+        c
+    }
+}
