@@ -1296,25 +1296,12 @@ impl Controller {
         for (a, b) in contiguous_runs(&need) {
             let end = (b * seg).min(size);
             if fill(meta, seg, a * seg, end, &mut hint, &mut deltas, &mut got)? < end {
-                // Give back what this fault took; nothing was persisted.
-                for &(_, n, at) in &got {
-                    let mut scratch = Vec::new();
-                    meta.free(at, n, &mut scratch)?;
-                }
-                self.out_of_space.store(true, Ordering::Relaxed);
-                self.enospc_faults.fetch_add(1, Ordering::Relaxed);
-                return Err(ControlError::NoSpace);
+                return Err(self.no_space(meta, &got));
             }
         }
         for &(b, e) in &gaps {
             let Some((at, n)) = meta.alloc(1, e - b, e - b, None, &mut deltas) else {
-                for &(_, n, at) in &got {
-                    let mut scratch = Vec::new();
-                    meta.free(at, n, &mut scratch)?;
-                }
-                self.out_of_space.store(true, Ordering::Relaxed);
-                self.enospc_faults.fetch_add(1, Ordering::Relaxed);
-                return Err(ControlError::NoSpace);
+                return Err(self.no_space(meta, &got));
             };
             got.push((b, n, at));
         }
@@ -1348,13 +1335,20 @@ impl Controller {
                 Ok((update, seq.max(self.journal.last())))
             }
             Err(err) => {
-                for &(_, n, at) in &got {
-                    let mut scratch = Vec::new();
-                    meta.free(at, n, &mut scratch)?;
-                }
+                give_back(meta, &got)?;
                 Err(err)
             }
         }
+    }
+
+    /// A fault's allocation failed: gives back what it took and says so.
+    fn no_space(&self, meta: &mut Meta, got: &[(u64, u64, Phys)]) -> ControlError {
+        if let Err(e) = give_back(meta, got) {
+            return e;
+        }
+        self.out_of_space.store(true, Ordering::Relaxed);
+        self.enospc_faults.fetch_add(1, Ordering::Relaxed);
+        ControlError::NoSpace
     }
 
     /// Edits the table of `vdisk` within `range` and queues the changed span of entries, the
@@ -1525,6 +1519,15 @@ fn fill(
         pos += used;
     }
     Ok(pos)
+}
+
+/// Returns to the pool what a fault allocated but never persisted.
+fn give_back(meta: &mut Meta, got: &[(u64, u64, Phys)]) -> Result<(), ControlError> {
+    for &(_, n, at) in got {
+        let mut scratch = Vec::new();
+        meta.free(at, n, &mut scratch)?;
+    }
+    Ok(())
 }
 
 /// Groups sorted segment indexes into `[a, b)` runs.

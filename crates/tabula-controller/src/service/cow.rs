@@ -127,13 +127,7 @@ impl Controller {
             let before = got.len();
             let reached = fill(meta, seg, b, e, &mut hint, &mut deltas, &mut got)?;
             if reached < e || got.len() != before + 1 {
-                for &(_, n, at) in &got {
-                    let mut scratch = Vec::new();
-                    meta.free(at, n, &mut scratch)?;
-                }
-                self.enospc_faults
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return Err(ControlError::NoSpace);
+                return Err(self.no_space(meta, &got));
             }
         }
         let session = self.agents.session_of(agent);

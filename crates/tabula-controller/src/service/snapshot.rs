@@ -43,6 +43,25 @@ fn lineage(id: VdiskId, rec: &VdiskRecord) -> u64 {
     if rec.lineage == 0 { id.0 } else { rec.lineage }
 }
 
+impl Meta {
+    /// Adds a table copied from another (a snapshot or a clone) under the next vdisk id:
+    /// its blocks gain a reference. Returns the write that stores it.
+    fn add_copy(&mut self, id: VdiskId, rec: VdiskRecord, table: MappingTable) -> TableWrite {
+        self.share(&mapped_runs(&table));
+        self.next_vdisk += 1;
+        self.names.insert(rec.name.clone(), id);
+        self.vdisks.insert(
+            id,
+            VdiskMeta {
+                rec,
+                table,
+                last_seq: 0,
+            },
+        );
+        TableWrite::whole(id, &self.vdisks[&id])
+    }
+}
+
 impl Controller {
     /// Holds the I/O of `vdisk` on every agent that exports it until each has drained what
     /// was in flight. On timeout or failure the hold is released and the caller told why.
@@ -151,7 +170,6 @@ impl Controller {
         // The copy: a read-only table mapping the same blocks.
         let table = with_state(&before, State::NoWrite)?;
         drop(before);
-        meta.share(&mapped_runs(&table));
         let v = &meta.vdisks[&id];
         let sid = VdiskId(meta.next_vdisk);
         let rec = VdiskRecord {
@@ -166,20 +184,8 @@ impl Controller {
             lineage: lineage(id, &v.rec),
             cow: CowPolicy::default(),
         };
-        meta.next_vdisk += 1;
-        meta.names.insert(full.clone(), sid);
-        meta.vdisks.insert(
-            sid,
-            VdiskMeta {
-                rec,
-                table,
-                last_seq: 0,
-            },
-        );
-        let writes = vec![
-            TableWrite::whole(id, &meta.vdisks[&id]),
-            TableWrite::whole(sid, &meta.vdisks[&sid]),
-        ];
+        let copy = meta.add_copy(sid, rec, table);
+        let writes = vec![TableWrite::whole(id, &meta.vdisks[&id]), copy];
         let next = sid.0 + 1;
         let seq = self.queue(&mut meta, writes, move |t| t.set_meta("next_vdisk", next));
         self.journal.wait(seq).await?;
@@ -290,18 +296,7 @@ impl Controller {
             lineage: lineage(sid, &s.rec),
             cow: cow.unwrap_or(parent_cow),
         };
-        meta.share(&mapped_runs(&table));
-        meta.next_vdisk += 1;
-        meta.names.insert(name.to_string(), id);
-        meta.vdisks.insert(
-            id,
-            VdiskMeta {
-                rec,
-                table,
-                last_seq: 0,
-            },
-        );
-        let writes = vec![TableWrite::whole(id, &meta.vdisks[&id])];
+        let writes = vec![meta.add_copy(id, rec, table)];
         let next = id.0 + 1;
         let seq = self.queue(&mut meta, writes, move |t| t.set_meta("next_vdisk", next));
         self.journal.wait(seq).await?;

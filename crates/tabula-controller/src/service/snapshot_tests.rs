@@ -4,29 +4,15 @@
 use std::sync::Arc;
 
 use tabula_api::admin::CowPolicy;
-use tabula_api::{AgentPort, Command, ControlPlane, Fault, FaultOp, RangeUpdate};
+use tabula_api::{ControlPlane, Fault, FaultOp, RangeUpdate};
 use tabula_core::{Generation, State, VdiskId};
 
 use super::*;
 
-const MIB: u64 = 1 << 20;
-
-struct NullAgent;
-
-#[async_trait::async_trait]
-impl AgentPort for NullAgent {
-    async fn apply(&self, _command: Command) -> Result<(), String> {
-        Ok(())
-    }
-}
+use super::tests::{MIB, NullAgent, assert_consistent};
 
 async fn setup(dir: &Path) -> Arc<Controller> {
-    let ctl = Controller::open(ControllerConfig::new(dir)).await.unwrap();
-    ctl.ensure_default_container(64 * MIB).await.unwrap();
-    ctl.register_agent("a", Arc::new(NullAgent), Vec::new())
-        .await
-        .unwrap();
-    ctl
+    super::tests::setup(dir, 64 * MIB).await
 }
 
 fn fault(vdisk: u64, op: FaultOp, s0: u64, s1: u64) -> Fault {
@@ -49,11 +35,6 @@ fn copied(vdisk: u64, u: &RangeUpdate) -> Fault {
         copied: u.copies.clone(),
         ..fault(vdisk, FaultOp::Copied, first, last + 1)
     }
-}
-
-async fn assert_consistent(ctl: &Controller) {
-    let c = ctl.check().await.unwrap();
-    assert!(c.ok, "invariants violated: {:#?}", c.problems);
 }
 
 /// The mapping of one block: its target and state.

@@ -8,9 +8,9 @@ use tabula_core::{Generation, State, VdiskId};
 
 use super::*;
 
-const MIB: u64 = 1 << 20;
+pub(super) const MIB: u64 = 1 << 20;
 
-struct NullAgent;
+pub(super) struct NullAgent;
 
 #[async_trait::async_trait]
 impl AgentPort for NullAgent {
@@ -19,7 +19,7 @@ impl AgentPort for NullAgent {
     }
 }
 
-async fn setup(dir: &Path, container: u64) -> Arc<Controller> {
+pub(super) async fn setup(dir: &Path, container: u64) -> Arc<Controller> {
     let ctl = Controller::open(ControllerConfig::new(dir)).await.unwrap();
     ctl.ensure_default_container(container).await.unwrap();
     ctl.register_agent("a", Arc::new(NullAgent), Vec::new())
@@ -169,7 +169,7 @@ fn fault(vdisk: u64, op: FaultOp, s0: u64, s1: u64) -> Fault {
     }
 }
 
-async fn assert_consistent(ctl: &Controller) {
+pub(super) async fn assert_consistent(ctl: &Controller) {
     let c = ctl.check().await.unwrap();
     assert!(c.ok, "invariants violated: {:#?}", c.problems);
 }
