@@ -4,10 +4,13 @@
 //! - `faults`: fault round trip p50/p99/p999 and allocation rate with N agents, each on its
 //!   own vdisk or (`--shared`) all on one;
 //! - `table`: builds a vdisk with ~1,000,000 separate entries, then times a fresh agent
-//!   getting the whole table (`open_vdisk`: distribution, decode) and building it.
+//!   getting the whole table (`open_vdisk`: distribution, decode) and building it;
+//! - `snapshot`: builds a 1 TiB vdisk with 1,000,000 segments allocated in random order,
+//!   then times snapshot create (and the I/O hold), copy-on-write round trips and delete.
 //!
-//! `bench/distributed.sh` starts the controller and runs both; agent memory per million
-//! entries is measured there, on a real `tabula agent` process.
+//! `bench/distributed.sh` starts the controller and runs the first two; agent memory per
+//! million entries is measured there, on a real `tabula agent` process. `bench/snapshot.sh`
+//! runs `snapshot`, and the data path and qcow2 comparisons around it.
 
 use std::process::ExitCode;
 
@@ -15,6 +18,7 @@ use clap::{Parser, Subcommand};
 
 mod faults;
 mod sim;
+mod snapshot;
 mod stats;
 mod table;
 
@@ -34,6 +38,8 @@ enum Cmd {
     Faults(faults::Args),
     /// Build a vdisk with many separate entries; time handing its whole table to a new agent.
     Table(table::Args),
+    /// Snapshot create/delete time, I/O hold and copy-on-write cost on a large table.
+    Snapshot(snapshot::Args),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +58,7 @@ fn main() -> ExitCode {
         match cli.command {
             Cmd::Faults(a) => faults::run(a).await,
             Cmd::Table(a) => table::run(a).await,
+            Cmd::Snapshot(a) => snapshot::run(a).await,
         }
     });
     match result {

@@ -1248,23 +1248,32 @@ impl Controller {
                 }
             }
         }
-        copies.extend(self.start_cows(meta, f.vdisk, &cows, &f.agent)?);
-        let v = &meta.vdisks[&f.vdisk];
         let lo = s0;
         let mut hi = s1;
         if need.is_empty() && flips.is_empty() && gaps.is_empty() {
+            let mut deltas = Vec::new();
+            let started = self.start_cows(meta, f.vdisk, &cows, &f.agent, &mut deltas)?;
             // Mapped already (perhaps by a concurrent fault whose commit is still in
             // flight), or copies to do first (whose reservation must be durable).
-            let seq = if copies.is_empty() {
-                v.last_seq
+            let seq = if !started.is_empty() {
+                let persist = started.persist();
+                self.journal.push(Box::new(move |t| {
+                    write_deltas(t, &deltas)?;
+                    persist(t)
+                }))
+            } else if copies.is_empty() {
+                meta.vdisks[&f.vdisk].last_seq
             } else {
+                // Our own copy again: its reservation may still be on its way to disk.
                 self.journal.last()
             };
+            copies.extend(started.copies);
             let mut update =
                 self.range_update(meta, f.vdisk, lo * seg, (hi * seg).min(size), false);
             update.copies = copies;
             return Ok((update, seq));
         }
+        let v = &meta.vdisks[&f.vdisk];
         // A fault right after a mapped segment continues a sequential stream: allocate ahead.
         let mut optional = Vec::new();
         let mut prev_target = None;
@@ -1305,6 +1314,16 @@ impl Controller {
             };
             got.push((b, n, at));
         }
+        // Copies start only once the required space is had, so that a fault refused for
+        // want of space leaves no reservation behind; and before read-ahead, which is
+        // optional and must not take their space.
+        let started = match self.start_cows(meta, f.vdisk, &cows, &f.agent, &mut deltas) {
+            Ok(c) => c,
+            Err(e) => {
+                give_back(meta, &got)?;
+                return Err(e);
+            }
+        };
         if let (Some(&a), Some(&b)) = (optional.first(), optional.last()) {
             let end = ((b + 1) * seg).min(size);
             let reached = fill(meta, seg, a * seg, end, &mut hint, &mut deltas, &mut got)?;
@@ -1326,16 +1345,24 @@ impl Controller {
                 }
                 Ok(())
             },
-            move |t| write_deltas(t, &deltas),
+            {
+                let persist = started.persist();
+                move |t| {
+                    write_deltas(t, &deltas)?;
+                    persist(t)
+                }
+            },
         );
         match result {
             Ok(seq) => {
                 let mut update = self.range_update(meta, f.vdisk, b, e, true);
+                copies.extend(started.copies);
                 update.copies = copies;
                 Ok((update, seq.max(self.journal.last())))
             }
             Err(err) => {
                 give_back(meta, &got)?;
+                Self::undo_cows(meta, &started)?;
                 Err(err)
             }
         }

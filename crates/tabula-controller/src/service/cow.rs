@@ -23,8 +23,9 @@ use tabula_api::{Command, ControlError, CowCopy, Fault, RangeUpdate};
 use tabula_core::{Entry, Phys, SharedBlocks, State, VdiskId};
 use tracing::{debug, info};
 
-use super::{Controller, CowPolicy, Meta, PendingCow, TableWrite, fill, write_deltas};
+use super::{Controller, CowPolicy, FreeDelta, Meta, PendingCow, TableWrite, fill, give_back};
 use crate::agents::lease_margin;
+use crate::store::{StoreError, Txn};
 
 impl Controller {
     /// A copy-on-write already pending for segment `s`: the same copy again if it is the
@@ -98,17 +99,21 @@ impl Controller {
         }
     }
 
-    /// Allocates a run for each segment to copy and records it durably (the caller waits for
-    /// the journal before answering).
+    /// Allocates a run for each segment to copy and registers the copies in memory. The
+    /// free-map changes go to `deltas`, in order with the caller's own allocations; the
+    /// caller journals them with [`Cows::persist`] (and waits before answering) or, if it
+    /// fails before that, takes everything back with [`Controller::undo_cows`].
     pub(super) fn start_cows(
         &self,
         meta: &mut Meta,
         vdisk: VdiskId,
         segs: &[u64],
         agent: &str,
-    ) -> Result<Vec<CowCopy>, ControlError> {
+        deltas: &mut Vec<FreeDelta>,
+    ) -> Result<Cows, ControlError> {
+        let mut cows = Cows::default();
         if segs.is_empty() {
-            return Ok(Vec::new());
+            return Ok(cows);
         }
         let v = &meta.vdisks[&vdisk];
         let seg = v.rec.segment_blocks;
@@ -120,22 +125,19 @@ impl Controller {
                 (s, b, e, v.table.entries_in(b, e))
             })
             .collect();
-        let mut deltas = Vec::new();
         let mut got: Vec<(u64, u64, Phys)> = Vec::new();
         let mut hint = None;
         for &(_, b, e, _) in &plans {
             let before = got.len();
-            let reached = fill(meta, seg, b, e, &mut hint, &mut deltas, &mut got)?;
+            let reached = fill(meta, seg, b, e, &mut hint, deltas, &mut got)?;
             if reached < e || got.len() != before + 1 {
                 return Err(self.no_space(meta, &got));
             }
         }
         let session = self.agents.session_of(agent);
-        let mut copies = Vec::new();
-        let mut reserved = Vec::new();
         for ((s, _, _, from), &(_, len, to)) in plans.into_iter().zip(&got) {
-            reserved.push((to, len));
-            copies.push(CowCopy {
+            cows.reserved.push((vdisk, s, to, len));
+            cows.copies.push(CowCopy {
                 segment: s,
                 from: from.clone(),
                 to,
@@ -151,15 +153,19 @@ impl Controller {
                 },
             );
         }
-        debug!(%vdisk, segments = copies.len(), "copy-on-write started");
-        self.journal.push(Box::new(move |t| {
-            write_deltas(t, &deltas)?;
-            for &(p, l) in &reserved {
-                t.put_cow(p, l)?;
-            }
-            Ok(())
-        }));
-        Ok(copies)
+        debug!(%vdisk, segments = cows.copies.len(), "copy-on-write started");
+        Ok(cows)
+    }
+
+    /// Takes back copies started but never journaled: forgets them and returns their runs
+    /// to the pool.
+    pub(super) fn undo_cows(meta: &mut Meta, cows: &Cows) -> Result<(), ControlError> {
+        let mut runs = Vec::new();
+        for &(vdisk, s, to, len) in &cows.reserved {
+            meta.cows.remove(&(vdisk, s));
+            runs.push((0, len, to));
+        }
+        give_back(meta, &runs)
     }
 
     /// The agent has copied: switch the tables (see the module comment).
@@ -386,5 +392,30 @@ impl Controller {
             pushes.push((id, (b, e), false));
         }
         Ok((writes, pushes, unused))
+    }
+}
+
+/// Copies started by a write fault, to journal with its other changes.
+#[derive(Default)]
+pub(super) struct Cows {
+    pub copies: Vec<CowCopy>,
+    /// (vdisk, segment, run, length) of each reservation.
+    reserved: Vec<(VdiskId, u64, Phys, u64)>,
+}
+
+impl Cows {
+    /// Records the reservations in `cow` (they belong to no table until the switch).
+    pub fn persist(&self) -> impl FnOnce(&mut Txn<'_>) -> Result<(), StoreError> + Send + 'static {
+        let runs: Vec<(Phys, u64)> = self.reserved.iter().map(|r| (r.2, r.3)).collect();
+        move |t| {
+            for &(p, l) in &runs {
+                t.put_cow(p, l)?;
+            }
+            Ok(())
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.reserved.is_empty()
     }
 }
