@@ -6,18 +6,23 @@
 //! forget. Freed space goes first to `zeroing` and only becomes `free` after it has been
 //! zeroed and the zeroing made durable; on open, anything still in `zeroing` is zeroed again.
 //!
-//! Key layout (version 2; version 1 had no `cow` table and no snapshot fields in vdisk
-//! records, and is upgraded in place on open):
+//! Key layout (version 3; version 2 stored one row per entry in `entries`, version 1 also
+//! had no `cow` table and no snapshot fields in vdisk records; both are upgraded in place
+//! on open):
 //!
 //! | table        | key                     | value                                        |
 //! |--------------|-------------------------|----------------------------------------------|
 //! | `meta`       | name (str)              | u64 (`schema`, `next_vdisk`, `next_container`) |
 //! | `containers` | container id (u32)      | JSON [`ContainerRecord`]                     |
 //! | `vdisks`     | vdisk id (u64)          | JSON [`VdiskRecord`]                         |
-//! | `entries`    | (vdisk id, begin block) | (end, container, physical block, has target, state) |
+//! | `chunks`     | (vdisk id, first begin) | up to [`CHUNK_ENTRIES`] consecutive entries, packed |
 //! | `free`       | (container, start)      | length in blocks                             |
 //! | `zeroing`    | (container, start)      | length in blocks                             |
 //! | `cow`        | (container, start)      | length in blocks                             |
+//!
+//! A table is stored in chunks of consecutive entries, keyed by the first one's begin, so
+//! that copying or deleting a million-entry table (a snapshot, a clone, a delete) writes
+//! thousands of rows, not millions, while a fault still rewrites one small chunk.
 //!
 //! `cow` holds runs allocated for a copy-on-write that an agent is copying into: they belong
 //! to no table yet. A start finds any left there abandoned and frees them (after zeroing,
@@ -31,16 +36,23 @@ use serde::{Deserialize, Serialize};
 use tabula_api::admin::CowPolicy;
 use tabula_core::{ContainerId, Entry, Phys, State, VdiskId};
 
-/// Version 2 added snapshots and clones. A version-1 tabula must not open a version-2 store:
-/// it would free blocks that snapshots still map.
-pub const SCHEMA_VERSION: u64 = 2;
+/// Version 2 added snapshots and clones (a version-1 tabula must not open a version-2 store:
+/// it would free blocks that snapshots still map); version 3 stores entries in chunks.
+pub const SCHEMA_VERSION: u64 = 3;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const CONTAINERS: TableDefinition<u32, &str> = TableDefinition::new("containers");
 const VDISKS: TableDefinition<u64, &str> = TableDefinition::new("vdisks");
-/// (end, container, physical block, has target, state)
+/// Version 2's one row per entry: (end, container, physical block, has target, state).
 type EntryValue = (u64, u32, u64, bool, u8);
-const ENTRIES: TableDefinition<(u64, u64), EntryValue> = TableDefinition::new("entries");
+const ENTRIES_V2: TableDefinition<(u64, u64), EntryValue> = TableDefinition::new("entries");
+const CHUNKS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("chunks");
+/// Entries per stored chunk: a fault rewrites about this many (4 KiB), a million-entry
+/// table is some 8,000 rows.
+pub const CHUNK_ENTRIES: usize = 128;
+/// begin, end, container, physical block (u64, u64, u32, u64, little-endian), then a flags
+/// byte (bit 0: has a target) and the state.
+const ENTRY_BYTES: usize = 30;
 const FREE: TableDefinition<(u32, u64), u64> = TableDefinition::new("free");
 const ZEROING: TableDefinition<(u32, u64), u64> = TableDefinition::new("zeroing");
 const COW: TableDefinition<(u32, u64), u64> = TableDefinition::new("cow");
@@ -131,14 +143,7 @@ pub struct Store {
     db: Database,
 }
 
-fn encode_entry(e: &Entry) -> EntryValue {
-    match e.target {
-        Some(t) => (e.end, t.container.0, t.block, true, e.state.as_u8()),
-        None => (e.end, 0, 0, false, e.state.as_u8()),
-    }
-}
-
-fn decode_entry(begin: u64, v: EntryValue) -> Result<Entry, StoreError> {
+fn decode_entry_v2(begin: u64, v: EntryValue) -> Result<Entry, StoreError> {
     let (end, c, b, has, s) = v;
     let state = State::from_u8(s).ok_or_else(|| StoreError::Corrupt(format!("state {s}")))?;
     Ok(Entry {
@@ -150,6 +155,63 @@ fn decode_entry(begin: u64, v: EntryValue) -> Result<Entry, StoreError> {
         }),
         state,
     })
+}
+
+fn encode_chunk(entries: &[Entry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.len() * ENTRY_BYTES);
+    for e in entries {
+        let t = e.target.unwrap_or(Phys {
+            container: ContainerId(0),
+            block: 0,
+        });
+        out.extend_from_slice(&e.begin.to_le_bytes());
+        out.extend_from_slice(&e.end.to_le_bytes());
+        out.extend_from_slice(&t.container.0.to_le_bytes());
+        out.extend_from_slice(&t.block.to_le_bytes());
+        out.push(u8::from(e.target.is_some()));
+        out.push(e.state.as_u8());
+    }
+    out
+}
+
+/// Decodes a chunk stored under (vdisk, `first`), appending its entries to `out`.
+fn decode_chunk(first: u64, bytes: &[u8], out: &mut Vec<Entry>) -> Result<(), StoreError> {
+    if bytes.is_empty() || bytes.len() % ENTRY_BYTES != 0 {
+        return Err(StoreError::Corrupt(format!(
+            "table chunk at block {first} has {} bytes, not a positive multiple of {ENTRY_BYTES}",
+            bytes.len()
+        )));
+    }
+    let start = out.len();
+    for r in bytes.chunks_exact(ENTRY_BYTES) {
+        let u64_at = |i: usize| u64::from_le_bytes(r[i..i + 8].try_into().expect("8 bytes"));
+        let container = u32::from_le_bytes(r[16..20].try_into().expect("4 bytes"));
+        let state = State::from_u8(r[29])
+            .ok_or_else(|| StoreError::Corrupt(format!("state {} in a table chunk", r[29])))?;
+        out.push(Entry {
+            begin: u64_at(0),
+            end: u64_at(8),
+            target: (r[28] & 1 == 1).then_some(Phys {
+                container: ContainerId(container),
+                block: u64_at(20),
+            }),
+            state,
+        });
+    }
+    if out[start].begin != first {
+        return Err(StoreError::Corrupt(format!(
+            "table chunk stored at block {first} begins at block {}",
+            out[start].begin
+        )));
+    }
+    Ok(())
+}
+
+/// Splits sorted entries into chunks of at most [`CHUNK_ENTRIES`], of even sizes.
+fn chunked(entries: &[Entry]) -> impl Iterator<Item = &[Entry]> {
+    let n = entries.len().div_ceil(CHUNK_ENTRIES).max(1);
+    let size = entries.len().div_ceil(n).max(1);
+    entries.chunks(size)
 }
 
 fn json<T: Serialize>(v: &T) -> String {
@@ -181,12 +243,15 @@ impl Store {
                 Some(v) if v > SCHEMA_VERSION => return Err(StoreError::TooNew { found: v }),
                 Some(v) if v < SCHEMA_VERSION => {
                     meta.insert("schema", SCHEMA_VERSION)?;
+                    if v < 3 {
+                        upgrade_entries_to_chunks(&tx)?;
+                    }
                 }
                 Some(_) => {}
             }
             tx.open_table(CONTAINERS)?;
             tx.open_table(VDISKS)?;
-            tx.open_table(ENTRIES)?;
+            tx.open_table(CHUNKS)?;
             tx.open_table(FREE)?;
             tx.open_table(ZEROING)?;
             tx.open_table(COW)?;
@@ -209,14 +274,14 @@ impl Store {
             out.containers
                 .push((ContainerId(k.value()), unjson(v.value())?));
         }
-        let entries = tx.open_table(ENTRIES)?;
+        let chunks = tx.open_table(CHUNKS)?;
         for row in tx.open_table(VDISKS)?.iter()? {
             let (k, v) = row?;
             let id = k.value();
             let mut list = Vec::new();
-            for e in entries.range((id, 0)..=(id, u64::MAX))? {
-                let (k, v) = e?;
-                list.push(decode_entry(k.value().1, v.value())?);
+            for c in chunks.range((id, 0)..=(id, u64::MAX))? {
+                let (k, v) = c?;
+                decode_chunk(k.value().1, v.value(), &mut list)?;
             }
             out.vdisks.push((VdiskId(id), unjson(v.value())?, list));
         }
@@ -284,12 +349,14 @@ impl Txn<'_> {
     pub fn delete_vdisk(&mut self, id: VdiskId) -> Result<(), StoreError> {
         self.tx.open_table(VDISKS)?.remove(id.0)?;
         self.tx
-            .open_table(ENTRIES)?
+            .open_table(CHUNKS)?
             .retain_in((id.0, 0)..=(id.0, u64::MAX), |_, _| false)?;
         Ok(())
     }
 
-    /// Replaces the stored entries of `vdisk` that start in `[lo, hi)` with `entries`.
+    /// Replaces the stored entries of `vdisk` that start in `[lo, hi)` with `entries`
+    /// (sorted, each starting in `[lo, hi)`). Rewrites only the chunks holding such
+    /// entries: the one before `lo` (it may reach into the range) and those inside.
     pub fn replace_entries(
         &mut self,
         vdisk: VdiskId,
@@ -297,12 +364,47 @@ impl Txn<'_> {
         hi: u64,
         entries: &[Entry],
     ) -> Result<(), StoreError> {
-        let mut t = self.tx.open_table(ENTRIES)?;
-        if lo < hi {
-            t.retain_in((vdisk.0, lo)..(vdisk.0, hi), |_, _| false)?;
+        let id = vdisk.0;
+        let mut t = self.tx.open_table(CHUNKS)?;
+        let mut old: Vec<Entry> = Vec::new();
+        if lo == 0 && hi == u64::MAX {
+            t.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+        } else if lo < hi {
+            let mut keys = Vec::new();
+            if let Some(c) = t.range((id, 0)..(id, lo))?.next_back() {
+                let (k, v) = c?;
+                decode_chunk(k.value().1, v.value(), &mut old)?;
+                keys.push(k.value().1);
+            }
+            for c in t.range((id, lo)..(id, hi))? {
+                let (k, v) = c?;
+                decode_chunk(k.value().1, v.value(), &mut old)?;
+                keys.push(k.value().1);
+            }
+            for k in keys {
+                t.remove((id, k))?;
+            }
         }
-        for e in entries {
-            t.insert((vdisk.0, e.begin), encode_entry(e))?;
+        // The kept entries lie before `lo` or after `hi`; the new ones between.
+        let split = old.partition_point(|e| e.begin < lo);
+        let after = old.partition_point(|e| e.begin < hi);
+        let merged: Vec<Entry>;
+        let list: &[Entry] = if old.is_empty() {
+            entries
+        } else {
+            merged = old[..split]
+                .iter()
+                .chain(entries)
+                .chain(&old[after..])
+                .copied()
+                .collect();
+            &merged
+        };
+        if list.is_empty() {
+            return Ok(());
+        }
+        for c in chunked(list) {
+            t.insert((id, c[0].begin), encode_chunk(c).as_slice())?;
         }
         Ok(())
     }
@@ -357,5 +459,214 @@ impl Txn<'_> {
     pub fn delete_zeroing(&mut self, c: ContainerId, start: u64) -> Result<(), StoreError> {
         self.tx.open_table(ZEROING)?.remove((c.0, start))?;
         Ok(())
+    }
+}
+
+/// Moves version 2's one-row-per-entry `entries` into `chunks`, in the caller's transaction
+/// (so an interrupted upgrade leaves version 2 as it was).
+fn upgrade_entries_to_chunks(tx: &WriteTransaction) -> Result<(), StoreError> {
+    let mut per_vdisk: Vec<(u64, Vec<Entry>)> = Vec::new();
+    {
+        let old = tx.open_table(ENTRIES_V2)?;
+        for row in old.iter()? {
+            let (k, v) = row?;
+            let (id, begin) = k.value();
+            let e = decode_entry_v2(begin, v.value())?;
+            match per_vdisk.last_mut() {
+                Some((last, list)) if *last == id => list.push(e),
+                _ => per_vdisk.push((id, vec![e])),
+            }
+        }
+    }
+    let mut chunks = tx.open_table(CHUNKS)?;
+    for (id, list) in &per_vdisk {
+        for c in chunked(list) {
+            chunks.insert((*id, c[0].begin), encode_chunk(c).as_slice())?;
+        }
+    }
+    tx.delete_table(ENTRIES_V2)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entry(begin: u64, len: u64, block: Option<u64>, state: State) -> Entry {
+        Entry {
+            begin,
+            end: begin + len,
+            target: block.map(|b| Phys {
+                container: ContainerId(1),
+                block: b,
+            }),
+            state,
+        }
+    }
+
+    fn record(name: &str) -> VdiskRecord {
+        VdiskRecord {
+            name: name.into(),
+            size_bytes: 1 << 30,
+            segment_blocks: 16,
+            generation: 1,
+            created: 0,
+            read_only: false,
+            parent: None,
+            origin: None,
+            lineage: 0,
+            cow: CowPolicy::default(),
+        }
+    }
+
+    fn stored(store: &Store) -> Vec<(VdiskId, Vec<Entry>)> {
+        let mut v: Vec<_> = store
+            .load()
+            .unwrap()
+            .vdisks
+            .into_iter()
+            .map(|(id, _, e)| (id, e))
+            .collect();
+        v.sort_by_key(|x| x.0);
+        v
+    }
+
+    fn chunk_sizes(store: &Store) -> Vec<usize> {
+        let tx = store.db.begin_read().unwrap();
+        let t = tx.open_table(CHUNKS).unwrap();
+        t.iter()
+            .unwrap()
+            .map(|r| r.unwrap().1.value().len() / ENTRY_BYTES)
+            .collect()
+    }
+
+    /// One edit: replace what starts in `[lo, lo+span)` of vdisk `which` with entries
+    /// starting at the offsets in `starts` (relative, deduplicated), or the whole table.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Range {
+            which: u64,
+            lo: u64,
+            span: u64,
+            starts: Vec<u64>,
+        },
+        Whole {
+            which: u64,
+            n: u64,
+        },
+        Delete {
+            which: u64,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            8 => (1..3u64, 0..2000u64, 1..600u64, proptest::collection::vec(0..600u64, 0..300))
+                .prop_map(|(which, lo, span, starts)| Op::Range { which, lo, span, starts }),
+            1 => (1..3u64, 0..1000u64).prop_map(|(which, n)| Op::Whole { which, n }),
+            1 => (1..3u64).prop_map(|which| Op::Delete { which }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Chunked storage against a plain model: after every transaction the store loads
+        /// exactly the model's entries, and no chunk exceeds its bound.
+        #[test]
+        fn chunks_store_what_a_model_holds(ops in proptest::collection::vec(op(), 1..40)) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(&dir.path().join("t.redb")).unwrap();
+            let mut model: BTreeMap<u64, BTreeMap<u64, Entry>> = BTreeMap::new();
+            for (i, op) in ops.into_iter().enumerate() {
+                match op {
+                    Op::Range { which, lo, span, starts } => {
+                        let hi = lo + span;
+                        let mut starts: Vec<u64> =
+                            starts.into_iter().filter(|s| *s < span).map(|s| lo + s).collect();
+                        starts.sort();
+                        starts.dedup();
+                        let new: Vec<Entry> = starts
+                            .iter()
+                            .map(|&b| entry(b, 1, (b % 3 != 0).then_some(b * 7 + i as u64), State::Normal))
+                            .collect();
+                        store.write(|t| {
+                            t.put_vdisk(VdiskId(which), &record("v"))?;
+                            t.replace_entries(VdiskId(which), lo, hi, &new)
+                        }).unwrap();
+                        let m = model.entry(which).or_default();
+                        m.retain(|b, _| *b < lo || *b >= hi);
+                        m.extend(new.into_iter().map(|e| (e.begin, e)));
+                    }
+                    Op::Whole { which, n } => {
+                        let new: Vec<Entry> =
+                            (0..n).map(|k| entry(k * 4, 4, Some(k), State::New)).collect();
+                        store.write(|t| {
+                            t.put_vdisk(VdiskId(which), &record("v"))?;
+                            t.replace_entries(VdiskId(which), 0, u64::MAX, &new)
+                        }).unwrap();
+                        model.insert(which, new.into_iter().map(|e| (e.begin, e)).collect());
+                    }
+                    Op::Delete { which } => {
+                        store.write(|t| t.delete_vdisk(VdiskId(which))).unwrap();
+                        model.remove(&which);
+                    }
+                }
+                let want: Vec<(VdiskId, Vec<Entry>)> = model
+                    .iter()
+                    .map(|(id, m)| (VdiskId(*id), m.values().copied().collect()))
+                    .collect();
+                prop_assert_eq!(stored(&store), want);
+                prop_assert!(chunk_sizes(&store).iter().all(|&n| n > 0 && n <= CHUNK_ENTRIES));
+            }
+        }
+    }
+
+    /// A version-2 store (one row per entry) opens as version 3 with the same tables.
+    #[test]
+    fn upgrades_version_2_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.redb");
+        let tables: Vec<Vec<Entry>> = vec![
+            (0..1000).map(|k| entry(k * 16, 16, Some(k * 16), State::Normal)).collect(),
+            vec![entry(0, 8, None, State::Zero), entry(8, 8, Some(5), State::NoWrite)],
+        ];
+        {
+            let db = Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                tx.open_table(META).unwrap().insert("schema", 2).unwrap();
+                let mut vd = tx.open_table(VDISKS).unwrap();
+                let mut en = tx.open_table(ENTRIES_V2).unwrap();
+                for (i, list) in tables.iter().enumerate() {
+                    let id = i as u64 + 1;
+                    vd.insert(id, json(&record(&format!("v{id}"))).as_str()).unwrap();
+                    for e in list {
+                        let (c, b, has) = match e.target {
+                            Some(t) => (t.container.0, t.block, true),
+                            None => (0, 0, false),
+                        };
+                        en.insert((id, e.begin), (e.end, c, b, has, e.state.as_u8())).unwrap();
+                    }
+                }
+            }
+            tx.commit().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let want: Vec<(VdiskId, Vec<Entry>)> = tables
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| (VdiskId(i as u64 + 1), l))
+            .collect();
+        assert_eq!(stored(&store), want);
+        let tx = store.db.begin_read().unwrap();
+        assert_eq!(
+            tx.open_table(META).unwrap().get("schema").unwrap().unwrap().value(),
+            SCHEMA_VERSION
+        );
+        assert!(tx.open_table(ENTRIES_V2).is_err(), "the old table is gone");
     }
 }
