@@ -631,8 +631,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.redb");
         let tables: Vec<Vec<Entry>> = vec![
-            (0..1000).map(|k| entry(k * 16, 16, Some(k * 16), State::Normal)).collect(),
-            vec![entry(0, 8, None, State::Zero), entry(8, 8, Some(5), State::NoWrite)],
+            (0..1000)
+                .map(|k| entry(k * 16, 16, Some(k * 16), State::Normal))
+                .collect(),
+            vec![
+                entry(0, 8, None, State::Zero),
+                entry(8, 8, Some(5), State::NoWrite),
+            ],
         ];
         {
             let db = Database::create(&path).unwrap();
@@ -643,13 +648,15 @@ mod tests {
                 let mut en = tx.open_table(ENTRIES_V2).unwrap();
                 for (i, list) in tables.iter().enumerate() {
                     let id = i as u64 + 1;
-                    vd.insert(id, json(&record(&format!("v{id}"))).as_str()).unwrap();
+                    vd.insert(id, json(&record(&format!("v{id}"))).as_str())
+                        .unwrap();
                     for e in list {
                         let (c, b, has) = match e.target {
                             Some(t) => (t.container.0, t.block, true),
                             None => (0, 0, false),
                         };
-                        en.insert((id, e.begin), (e.end, c, b, has, e.state.as_u8())).unwrap();
+                        en.insert((id, e.begin), (e.end, c, b, has, e.state.as_u8()))
+                            .unwrap();
                     }
                 }
             }
@@ -664,7 +671,12 @@ mod tests {
         assert_eq!(stored(&store), want);
         let tx = store.db.begin_read().unwrap();
         assert_eq!(
-            tx.open_table(META).unwrap().get("schema").unwrap().unwrap().value(),
+            tx.open_table(META)
+                .unwrap()
+                .get("schema")
+                .unwrap()
+                .unwrap()
+                .value(),
             SCHEMA_VERSION
         );
         assert!(tx.open_table(ENTRIES_V2).is_err(), "the old table is gone");

@@ -115,13 +115,12 @@ impl SharedBlocks {
             events.push((c, b, i64::from(r.extra), 0));
             events.push((c, r.end, -i64::from(r.extra), 0));
         }
-        for (at, len) in runs {
-            if len > 0 {
-                events.push((at.container, at.block, 0, 1));
-                events.push((at.container, at.block.saturating_add(len), 0, -1));
-            }
+        for (at, len) in sorted_runs(runs) {
+            events.push((at.container, at.block, 0, 1));
+            events.push((at.container, at.block.saturating_add(len), 0, -1));
         }
-        events.sort_unstable();
+        // Stable: see `sorted_runs`.
+        events.sort();
         let mut kept: Vec<((ContainerId, u64), Run)> = Vec::new();
         let mut freed: Vec<(Phys, u64)> = Vec::new();
         let (mut extra, mut gone) = (0i64, 0i64);
@@ -345,18 +344,26 @@ fn push_runs(
     runs: impl IntoIterator<Item = (Phys, u64)>,
     weight: i64,
 ) {
-    for (at, len) in runs {
-        if len > 0 {
-            events.push((at.container, at.block, weight));
-            events.push((at.container, at.block.saturating_add(len), -weight));
-        }
+    for (at, len) in sorted_runs(runs) {
+        events.push((at.container, at.block, weight));
+        events.push((at.container, at.block.saturating_add(len), -weight));
     }
+}
+
+/// The non-empty runs in physical order. A table's runs never overlap, so their events come
+/// out sorted too, and the stable sort in [`sweep`] merges them with the (sorted) events of
+/// the existing map in one pass instead of sorting millions of events afresh.
+fn sorted_runs(runs: impl IntoIterator<Item = (Phys, u64)>) -> Vec<(Phys, u64)> {
+    let mut v: Vec<(Phys, u64)> = runs.into_iter().filter(|r| r.1 > 0).collect();
+    v.sort_unstable_by_key(|(p, _)| (p.container, p.block));
+    v
 }
 
 /// Sums the events along each container; where the sum exceeds `base`, the blocks have
 /// `sum - base` extra references. Equal neighbouring runs are merged (the canonical form).
 fn sweep(mut events: Vec<(ContainerId, u64, i64)>, base: i64) -> BTreeMap<(ContainerId, u64), Run> {
-    events.sort_unstable();
+    // Stable: it finds the presorted stretches (see `sorted_runs`) and merges them.
+    events.sort();
     let mut out: Vec<((ContainerId, u64), Run)> = Vec::new();
     let mut count: i64 = 0;
     for (i, &(c, b, d)) in events.iter().enumerate() {

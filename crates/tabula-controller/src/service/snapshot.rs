@@ -188,18 +188,25 @@ impl Controller {
         let writes = vec![TableWrite::whole(id, &meta.vdisks[&id]), copy];
         let next = sid.0 + 1;
         let seq = self.queue(&mut meta, writes, move |t| t.set_meta("next_vdisk", next));
+        let copied = started.elapsed();
         self.journal.wait(seq).await?;
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         info!(
             snapshot = full,
-            hold_ms = hold.as_secs_f64() * 1e3,
+            hold_ms = ms(hold),
+            copy_ms = ms(copied - hold),
+            commit_ms = ms(started.elapsed() - copied),
             "snapshot taken"
         );
-        let mut view = Self::snapshot_view(&meta, sid);
+        // Just taken: its vdisk maps every one of its blocks, so nothing is unique to it (no
+        // need to count a million runs).
+        let mut view = Self::snapshot_view(&meta, sid, true);
         view.hold_ms = Some(hold.as_secs_f64() * 1e3);
         Ok(view)
     }
 
-    pub(super) fn snapshot_view(meta: &Meta, id: VdiskId) -> SnapshotView {
+    /// `fresh`: taken just now, under the same lock, so it shares everything it maps.
+    pub(super) fn snapshot_view(meta: &Meta, id: VdiskId, fresh: bool) -> SnapshotView {
         let v = &meta.vdisks[&id];
         let (vdisk, snapshot) = v
             .rec
@@ -209,7 +216,11 @@ impl Controller {
             .unwrap_or_default();
         let runs = mapped_runs(&v.table);
         let allocated: u64 = runs.iter().map(|r| r.1).sum();
-        let shared = meta.shared_blocks(&runs);
+        let shared = if fresh {
+            allocated
+        } else {
+            meta.shared_blocks(&runs)
+        };
         SnapshotView {
             name: v.rec.name.clone(),
             vdisk,
@@ -234,7 +245,7 @@ impl Controller {
             .vdisks
             .iter()
             .filter(|(_, v)| v.rec.read_only && parent.is_none_or(|p| v.rec.parent == Some(p.0)))
-            .map(|(&id, _)| Self::snapshot_view(&meta, id))
+            .map(|(&id, _)| Self::snapshot_view(&meta, id, false))
             .collect();
         out.sort_by(|a, b| (&a.vdisk, a.created, a.id).cmp(&(&b.vdisk, b.created, b.id)));
         Ok(out)
