@@ -34,7 +34,7 @@ use tabula_api::{AgentPort, Command, ControlError, ControlPlane, Fault, FaultOp,
 use tabula_core::{BLOCK_SIZE, Generation, State, VdiskId, format_size, parse_size};
 
 use crate::sim::{Admin, cpu_time};
-use crate::stats::{Rng, ms, quantile};
+use crate::stats::{Rng, ms, quantile, report_progress};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -460,22 +460,7 @@ pub async fn run(a: Args) -> Result<()> {
             }
         }));
     }
-    let progress = {
-        let done = done.clone();
-        tokio::spawn(async move {
-            let mut last = 0;
-            loop {
-                tokio::time::sleep(Duration::from_secs(10)).await;
-                let d = done.load(Ordering::Relaxed);
-                eprintln!(
-                    "snapshot: {d} segments after {:.0} s ({} faults/s over the last 10 s)",
-                    started.elapsed().as_secs_f64(),
-                    (d - last) / 10
-                );
-                last = d;
-            }
-        })
-    };
+    let progress = report_progress("snapshot", "segments", done.clone(), started);
     for t in tasks {
         t.await.context("a builder task panicked")??;
     }

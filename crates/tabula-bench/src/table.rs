@@ -15,7 +15,7 @@ use tabula_core::{BLOCK_SIZE, MappingTable, State};
 use tabula_proto::{pb, snapshot_from_pb, snapshot_to_pb};
 
 use crate::sim::{Admin, Sim, cpu_time};
-use crate::stats::{median, ms};
+use crate::stats::{median, ms, report_progress};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -93,22 +93,7 @@ pub async fn run(a: Args) -> Result<()> {
             }
         }));
     }
-    let progress = {
-        let done = done.clone();
-        tokio::spawn(async move {
-            let mut last = 0;
-            loop {
-                tokio::time::sleep(Duration::from_secs(10)).await;
-                let d = done.load(Ordering::Relaxed);
-                eprintln!(
-                    "table: {d} entries after {:.0} s ({} faults/s over the last 10 s)",
-                    started.elapsed().as_secs_f64(),
-                    (d - last) / 10
-                );
-                last = d;
-            }
-        })
-    };
+    let progress = report_progress("table", "entries", done.clone(), started);
     for t in tasks {
         t.await.context("a builder task panicked")??;
     }

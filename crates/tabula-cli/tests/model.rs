@@ -9,25 +9,11 @@
 mod common;
 
 use common::Server;
-use common::nbd::{Client, NbdErr};
+use common::nbd::{Client, NbdErr, Rng};
 
 const SIZE: u64 = 32 << 20;
 const SEG: u64 = 64 << 10;
 const ENOSPC: u32 = 28;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// Offsets and lengths biased towards segment and block edges, where bugs live.
 fn range(rng: &mut Rng) -> (u64, u64) {

@@ -21,13 +21,11 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::nbd::stamp_block;
+use common::nbd::{Client, NbdErr, Rng, stamp_block};
 use common::{Server, have, run};
 
 const SEG: u64 = 64 << 10;
@@ -35,193 +33,62 @@ const MIB: u64 = 1 << 20;
 const EPERM: u32 = 1;
 
 // ---------------------------------------------------------------------------------------
-// A minimal blocking NBD client with command flags (NO_HOLE), written for this file: the
-// shared one in common/nbd.rs sends no flags with WRITE_ZEROES.
+// The shared test client, with the server's refusals as bare errno values.
 
-const NBDMAGIC: u64 = 0x4e42444d41474943;
-const IHAVEOPT: u64 = 0x49484156454f5054;
-const REPLY_MAGIC: u64 = 0x0003e889045565a9;
-const REQUEST_MAGIC: u32 = 0x25609513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x67446698;
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_TRIM: u16 = 4;
-const CMD_WRITE_ZEROES: u16 = 6;
-const FLAG_FUA: u16 = 1;
-const FLAG_NO_HOLE: u16 = 2;
+struct Nbd(Client);
 
-struct Nbd {
-    s: TcpStream,
-    size: u64,
-    cookie: u64,
-}
-
-fn get<const N: usize>(s: &mut TcpStream) -> [u8; N] {
-    let mut b = [0; N];
-    s.read_exact(&mut b).expect("nbd: read from server");
-    b
+/// The errno of a refused request; anything else (a broken connection, a protocol error)
+/// fails the test.
+fn errno(e: NbdErr) -> u32 {
+    match e {
+        NbdErr::Errno(n) => n,
+        other => panic!("nbd: {other:?}"),
+    }
 }
 
 impl Nbd {
     /// Connects to `export`; the server's refusal is returned as its message.
     fn try_connect(port: u16, export: &str) -> Result<Nbd, String> {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        s.set_nodelay(true).unwrap();
-        assert_eq!(u64::from_be_bytes(get(&mut s)), NBDMAGIC);
-        assert_eq!(u64::from_be_bytes(get(&mut s)), IHAVEOPT);
-        let _flags: [u8; 2] = get(&mut s);
-        let mut opt = Vec::new();
-        opt.extend_from_slice(&3u32.to_be_bytes()); // FIXED_NEWSTYLE | NO_ZEROES
-        opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        opt.extend_from_slice(&OPT_GO.to_be_bytes());
-        opt.extend_from_slice(&((4 + export.len() + 2) as u32).to_be_bytes());
-        opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
-        opt.extend_from_slice(export.as_bytes());
-        opt.extend_from_slice(&0u16.to_be_bytes());
-        s.write_all(&opt).unwrap();
-        let mut size = None;
-        loop {
-            assert_eq!(u64::from_be_bytes(get(&mut s)), REPLY_MAGIC);
-            let _opt: [u8; 4] = get(&mut s);
-            let typ = u32::from_be_bytes(get(&mut s));
-            let len = u32::from_be_bytes(get(&mut s));
-            let mut data = vec![0; len as usize];
-            s.read_exact(&mut data).unwrap();
-            if typ & 0x8000_0000 != 0 {
-                return Err(format!(
-                    "option error {typ:#x}: {}",
-                    String::from_utf8_lossy(&data)
-                ));
-            }
-            if typ == REP_INFO && data.len() >= 12 && data[0..2] == [0, 0] {
-                size = Some(u64::from_be_bytes(data[2..10].try_into().unwrap()));
-            }
-            if typ == REP_ACK {
-                break;
-            }
-        }
-        Ok(Nbd {
-            s,
-            size: size.expect("export info"),
-            cookie: 0,
+        Client::connect(port, export).map(Nbd).map_err(|e| match e {
+            NbdErr::Protocol(m) => m,
+            other => format!("{other:?}"),
         })
     }
-
     fn connect(port: u16, export: &str) -> Nbd {
         Nbd::try_connect(port, export).unwrap_or_else(|e| panic!("connect to {export}: {e}"))
     }
-
-    /// One request; `Err(errno)` when the server refuses it.
-    fn req(
-        &mut self,
-        typ: u16,
-        flags: u16,
-        off: u64,
-        len: u32,
-        data: &[u8],
-    ) -> Result<Vec<u8>, u32> {
-        self.cookie += 1;
-        let mut h = Vec::with_capacity(28 + data.len());
-        h.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        h.extend_from_slice(&flags.to_be_bytes());
-        h.extend_from_slice(&typ.to_be_bytes());
-        h.extend_from_slice(&self.cookie.to_be_bytes());
-        h.extend_from_slice(&off.to_be_bytes());
-        h.extend_from_slice(&len.to_be_bytes());
-        h.extend_from_slice(data);
-        self.s.write_all(&h).expect("nbd: send request");
-        assert_eq!(u32::from_be_bytes(get(&mut self.s)), SIMPLE_REPLY_MAGIC);
-        let err = u32::from_be_bytes(get(&mut self.s));
-        assert_eq!(u64::from_be_bytes(get(&mut self.s)), self.cookie);
-        if err != 0 {
-            return Err(err);
-        }
-        let mut out = Vec::new();
-        if typ == CMD_READ {
-            out.resize(len as usize, 0);
-            self.s.read_exact(&mut out).expect("nbd: read payload");
-        }
-        Ok(out)
+    fn size(&self) -> u64 {
+        self.0.size
     }
-
     fn read(&mut self, off: u64, len: u64) -> Result<Vec<u8>, u32> {
-        self.req(CMD_READ, 0, off, len as u32, &[])
+        self.0.read(off, len as u32).map_err(errno)
     }
     fn write(&mut self, off: u64, data: &[u8], fua: bool) -> Result<(), u32> {
-        let flags = if fua { FLAG_FUA } else { 0 };
-        self.req(CMD_WRITE, flags, off, data.len() as u32, data)
-            .map(drop)
+        self.0.write(off, data, fua).map_err(errno)
     }
     fn trim(&mut self, off: u64, len: u64) -> Result<(), u32> {
-        self.req(CMD_TRIM, 0, off, len as u32, &[]).map(drop)
+        self.0.trim(off, len as u32).map_err(errno)
     }
     fn write_zeroes(&mut self, off: u64, len: u64, no_hole: bool) -> Result<(), u32> {
-        let flags = if no_hole { FLAG_NO_HOLE } else { 0 };
-        self.req(CMD_WRITE_ZEROES, flags, off, len as u32, &[])
-            .map(drop)
+        self.0
+            .write_zeroes_flags(off, len as u32, no_hole)
+            .map_err(errno)
     }
     fn flush(&mut self) -> Result<(), u32> {
-        self.req(CMD_FLUSH, 0, 0, 0, &[]).map(drop)
+        self.0.flush().map_err(errno)
     }
-
-    /// The whole export, read in 1 MiB pieces.
     fn read_all(&mut self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.size as usize);
-        let mut off = 0;
-        while off < self.size {
-            let n = (self.size - off).min(MIB);
-            out.extend(
-                self.read(off, n)
-                    .unwrap_or_else(|e| panic!("read {off}+{n}: errno {e}")),
-            );
-            off += n;
-        }
-        out
+        self.0
+            .read_all()
+            .unwrap_or_else(|e| panic!("read all: {e:?}"))
     }
-
-    fn disconnect(mut self) {
-        let mut h = Vec::with_capacity(28);
-        h.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        h.extend_from_slice(&0u16.to_be_bytes());
-        h.extend_from_slice(&CMD_DISC.to_be_bytes());
-        h.extend_from_slice(&[0; 16]);
-        h.extend_from_slice(&0u32.to_be_bytes());
-        let _ = self.s.write_all(&h);
-        // Wait for the server to close its side, so the disconnect is complete.
-        let mut b = [0u8; 1];
-        let _ = self.s.read(&mut b);
+    fn disconnect(self) {
+        self.0.disconnect()
     }
 }
 
 // ---------------------------------------------------------------------------------------
 // Helpers.
-
-struct Rng(u64);
-
-impl Rng {
-    /// Never stuck at zero.
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
-        from[self.below(from.len() as u64) as usize]
-    }
-}
 
 fn seed() -> u64 {
     std::env::var("TABULA_SEED")
@@ -380,7 +247,7 @@ impl Obj {
         let name = &self.name;
         let size = self.data.len() as u64;
         let c = self.conn.get_or_insert_with(|| Nbd::connect(port, name));
-        assert_eq!(c.size, size, "export {name} has the model's size");
+        assert_eq!(c.size(), size, "export {name} has the model's size");
         c
     }
     fn close(&mut self) {
@@ -1259,7 +1126,7 @@ fn snapshot_cli_contract() {
     c.disconnect();
     srv.cli(&["vdisk", "resize", "vd", "--size", "6M"]);
     let mut c = Nbd::connect(port, "vd");
-    assert_eq!(c.size, 6 * MIB);
+    assert_eq!(c.size(), 6 * MIB);
     mv.resize((6 * MIB) as usize, 0);
     put(&mut c, &mut mv, 5 * MIB, SEG, 8);
     put(&mut c, &mut mv, 0, 3 * SEG, 9);
@@ -1270,7 +1137,7 @@ fn snapshot_cli_contract() {
     let v = srv.json(&["vdisk", "show", "vd"]);
     assert_eq!(v["size"], size, "rollback restores the size: {v}");
     let mut c = Nbd::connect(port, "vd");
-    assert_eq!(c.size, size);
+    assert_eq!(c.size(), size);
     assert!(
         first_difference(&c.read_all(), &ms2, 0).is_none(),
         "rollback restores content"

@@ -479,27 +479,7 @@ impl Cluster {
 
     /// Like [`start`](Self::start) with the controller's `--lease`.
     pub fn start_with_lease(container_size: &str, names: &[&str], lease: &str) -> Cluster {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().to_path_buf();
-        let mut controller = Controller::prepare(&dir, "127.0.0.1", free_port(), &[]);
-        controller.container_size = container_size.to_string();
-        controller.lease = lease.to_string();
-        controller.spawn();
-        let mut agents = Vec::new();
-        for name in names {
-            let mut a =
-                Agent::prepare(&dir, name, "127.0.0.1", free_port(), &controller.url(), &[]);
-            a.spawn(true);
-            agents.push(a);
-        }
-        let c = Cluster {
-            agents,
-            controller,
-            dir,
-            _tmp: tmp,
-        };
-        c.wait_connected(names, Duration::from_secs(30));
-        c
+        Cluster::start_with_controller_env(container_size, names, lease, &[])
     }
 
     pub fn agent(&self, name: &str) -> &Agent {

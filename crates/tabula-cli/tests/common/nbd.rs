@@ -21,6 +21,7 @@ pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const FLAG_FUA: u16 = 1;
+pub const FLAG_NO_HOLE: u16 = 2;
 
 pub struct Client {
     s: TcpStream,
@@ -161,12 +162,38 @@ impl Client {
     }
 
     pub fn write_zeroes(&mut self, offset: u64, len: u32) -> Result<(), NbdErr> {
-        self.request(CMD_WRITE_ZEROES, 0, offset, len, &[])
+        self.write_zeroes_flags(offset, len, false)
+    }
+
+    /// WRITE_ZEROES, with NBD_CMD_FLAG_NO_HOLE if `no_hole` (the space must stay allocated).
+    pub fn write_zeroes_flags(
+        &mut self,
+        offset: u64,
+        len: u32,
+        no_hole: bool,
+    ) -> Result<(), NbdErr> {
+        let flags = if no_hole { FLAG_NO_HOLE } else { 0 };
+        self.request(CMD_WRITE_ZEROES, flags, offset, len, &[])
             .map(|_| ())
     }
 
+    /// The whole export, read in 1 MiB pieces.
+    pub fn read_all(&mut self) -> Result<Vec<u8>, NbdErr> {
+        let mut out = Vec::with_capacity(self.size as usize);
+        while (out.len() as u64) < self.size {
+            let n = (self.size - out.len() as u64).min(1 << 20);
+            out.extend(self.read(out.len() as u64, n as u32)?);
+        }
+        Ok(out)
+    }
+
+    /// Sends NBD_CMD_DISC and waits for the server to close its side, so the disconnect is
+    /// complete when this returns.
     pub fn disconnect(mut self) {
-        let _ = self.request_nowait_disc();
+        if self.request_nowait_disc().is_ok() {
+            let mut b = [0u8; 1];
+            let _ = self.s.read(&mut b);
+        }
     }
 
     fn request_nowait_disc(&mut self) -> std::io::Result<()> {
@@ -194,4 +221,26 @@ pub fn stamp_block(block: u64, version: u64) -> Vec<u8> {
     v[0..8].copy_from_slice(&block.to_le_bytes());
     v[8..16].copy_from_slice(&version.to_le_bytes());
     v
+}
+
+/// A small deterministic xorshift generator for seeded random tests.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// Never stuck at zero, whatever the seed.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    pub fn pick<T: Copy>(&mut self, from: &[T]) -> T {
+        from[self.below(from.len() as u64) as usize]
+    }
 }
