@@ -50,6 +50,28 @@ impl Rng {
     }
 }
 
+/// Prints `done` every 10 s while a long build runs (abort the handle when it ends).
+pub fn report_progress(
+    label: &'static str,
+    unit: &'static str,
+    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    started: std::time::Instant,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last = 0;
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let d = done.load(std::sync::atomic::Ordering::Relaxed);
+            eprintln!(
+                "{label}: {d} {unit} after {:.0} s ({} faults/s over the last 10 s)",
+                started.elapsed().as_secs_f64(),
+                (d - last) / 10
+            );
+            last = d;
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,26 +95,4 @@ mod tests {
         v.sort();
         assert_eq!(v, (0..10_000).collect::<Vec<_>>());
     }
-}
-
-/// Prints `done` every 10 s while a long build runs (abort the handle when it ends).
-pub fn report_progress(
-    label: &'static str,
-    unit: &'static str,
-    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    started: std::time::Instant,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut last = 0;
-        loop {
-            tokio::time::sleep(Duration::from_secs(10)).await;
-            let d = done.load(std::sync::atomic::Ordering::Relaxed);
-            eprintln!(
-                "{label}: {d} {unit} after {:.0} s ({} faults/s over the last 10 s)",
-                started.elapsed().as_secs_f64(),
-                (d - last) / 10
-            );
-            last = d;
-        }
-    })
 }
