@@ -30,20 +30,8 @@ cargo build --release --quiet -p tabula-bench -p tabula
 BIN="$PWD/target/release/tabula"
 BENCH="$PWD/target/release/tabula-bench"
 WORK="$(mktemp -d /var/tmp/tabula-dist-bench.XXXXXX)"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-DEADLINE=$((SECONDS + LIMIT))
-# within N: N seconds, or what is left of LIMIT if less (at least 1).
-within() { local left=$((DEADLINE - SECONDS)); [ "$left" -lt "$1" ] && echo $((left > 1 ? left : 1)) || echo "$1"; }
-
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+# shellcheck source=bench/lib.sh
+source bench/lib.sh # (the script runs from the repository root)
 
 # start_controller NAME [extra args]: sets CTL_PID and CTL_URL.
 start_controller() {

@@ -53,19 +53,8 @@ BIN="$WORK/tabula"
 BENCH="$WORK/tabula-bench"
 RES="$WORK/results.tsv"
 : >"$RES"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-DEADLINE=$((SECONDS + LIMIT))
-# within N: N seconds, or what is left of LIMIT if less (at least 1).
-within() { local left=$((DEADLINE - SECONDS)); [ "$left" -lt "$1" ] && echo $((left > 1 ? left : 1)) || echo "$1"; }
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+# shellcheck source=bench/lib.sh
+source bench/lib.sh # (the script runs from the repository root)
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
 # stop PID: ends a process this script started, and forgets it.
 stop() {

@@ -9,30 +9,11 @@
 mod common;
 
 use common::Server;
-use common::nbd::{Client, NbdErr, Rng};
+use common::nbd::{Client, NbdErr, Rng, edge_range};
 
 const SIZE: u64 = 32 << 20;
 const SEG: u64 = 64 << 10;
 const ENOSPC: u32 = 28;
-
-/// Offsets and lengths biased towards segment and block edges, where bugs live.
-fn range(rng: &mut Rng) -> (u64, u64) {
-    let off = match rng.below(4) {
-        0 => rng.below(SIZE),
-        1 => (rng.below(SIZE / SEG) * SEG).saturating_sub(rng.below(3) * 512),
-        2 => rng.below(SIZE / 4096) * 4096,
-        _ => SIZE - 1 - rng.below(2 * SEG),
-    };
-    let max = (SIZE - off).min(3 * SEG);
-    let len = match rng.below(3) {
-        0 => 1 + rng.below(max.min(4096)),
-        1 => (1 + rng.below(4)) * SEG,
-        _ => 1 + rng.below(max),
-    }
-    .min(max)
-    .max(1);
-    (off, len)
-}
 
 /// The whole segments `[off, off+len)` covers; the last segment counts when the range
 /// reaches the end of the vdisk (tabula's documented TRIM behaviour).
@@ -71,7 +52,7 @@ fn random_io_matches_model() {
     let mut c = Client::connect(srv.nbd_port, "m").unwrap();
     let mut counts = [0usize; 6];
     for step in 0..10000 {
-        let (off, len) = range(&mut rng);
+        let (off, len) = edge_range(&mut rng, SEG, SIZE);
         let (o, l) = (off as usize, len as usize);
         let what = rng.below(20);
         let ctx = || format!("seed {seed} step {step}: off {off} len {len}");

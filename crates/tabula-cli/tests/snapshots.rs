@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::nbd::{Client, NbdErr, Rng, stamp_block};
+use common::nbd::{Client, NbdErr, Rng, edge_range, stamp_block};
 use common::{Server, have, run};
 
 const SEG: u64 = 64 << 10;
@@ -101,27 +101,6 @@ fn seed() -> u64 {
                 .as_nanos() as u64
                 | 1
         })
-}
-
-/// Offsets and lengths in a vdisk of `size` bytes, biased towards segment and block edges.
-fn range(rng: &mut Rng, size: u64) -> (u64, u64) {
-    let off = match rng.below(4) {
-        0 => rng.below(size),
-        1 => (rng.below(size / SEG + 1) * SEG)
-            .saturating_sub(rng.below(3) * 512)
-            .min(size - 1),
-        2 => rng.below(size / 4096) * 4096,
-        _ => size - 1 - rng.below((2 * SEG).min(size)),
-    };
-    let max = (size - off).min(3 * SEG);
-    let len = match rng.below(3) {
-        0 => 1 + rng.below(max.min(4096)),
-        1 => (1 + rng.below(4)) * SEG,
-        _ => 1 + rng.below(max),
-    }
-    .min(max)
-    .max(1);
-    (off, len)
 }
 
 /// The whole segments `[off, off+len)` covers in a vdisk of `size` bytes; the last
@@ -374,7 +353,7 @@ fn snapshot_model() {
             // Write to a vdisk or clone.
             0..=319 => {
                 let i = rng.pick(&writable);
-                let (off, len) = range(&mut rng, m.objs[i].size());
+                let (off, len) = edge_range(&mut rng, SEG, m.objs[i].size());
                 let data = pattern((rng.below(255) + 1) as u8, len as usize);
                 let fua = rng.below(8) == 0;
                 let o = &mut m.objs[i];
@@ -388,7 +367,7 @@ fn snapshot_model() {
             320..=599 => {
                 let i = rng.below(m.objs.len() as u64) as usize;
                 let o = &mut m.objs[i];
-                let (off, len) = range(&mut rng, o.size());
+                let (off, len) = edge_range(&mut rng, SEG, o.size());
                 let got = o
                     .conn(port)
                     .read(off, len)
@@ -404,7 +383,7 @@ fn snapshot_model() {
             600..=659 => {
                 let i = rng.pick(&writable);
                 let o = &mut m.objs[i];
-                let (off, len) = range(&mut rng, o.size());
+                let (off, len) = edge_range(&mut rng, SEG, o.size());
                 o.conn(port)
                     .trim(off, len)
                     .unwrap_or_else(|e| panic!("{ctx}: trim {off}+{len} of {}: errno {e}", o.name));
@@ -416,7 +395,7 @@ fn snapshot_model() {
             660..=719 => {
                 let i = rng.pick(&writable);
                 let o = &mut m.objs[i];
-                let (off, len) = range(&mut rng, o.size());
+                let (off, len) = edge_range(&mut rng, SEG, o.size());
                 let no_hole = rng.below(2) == 0;
                 o.conn(port)
                     .write_zeroes(off, len, no_hole)
@@ -441,7 +420,7 @@ fn snapshot_model() {
             740..=759 if !snaps.is_empty() => {
                 let i = rng.pick(&snaps);
                 let o = &mut m.objs[i];
-                let (off, len) = range(&mut rng, o.size());
+                let (off, len) = edge_range(&mut rng, SEG, o.size());
                 let c = o.conn(port);
                 let r = match rng.below(4) {
                     0 => c.write(off, &pattern(0x5a, len as usize), false),

@@ -244,3 +244,25 @@ impl Rng {
         from[self.below(from.len() as u64) as usize]
     }
 }
+
+/// An offset and length in an export of `size` bytes with segments of `seg` bytes, biased
+/// towards segment and block edges, where bugs live.
+pub fn edge_range(rng: &mut Rng, seg: u64, size: u64) -> (u64, u64) {
+    let off = match rng.below(4) {
+        0 => rng.below(size),
+        1 => (rng.below(size / seg + 1) * seg)
+            .saturating_sub(rng.below(3) * 512)
+            .min(size - 1),
+        2 => rng.below(size / 4096) * 4096,
+        _ => size - 1 - rng.below((2 * seg).min(size)),
+    };
+    let max = (size - off).min(3 * seg);
+    let len = match rng.below(3) {
+        0 => 1 + rng.below(max.min(4096)),
+        1 => (1 + rng.below(4)) * seg,
+        _ => 1 + rng.below(max),
+    }
+    .min(max)
+    .max(1);
+    (off, len)
+}
