@@ -18,7 +18,7 @@ use std::time::Instant;
 use tabula_api::admin::{CowPolicy, DiffRange, DiffView, SnapshotView, VdiskView};
 use tabula_api::{Command, ControlError};
 use tabula_core::{BLOCK_SIZE, Entry, Generation, MappingTable, State, VdiskId};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{
     Controller, Meta, TableWrite, VdiskMeta, mapped_runs, now_secs, read_only, storage,
@@ -128,39 +128,53 @@ impl Controller {
         let v = meta.vdisks.get_mut(&id).expect("named vdisk exists");
         let size = v.table.size();
         let before = std::mem::replace(&mut v.table, MappingTable::new(0));
-        v.table = match with_state(&before, State::New) {
-            Ok(t) => t,
-            Err(e) => {
-                v.table = before;
-                self.release_hold(id);
-                return Err(e);
-            }
-        };
         v.rec.generation += 1;
         let generation = Generation(v.rec.generation);
-        let acked = self
-            .push(
-                id,
-                None,
-                Command::SetState {
-                    vdisk: id,
-                    generation,
-                    range: (0, size),
-                    state: State::New,
-                },
-            )
-            .await;
-        if !acked {
-            // An agent may still write in place: undo, tell every agent, give up.
+        // The agents and the controller each rebuild the table with every entry `new`
+        // (O(entries)): side by side, so the hold lasts one rebuild, not two. The metadata
+        // lock is held throughout, so nothing sees the placeholder table meanwhile.
+        let flip = tokio::task::spawn_blocking(move || {
+            let t = with_state(&before, State::New);
+            (before, t)
+        });
+        let set_state = self.push(
+            id,
+            None,
+            Command::SetState {
+                vdisk: id,
+                generation,
+                range: (0, size),
+                state: State::New,
+            },
+        );
+        let (acked, flipped) = tokio::join!(set_state, flip);
+        let Ok((before, flipped)) = flipped else {
+            // The rebuild panicked and took the only in-memory copy of the table with it.
+            // Serving on would write an empty table; the store is intact, so stop here and
+            // let the restart load it.
+            error!(vdisk = name, "rebuilding the table for a snapshot failed; stopping");
+            std::process::abort();
+        };
+        let failed = match (acked, flipped) {
+            (true, Ok(t)) => {
+                meta.vdisks.get_mut(&id).expect("named vdisk exists").table = t;
+                None
+            }
+            (false, _) => Some(ControlError::Unavailable(format!(
+                "snapshot {full} cancelled, I/O resumed: an agent did not apply the change; try again"
+            ))),
+            (true, Err(e)) => Some(e),
+        };
+        if let Some(e) = failed {
+            // Agents may hold the `new` table (or, not having applied it, write in place):
+            // put the table back, tell every agent, give up.
             let v = meta.vdisks.get_mut(&id).expect("named vdisk exists");
             v.table = before;
             v.rec.generation += 1;
             let table = Self::snapshot_of(&meta, id);
             self.push(id, None, Command::Replace(table)).await;
             self.release_hold(id);
-            return Err(ControlError::Unavailable(format!(
-                "snapshot {full} cancelled, I/O resumed: an agent did not apply the change; try again"
-            )));
+            return Err(e);
         }
         self.push(id, None, Command::Unblock { vdisk: id }).await;
         let hold = started.elapsed();
