@@ -39,6 +39,11 @@ fn with_state(t: &MappingTable, state: State) -> Result<MappingTable, ControlErr
     MappingTable::from_entries(t.size(), entries).map_err(storage)
 }
 
+/// Tables with more entries than this are rebuilt on a blocking thread while the agents
+/// rebuild theirs. The unit tests take that path with every table; the
+/// integration tests, with their small tables, the other.
+const PARALLEL_FLIP_ENTRIES: usize = if cfg!(test) { 0 } else { 4096 };
+
 fn lineage(id: VdiskId, rec: &VdiskRecord) -> u64 {
     if rec.lineage == 0 { id.0 } else { rec.lineage }
 }
@@ -133,10 +138,21 @@ impl Controller {
         // The agents and the controller each rebuild the table with every entry `new`
         // (O(entries)): side by side, so the hold lasts one rebuild, not two. The metadata
         // lock is held throughout, so nothing sees the placeholder table meanwhile.
-        let flip = tokio::task::spawn_blocking(move || {
-            let t = with_state(&before, State::New);
-            (before, t)
-        });
+        // (A small table is rebuilt in place: handing it to a thread would cost more.)
+        let big = before.len() > PARALLEL_FLIP_ENTRIES;
+        let flip = async move {
+            if big {
+                tokio::task::spawn_blocking(move || {
+                    let t = with_state(&before, State::New);
+                    (before, t)
+                })
+                .await
+                .ok()
+            } else {
+                let t = with_state(&before, State::New);
+                Some((before, t))
+            }
+        };
         let set_state = self.push(
             id,
             None,
@@ -148,11 +164,14 @@ impl Controller {
             },
         );
         let (acked, flipped) = tokio::join!(set_state, flip);
-        let Ok((before, flipped)) = flipped else {
+        let Some((before, flipped)) = flipped else {
             // The rebuild panicked and took the only in-memory copy of the table with it.
             // Serving on would write an empty table; the store is intact, so stop here and
             // let the restart load it.
-            error!(vdisk = name, "rebuilding the table for a snapshot failed; stopping");
+            error!(
+                vdisk = name,
+                "rebuilding the table for a snapshot failed; stopping"
+            );
             std::process::abort();
         };
         let failed = match (acked, flipped) {
