@@ -9,7 +9,7 @@
 mod common;
 
 use common::Server;
-use common::nbd::{Client, NbdErr, Rng, edge_range};
+use common::nbd::{Client, NbdErr, Rng, edge_range, seed};
 
 const SIZE: u64 = 32 << 20;
 const SEG: u64 = 64 << 10;
@@ -26,16 +26,7 @@ fn whole_segments(off: u64, len: u64) -> (u64, u64) {
 
 #[test]
 fn random_io_matches_model() {
-    let seed: u64 = std::env::var("TABULA_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+    let seed = seed();
     eprintln!("model test seed: {seed} (rerun with TABULA_SEED={seed})");
     let mut rng = Rng(seed);
     let mut srv = Server::start("24M");

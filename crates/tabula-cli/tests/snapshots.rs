@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::nbd::{Client, NbdErr, Rng, edge_range, stamp_block};
+use common::nbd::{Client, NbdErr, Rng, edge_range, seed, stamp_block};
 use common::{Server, have, run};
 
 const SEG: u64 = 64 << 10;
@@ -89,19 +89,6 @@ impl Nbd {
 
 // ---------------------------------------------------------------------------------------
 // Helpers.
-
-fn seed() -> u64 {
-    std::env::var("TABULA_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        })
-}
 
 /// The whole segments `[off, off+len)` covers in a vdisk of `size` bytes; the last
 /// segment counts when the range reaches the end (tabula's documented TRIM behaviour).

@@ -266,3 +266,17 @@ pub fn edge_range(rng: &mut Rng, seg: u64, size: u64) -> (u64, u64) {
     .max(1);
     (off, len)
 }
+
+/// The seed of a random test: `TABULA_SEED` if set (to reproduce a failure), else the clock.
+pub fn seed() -> u64 {
+    std::env::var("TABULA_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        })
+}
