@@ -87,7 +87,7 @@ pub async fn run(a: Args) -> Result<()> {
     // Sessions and attachment (unmeasured).
     let mut sims = Vec::new();
     for i in 0..a.agents {
-        let sim = Sim::start(
+        let sim = <Sim>::start(
             &a.controller,
             &format!("{}-a{i}", a.prefix),
             Duration::from_secs(30),

@@ -25,18 +25,20 @@ impl AgentPort for AckPort {
     }
 }
 
-pub struct Sim {
+/// A simulated agent with its own connection and session; `P` answers the commands the
+/// controller pushes.
+pub struct Sim<P = AckPort> {
     pub name: String,
     pub control: Arc<RemoteControl>,
-    pub port: Arc<AckPort>,
+    pub port: Arc<P>,
 }
 
-impl Sim {
+impl<P: AgentPort + Default + 'static> Sim<P> {
     /// Dials the controller (each simulated agent has its own HTTP/2 connection) and starts
     /// its session; registration completes in the background.
-    pub async fn start(url: &str, name: &str, call_timeout: Duration) -> Result<Sim> {
+    pub async fn start(url: &str, name: &str, call_timeout: Duration) -> Result<Sim<P>> {
         let control = RemoteControl::new(url, call_timeout).map_err(|e| anyhow!(e))?;
-        let port = Arc::new(AckPort::default());
+        let port = Arc::new(P::default());
         control
             .register_agent(name, port.clone(), Vec::new())
             .await

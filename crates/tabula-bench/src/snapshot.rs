@@ -27,13 +27,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
-use tabula_agent::remote::RemoteControl;
+use anyhow::{Context, Result, bail};
 use tabula_api::admin::{ApiError, CreateSnapshot, SnapshotView};
 use tabula_api::{AgentPort, Command, ControlError, ControlPlane, Fault, FaultOp, RangeUpdate};
 use tabula_core::{BLOCK_SIZE, Generation, State, VdiskId, format_size, parse_size};
 
-use crate::sim::{Admin, cpu_time};
+use crate::sim::{Admin, Sim, cpu_time};
 use crate::stats::{Rng, ms, quantile, report_progress};
 
 #[derive(clap::Args, Debug)]
@@ -125,40 +124,14 @@ impl LogPort {
     }
 }
 
-/// A simulated agent with its own connection and session.
-struct Agent {
-    name: String,
-    control: Arc<RemoteControl>,
-    port: Arc<LogPort>,
-}
+/// A simulated agent whose port logs the hold-related commands.
+type Agent = Sim<LogPort>;
 
 impl Agent {
-    async fn start(url: &str, name: &str) -> Result<Agent> {
-        let control = RemoteControl::new(url, Duration::from_secs(300)).map_err(|e| anyhow!(e))?;
-        let port = Arc::new(LogPort::default());
-        control
-            .register_agent(name, port.clone(), Vec::new())
-            .await
-            .with_context(|| format!("registering simulated agent {name}"))?;
-        Ok(Agent {
-            name: name.to_string(),
-            control,
-            port,
-        })
-    }
-
     /// Opens a vdisk, retrying while the session is not established yet.
     async fn open(&self, vdisk: &str) -> Result<(VdiskId, Generation)> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match self.control.open_vdisk(&self.name, vdisk).await {
-                Ok(s) => return Ok((s.vdisk, s.generation)),
-                Err(ControlError::Unavailable(_)) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => bail!("agent {} could not open vdisk {vdisk}: {e}", self.name),
-            }
-        }
+        let s = self.open_when_ready(vdisk, Duration::from_secs(20)).await?;
+        Ok((s.vdisk, s.generation))
     }
 
     /// A fault, repeated while the controller asks to retry (as a real agent does).
@@ -394,9 +367,11 @@ pub async fn run(a: Args) -> Result<()> {
     let other_name = format!("{}-other", a.name);
     admin.create_vdisk(&a.name, a.size, a.segment_size)?;
     admin.create_vdisk(&other_name, 2 * PROBES * BLOCK_SIZE, BLOCK_SIZE)?;
-    let holder = Arc::new(Agent::start(&a.controller, "snap-holder").await?);
+    let holder =
+        Arc::new(Agent::start(&a.controller, "snap-holder", Duration::from_secs(300)).await?);
     let (vdisk, _) = holder.open(&a.name).await?;
-    let prober = Arc::new(Agent::start(&a.controller, "snap-other").await?);
+    let prober =
+        Arc::new(Agent::start(&a.controller, "snap-other", Duration::from_secs(300)).await?);
     let (other_vdisk, _) = prober.open(&other_name).await?;
 
     // The random subset, as runs of adjacent segments in random order.

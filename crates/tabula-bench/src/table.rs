@@ -52,7 +52,8 @@ pub async fn run(a: Args) -> Result<()> {
 
     // Build: one agent (the only holder, so no allocation is pushed anywhere), many faults
     // in flight on its one HTTP/2 connection.
-    let builder = Arc::new(Sim::start(&a.controller, "tb-builder", Duration::from_secs(60)).await?);
+    let builder =
+        Arc::new(<Sim>::start(&a.controller, "tb-builder", Duration::from_secs(60)).await?);
     let snap = builder
         .open_when_ready(&a.name, Duration::from_secs(20))
         .await?;
@@ -121,7 +122,7 @@ pub async fn run(a: Args) -> Result<()> {
     let mut local_decode = Duration::ZERO;
     let mut local_encode = Duration::ZERO;
     for r in 0..a.runs {
-        let sim = Sim::start(
+        let sim = <Sim>::start(
             &a.controller,
             &format!("tb-fresh-{r}"),
             Duration::from_secs(120),

@@ -1256,11 +1256,7 @@ impl Controller {
             // Mapped already (perhaps by a concurrent fault whose commit is still in
             // flight), or copies to do first (whose reservation must be durable).
             let seq = if !started.is_empty() {
-                let persist = started.persist();
-                self.journal.push(Box::new(move |t| {
-                    write_deltas(t, &deltas)?;
-                    persist(t)
-                }))
+                self.journal.push(Box::new(started.persist(deltas)))
             } else if copies.is_empty() {
                 meta.vdisks[&f.vdisk].last_seq
             } else {
@@ -1345,13 +1341,7 @@ impl Controller {
                 }
                 Ok(())
             },
-            {
-                let persist = started.persist();
-                move |t| {
-                    write_deltas(t, &deltas)?;
-                    persist(t)
-                }
-            },
+            started.persist(deltas),
         );
         match result {
             Ok(seq) => {

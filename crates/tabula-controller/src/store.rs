@@ -207,11 +207,19 @@ fn decode_chunk(first: u64, bytes: &[u8], out: &mut Vec<Entry>) -> Result<(), St
     Ok(())
 }
 
-/// Splits sorted entries into chunks of at most [`CHUNK_ENTRIES`], of even sizes.
-fn chunked(entries: &[Entry]) -> impl Iterator<Item = &[Entry]> {
+/// Stores sorted entries of vdisk `id` as chunks of at most [`CHUNK_ENTRIES`], of even
+/// sizes, each keyed by its first entry's begin.
+fn put_chunks(
+    t: &mut redb::Table<'_, (u64, u64), &[u8]>,
+    id: u64,
+    entries: &[Entry],
+) -> Result<(), StoreError> {
     let n = entries.len().div_ceil(CHUNK_ENTRIES).max(1);
     let size = entries.len().div_ceil(n).max(1);
-    entries.chunks(size)
+    for c in entries.chunks(size) {
+        t.insert((id, c[0].begin), encode_chunk(c).as_slice())?;
+    }
+    Ok(())
 }
 
 fn json<T: Serialize>(v: &T) -> String {
@@ -355,8 +363,9 @@ impl Txn<'_> {
     }
 
     /// Replaces the stored entries of `vdisk` that start in `[lo, hi)` with `entries`
-    /// (sorted, each starting in `[lo, hi)`). Rewrites only the chunks holding such
-    /// entries: the one before `lo` (it may reach into the range) and those inside.
+    /// (sorted, each starting in `[lo, hi)`). Only two chunks are read: the one before `lo`
+    /// (the new entries join it, and it may reach into the range) and the last one inside
+    /// (it may reach past `hi`); those between are dropped unread.
     pub fn replace_entries(
         &mut self,
         vdisk: VdiskId,
@@ -367,46 +376,30 @@ impl Txn<'_> {
         let id = vdisk.0;
         let mut t = self.tx.open_table(CHUNKS)?;
         let mut old: Vec<Entry> = Vec::new();
-        if lo == 0 && hi == u64::MAX {
-            t.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
-        } else if lo < hi {
-            let mut keys = Vec::new();
-            if let Some(c) = t.range((id, 0)..(id, lo))?.next_back() {
-                let (k, v) = c?;
+        if lo < hi {
+            let mut before_key = None;
+            if let Some((k, v)) = t.range((id, 0)..(id, lo))?.next_back().transpose()? {
+                before_key = Some(k.value().1);
                 decode_chunk(k.value().1, v.value(), &mut old)?;
-                keys.push(k.value().1);
             }
-            for c in t.range((id, lo)..(id, hi))? {
-                let (k, v) = c?;
+            if let Some((k, v)) = t.range((id, lo)..(id, hi))?.next_back().transpose()? {
                 decode_chunk(k.value().1, v.value(), &mut old)?;
-                keys.push(k.value().1);
             }
-            for k in keys {
+            if let Some(k) = before_key {
                 t.remove((id, k))?;
             }
+            t.retain_in((id, lo)..(id, hi), |_, _| false)?;
         }
         // The kept entries lie before `lo` or after `hi`; the new ones between.
         let split = old.partition_point(|e| e.begin < lo);
         let after = old.partition_point(|e| e.begin < hi);
-        let merged: Vec<Entry>;
-        let list: &[Entry] = if old.is_empty() {
-            entries
-        } else {
-            merged = old[..split]
-                .iter()
-                .chain(entries)
-                .chain(&old[after..])
-                .copied()
-                .collect();
-            &merged
-        };
-        if list.is_empty() {
-            return Ok(());
-        }
-        for c in chunked(list) {
-            t.insert((id, c[0].begin), encode_chunk(c).as_slice())?;
-        }
-        Ok(())
+        let list: Vec<Entry> = old[..split]
+            .iter()
+            .chain(entries)
+            .chain(&old[after..])
+            .copied()
+            .collect();
+        put_chunks(&mut t, id, &list)
     }
 
     pub fn put_free(&mut self, c: ContainerId, start: u64, len: u64) -> Result<(), StoreError> {
@@ -480,9 +473,7 @@ fn upgrade_entries_to_chunks(tx: &WriteTransaction) -> Result<(), StoreError> {
     }
     let mut chunks = tx.open_table(CHUNKS)?;
     for (id, list) in &per_vdisk {
-        for c in chunked(list) {
-            chunks.insert((*id, c[0].begin), encode_chunk(c).as_slice())?;
-        }
+        put_chunks(&mut chunks, *id, list)?;
     }
     tx.delete_table(ENTRIES_V2)?;
     Ok(())

@@ -23,7 +23,9 @@ use tabula_api::{Command, ControlError, CowCopy, Fault, RangeUpdate};
 use tabula_core::{Entry, Phys, SharedBlocks, State, VdiskId};
 use tracing::{debug, info};
 
-use super::{Controller, CowPolicy, FreeDelta, Meta, PendingCow, TableWrite, fill, give_back};
+use super::{
+    Controller, CowPolicy, FreeDelta, Meta, PendingCow, TableWrite, fill, give_back, write_deltas,
+};
 use crate::agents::lease_margin;
 use crate::store::{StoreError, Txn};
 
@@ -404,10 +406,16 @@ pub(super) struct Cows {
 }
 
 impl Cows {
-    /// Records the reservations in `cow` (they belong to no table until the switch).
-    pub fn persist(&self) -> impl FnOnce(&mut Txn<'_>) -> Result<(), StoreError> + Send + 'static {
+    /// The fault's free-map changes `deltas` (its own allocations and these copies', in
+    /// order) and the reservations in `cow` (they belong to no table until the switch), to
+    /// be written in one transaction.
+    pub fn persist(
+        &self,
+        deltas: Vec<FreeDelta>,
+    ) -> impl FnOnce(&mut Txn<'_>) -> Result<(), StoreError> + Send + 'static {
         let runs: Vec<(Phys, u64)> = self.reserved.iter().map(|r| (r.2, r.3)).collect();
         move |t| {
+            write_deltas(t, &deltas)?;
             for &(p, l) in &runs {
                 t.put_cow(p, l)?;
             }
