@@ -221,7 +221,7 @@ pub enum VdiskCmd {
 pub enum SnapshotCmd {
     /// Take a snapshot. No data is copied: the vdisk's table is. I/O to the vdisk is held
     /// (it waits, it does not fail) only while agents drain in-flight I/O and mark the
-    /// vdisk's segments shared: under a millisecond for a table of a few thousand entries,
+    /// vdisk's segments shared: about a millisecond for a table of a few thousand entries,
     /// some 0.1-0.3 s at a million (a 1 TiB vdisk fully allocated in 1 MiB segments), up to
     /// 1 s under heavy I/O. The command returns once the copy of the table is durable
     /// (about 1 s at a million entries); meanwhile first writes that need the controller
