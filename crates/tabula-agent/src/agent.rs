@@ -2,13 +2,12 @@
 //! port through which the controller commands it.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tabula_api::{AgentPort, AgentReport, Command, ControlError, ControlPlane, TableSnapshot};
-use tabula_container::Container;
+use tabula_container::{Container, ContainerOptions, Location};
 use tabula_core::{ContainerId, VdiskId};
 use tabula_nbd::server::{Export, ExportProvider, OpenError};
 use tracing::{debug, info, warn};
@@ -31,6 +30,9 @@ pub struct AgentConfig {
     /// How long a change may be missing (a later one arrived) before the whole table is
     /// fetched again.
     pub gap_timeout: Duration,
+    /// The longest container I/O may take before it fails (EIO to the host) and the
+    /// container is reported as not answering.
+    pub container_timeout: Duration,
 }
 
 impl AgentConfig {
@@ -41,14 +43,39 @@ impl AgentConfig {
             read_delay: None,
             fault_wait: Duration::from_secs(30),
             gap_timeout: Duration::from_secs(2),
+            container_timeout: Duration::from_secs(5),
         }
     }
 }
 
-/// An open container and whether it has writes not yet made durable by a flush.
+/// An open container, whether it has writes not yet made durable by a flush, and whether
+/// it answers.
 pub(crate) struct OpenContainer {
+    pub(crate) id: ContainerId,
+    pub(crate) name: String,
     pub(crate) file: Container,
     pub(crate) dirty: AtomicBool,
+    /// The controller says nobody can reach it.
+    failed: AtomicBool,
+    /// This agent's own I/O to it failed; its probe clears this.
+    path_down: AtomicBool,
+    /// Why it is down, for the host's error message.
+    reason: parking_lot::Mutex<String>,
+}
+
+impl OpenContainer {
+    /// Fails at once if the container is known to be down: the host gets its error now,
+    /// not after another timeout.
+    pub(crate) fn check_up(&self) -> Result<(), String> {
+        if self.failed.load(Ordering::Acquire) || self.path_down.load(Ordering::Acquire) {
+            return Err(format!(
+                "container {} does not answer ({}); I/O to it fails until it does",
+                self.name,
+                self.reason.lock()
+            ));
+        }
+        Ok(())
+    }
 }
 
 pub(crate) struct Shared {
@@ -69,6 +96,8 @@ pub(crate) struct Shared {
     pub(crate) changed: tokio::sync::Notify,
     mismatches: AtomicU64,
     gaps_healed: AtomicU64,
+    /// Containers the controller reported failed (whether open here or not), with why.
+    failed: parking_lot::Mutex<HashMap<ContainerId, String>>,
 }
 
 impl Shared {
@@ -154,21 +183,123 @@ impl Shared {
             return Ok(c.clone());
         }
         let loc = self.control.container(id).await?;
-        let file = tokio::task::spawn_blocking(move || {
-            Container::open(Path::new(&loc.path), loc.size_bytes)
-        })
-        .await
-        .map_err(|e| ControlError::Storage(e.to_string()))?
-        .map_err(|e| ControlError::Storage(tabula_api::error_chain(&e)))?;
+        let name = loc.name.clone();
+        let opts = ContainerOptions {
+            io_timeout: self.cfg.container_timeout,
+        };
+        let location = Location::parse(&loc.path)
+            .map_err(|e| ControlError::Storage(tabula_api::error_chain(&e)))?;
+        let opened = tokio::time::timeout(
+            self.cfg.container_timeout + Duration::from_secs(1),
+            tokio::task::spawn_blocking(move || {
+                Container::open_location(&location, loc.size_bytes, &opts)
+            }),
+        )
+        .await;
+        let file = match opened {
+            Ok(Ok(Ok(f))) => f,
+            other => {
+                let e = match other {
+                    Err(_) => "no answer".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Ok(Ok(Err(e))) => tabula_api::error_chain(&e),
+                    Ok(Ok(Ok(_))) => unreachable!(),
+                };
+                let e = format!("opening container {name}: {e}");
+                let control = self.control.clone();
+                let agent = self.cfg.name.clone();
+                let report = e.clone();
+                tokio::spawn(async move {
+                    let _ = control.report_container(&agent, id, Some(report)).await;
+                });
+                return Err(ControlError::Storage(e));
+            }
+        };
+        let failed = self.failed.lock().get(&id).cloned();
         let c = Arc::new(OpenContainer {
+            id,
+            name,
             file,
             dirty: AtomicBool::new(false),
+            failed: AtomicBool::new(failed.is_some()),
+            path_down: AtomicBool::new(false),
+            reason: parking_lot::Mutex::new(failed.unwrap_or_default()),
         });
         Ok(self.containers.lock().entry(id).or_insert(c).clone())
     }
 
+    /// The controller's news about a container.
+    fn set_failed(&self, id: ContainerId, failed: bool, reason: &str) {
+        if failed {
+            warn!(container = %id, reason, "controller reports the container failed");
+            self.failed.lock().insert(id, reason.to_string());
+        } else {
+            info!(container = %id, "controller reports the container answers again");
+            self.failed.lock().remove(&id);
+        }
+        if let Some(c) = self.cached_container(id) {
+            if failed {
+                *c.reason.lock() = reason.to_string();
+                c.failed.store(true, Ordering::Release);
+            } else {
+                // Our own path gets another chance too: if it is still down, the next I/O
+                // says so again.
+                c.path_down.store(false, Ordering::Release);
+                c.failed.store(false, Ordering::Release);
+            }
+        }
+    }
+
+    /// A container fault: I/O to `c` failed or timed out. Marks it down here (its I/O
+    /// fails at once from now on), reports it to the controller, and probes it every second
+    /// until it answers, then reports that.
+    pub(crate) fn container_fault(self: &Arc<Self>, c: &Arc<OpenContainer>, error: String) {
+        *c.reason.lock() = error.clone();
+        if c.path_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        warn!(
+            container = c.name,
+            error, "container I/O failed; probing it until it answers"
+        );
+        let me = Arc::downgrade(self);
+        let c = c.clone();
+        tokio::spawn(async move {
+            let Some(shared) = me.upgrade() else { return };
+            let (control, agent, timeout) = (
+                shared.control.clone(),
+                shared.cfg.name.clone(),
+                shared.cfg.container_timeout,
+            );
+            drop(shared);
+            if let Err(e) = control.report_container(&agent, c.id, Some(error)).await {
+                debug!(container = c.name, error = %e, "could not report a container fault");
+            }
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if me.strong_count() == 0 || !c.path_down.load(Ordering::Acquire) {
+                    return;
+                }
+                let probe = c.clone();
+                let answered = tokio::time::timeout(
+                    timeout,
+                    tokio::task::spawn_blocking(move || {
+                        probe.file.read_vec_at(tabula_core::BLOCK_SIZE as usize, 0)
+                    }),
+                )
+                .await;
+                if matches!(answered, Ok(Ok(Ok(_)))) {
+                    c.path_down.store(false, Ordering::Release);
+                    info!(container = c.name, "container answers again");
+                    let _ = control.report_container(&agent, c.id, None).await;
+                    return;
+                }
+            }
+        });
+    }
+
     /// Makes every write completed so far durable, on every container written.
-    pub(crate) async fn flush(&self) -> std::io::Result<()> {
+    pub(crate) async fn flush(self: &Arc<Self>) -> std::io::Result<()> {
         let dirty: Vec<Arc<OpenContainer>> = self
             .containers
             .lock()
@@ -177,14 +308,25 @@ impl Shared {
             .cloned()
             .collect();
         for c in dirty {
+            c.check_up().map_err(std::io::Error::other)?;
             // Clear first: a write that lands during the sync sets it again.
             c.dirty.store(false, Ordering::Release);
             let c2 = c.clone();
-            let r = tokio::task::spawn_blocking(move || c2.file.sync())
-                .await
-                .map_err(std::io::Error::other)?;
+            let r = tokio::time::timeout(
+                self.cfg.container_timeout,
+                tokio::task::spawn_blocking(move || c2.file.sync()),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Ok(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no answer",
+                )))
+            })
+            .map_err(std::io::Error::other)?;
             if let Err(e) = r {
                 c.dirty.store(true, Ordering::Release);
+                self.container_fault(&c, format!("flush: {e}"));
                 return Err(e);
             }
         }
@@ -227,6 +369,7 @@ impl Agent {
                 changed: tokio::sync::Notify::new(),
                 mismatches: AtomicU64::new(0),
                 gaps_healed: AtomicU64::new(0),
+                failed: parking_lot::Mutex::new(HashMap::new()),
             }),
         };
         let port: Arc<dyn AgentPort> = Arc::new(agent.clone());
@@ -364,7 +507,7 @@ impl Agent {
                 vol.unblock();
                 shared.changed.notify_waiters();
             }
-            Command::Detach { .. } => {}
+            Command::Detach { .. } | Command::ContainerHealth { .. } => {}
         }
         Ok(())
     }
@@ -423,8 +566,14 @@ impl AgentPort for Agent {
                     info!(vdisk = vol.name(), "detached");
                 }
             }
+            Command::ContainerHealth {
+                container,
+                failed,
+                ref reason,
+            } => self.shared.set_failed(container, failed, reason),
             ref cmd => {
-                if let Some(vol) = self.volume_for(cmd.vdisk(), cmd, false) {
+                let vdisk = cmd.vdisk().expect("every other command is about a vdisk");
+                if let Some(vol) = self.volume_for(vdisk, cmd, false) {
                     Self::apply_to(&vol, cmd, &self.shared)?;
                     // Mappings that only fill gaps supersede nothing; everything else waits
                     // for the I/O that may have used what it replaced.

@@ -303,4 +303,24 @@ impl ControlPlane for RemoteControl {
             None => Err(ControlError::Invalid("empty fault reply".into())),
         }
     }
+
+    async fn report_container(
+        &self,
+        agent: &str,
+        container: ContainerId,
+        error: Option<String>,
+    ) -> Result<(), ControlError> {
+        let req = pb::ContainerReport {
+            session: self.session.load(Ordering::Acquire),
+            agent: agent.to_string(),
+            container: container.0,
+            error: error.unwrap_or_default(),
+        };
+        self.client
+            .clone()
+            .report_container(self.request(req))
+            .await
+            .map_err(|s| unavailable("reporting a container fault", &s))?;
+        Ok(())
+    }
 }

@@ -381,18 +381,81 @@ fn io_err(context: &str, e: std::io::Error) -> IoError {
 /// would stall the worker that also drives the NBD sockets (sequential 1M 20% slower).
 const INLINE_IO_MAX: usize = 64 << 10;
 
-/// Runs blocking container I/O inline when small, on the blocking pool when large.
+/// An I/O error from one container.
+struct OpFailed(Arc<OpenContainer>, std::io::Error);
+
+/// Tags an error of container `c`'s I/O with the container.
+fn on(c: &Arc<OpenContainer>) -> impl FnOnce(std::io::Error) -> OpFailed + '_ {
+    move |e| OpFailed(c.clone(), e)
+}
+
+/// Runs blocking I/O against `containers`. It fails at once if one of them is known to be
+/// down. Small I/O to local files runs inline; the rest runs on the blocking pool, bounded
+/// by the container timeout (a device or server that stops answering must not hang the
+/// host). A failure or timeout is a container fault: the host gets EIO and the container is
+/// reported (see `Shared::container_fault`).
 async fn run_io<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    what: &str,
+    containers: &[Arc<OpenContainer>],
     bytes: usize,
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> std::io::Result<T> {
-    if bytes <= INLINE_IO_MAX {
+    f: impl FnOnce() -> Result<T, OpFailed> + Send + 'static,
+) -> Result<T, IoError> {
+    for c in containers {
+        c.check_up().map_err(|m| IoError {
+            errno: Errno::Io,
+            message: format!("{what}: {m}"),
+        })?;
+    }
+    let remote = containers.iter().any(|c| c.file.is_remote());
+    let result = if bytes <= INLINE_IO_MAX && !remote {
         f()
     } else {
-        tokio::task::spawn_blocking(f)
+        match tokio::time::timeout(shared.cfg.container_timeout, tokio::task::spawn_blocking(f))
             .await
-            .map_err(std::io::Error::other)?
+        {
+            Ok(joined) => joined.map_err(|e| IoError {
+                errno: Errno::Io,
+                message: format!("{what}: {e}"),
+            })?,
+            Err(_) => {
+                // Which container hung is unknown when there are several: suspect the
+                // remote one (local I/O rarely hangs).
+                let c = containers
+                    .iter()
+                    .find(|c| c.file.is_remote())
+                    .unwrap_or(&containers[0]);
+                Err(OpFailed(
+                    c.clone(),
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "no answer within {} ms",
+                            shared.cfg.container_timeout.as_millis()
+                        ),
+                    ),
+                ))
+            }
+        }
+    };
+    result.map_err(|OpFailed(c, e)| {
+        shared.container_fault(&c, format!("{what}: {e}"));
+        IoError {
+            errno: Errno::Io,
+            message: format!("{what} (container {}): {e}", c.name),
+        }
+    })
+}
+
+/// The distinct containers of `ops`.
+fn containers_of(ops: &[PhysOp]) -> Vec<Arc<OpenContainer>> {
+    let mut out: Vec<Arc<OpenContainer>> = Vec::new();
+    for op in ops {
+        if !out.iter().any(|c| Arc::ptr_eq(c, &op.container)) {
+            out.push(op.container.clone());
+        }
     }
+    out
 }
 
 /// One physical operation of an I/O.
@@ -589,31 +652,50 @@ impl VolumeExport {
                 }
             }
             let bytes: u64 = plan.iter().map(|p| p.4).sum();
-            tokio::task::spawn_blocking(move || {
-                const CHUNK: u64 = 1 << 20;
-                let mut buf = vec![0u8; CHUNK.min(bytes) as usize];
-                let mut targets: Vec<Arc<OpenContainer>> = Vec::new();
-                for (from, src, to, dst, len) in &plan {
-                    let mut done = 0;
-                    while done < *len {
-                        let n = CHUNK.min(len - done) as usize;
-                        from.file.read_at(&mut buf[..n], src + done)?;
-                        to.file.write_at(&buf[..n], dst + done)?;
-                        done += n as u64;
-                    }
-                    if !targets.iter().any(|t| Arc::ptr_eq(t, to)) {
-                        targets.push(to.clone());
+            let mut involved: Vec<Arc<OpenContainer>> = Vec::new();
+            for (from, _, to, _, _) in &plan {
+                for c in [from, to] {
+                    if !involved.iter().any(|x| Arc::ptr_eq(x, c)) {
+                        involved.push(c.clone());
                     }
                 }
-                // The controller maps the copy only once it is durable.
-                for t in &targets {
-                    t.file.sync()?;
-                }
-                Ok::<_, std::io::Error>(())
-            })
-            .await
-            .map_err(|e| io_err("copy-on-write", std::io::Error::other(e)))?
-            .map_err(|e| io_err("copy-on-write copy of a shared segment", e))?;
+            }
+            if plan.is_empty() {
+                drop(guard);
+                return Ok(());
+            }
+            let shared = self.shared.clone();
+            run_io(
+                &shared,
+                "copy-on-write copy of a shared segment",
+                &involved,
+                usize::MAX,
+                move || {
+                    const CHUNK: u64 = 1 << 20;
+                    let mut buf = vec![0u8; CHUNK.min(bytes) as usize];
+                    let mut targets: Vec<Arc<OpenContainer>> = Vec::new();
+                    for (from, src, to, dst, len) in &plan {
+                        let mut done = 0;
+                        while done < *len {
+                            let n = CHUNK.min(len - done) as usize;
+                            from.file
+                                .read_at(&mut buf[..n], src + done)
+                                .map_err(on(from))?;
+                            to.file.write_at(&buf[..n], dst + done).map_err(on(to))?;
+                            done += n as u64;
+                        }
+                        if !targets.iter().any(|t| Arc::ptr_eq(t, to)) {
+                            targets.push(to.clone());
+                        }
+                    }
+                    // The controller maps the copy only once it is durable.
+                    for t in &targets {
+                        t.file.sync().map_err(on(t))?;
+                    }
+                    Ok(())
+                },
+            )
+            .await?;
             drop(guard);
             return Ok(());
         }
@@ -771,17 +853,13 @@ impl VolumeExport {
         Err(self.too_many_faults(off))
     }
 
-    async fn sync_ops(ops: &[PhysOp]) -> Result<(), IoError> {
-        let mut seen: Vec<&Arc<OpenContainer>> = Vec::new();
-        for op in ops {
-            if !seen.iter().any(|c| Arc::ptr_eq(c, &op.container)) {
-                seen.push(&op.container);
-                let c = op.container.clone();
-                tokio::task::spawn_blocking(move || c.file.sync())
-                    .await
-                    .map_err(|e| io_err("sync", std::io::Error::other(e)))?
-                    .map_err(|e| io_err("sync", e))?;
-            }
+    async fn sync_ops(&self, ops: &[PhysOp]) -> Result<(), IoError> {
+        for c in containers_of(ops) {
+            let one = [c.clone()];
+            run_io(&self.shared, "sync", &one, usize::MAX, move || {
+                c.file.sync().map_err(on(&c))
+            })
+            .await?;
         }
         Ok(())
     }
@@ -869,23 +947,34 @@ impl Export for VolumeExport {
             if let Some(delay) = self.shared.cfg.read_delay {
                 tokio::time::sleep(delay).await;
             }
-            let buf = run_io(len as usize, move || {
-                if let [op] = ops.as_slice() {
-                    if op.len == len as usize {
-                        // One mapped run: read straight into an unzeroed buffer.
-                        return op.container.file.read_vec_at(op.len, op.at);
+            let involved = containers_of(&ops);
+            let buf = run_io(
+                &self.shared,
+                "read from container",
+                &involved,
+                len as usize,
+                move || {
+                    if let [op] = ops.as_slice() {
+                        if op.len == len as usize {
+                            // One mapped run: read straight into an unzeroed buffer.
+                            return op
+                                .container
+                                .file
+                                .read_vec_at(op.len, op.at)
+                                .map_err(on(&op.container));
+                        }
                     }
-                }
-                let mut buf = vec![0u8; len as usize];
-                for op in &ops {
-                    op.container
-                        .file
-                        .read_at(&mut buf[op.buf_off..op.buf_off + op.len], op.at)?;
-                }
-                Ok(buf)
-            })
-            .await
-            .map_err(|e| io_err("read from container", e))?;
+                    let mut buf = vec![0u8; len as usize];
+                    for op in &ops {
+                        op.container
+                            .file
+                            .read_at(&mut buf[op.buf_off..op.buf_off + op.len], op.at)
+                            .map_err(on(&op.container))?;
+                    }
+                    Ok(buf)
+                },
+            )
+            .await?;
             drop(guard);
             return Ok(buf);
         }
@@ -894,19 +983,26 @@ impl Export for VolumeExport {
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), IoError> {
         let (guard, ops) = self.writable(offset, data.len() as u64).await?;
-        let ops = run_io(data.len(), move || {
-            for op in &ops {
-                op.container.dirty.store(true, Ordering::Release);
-                op.container
-                    .file
-                    .write_at(&data[op.buf_off..op.buf_off + op.len], op.at)?;
-            }
-            Ok(ops)
-        })
-        .await
-        .map_err(|e| io_err("write to container", e))?;
+        let involved = containers_of(&ops);
+        let ops = run_io(
+            &self.shared,
+            "write to container",
+            &involved,
+            data.len(),
+            move || {
+                for op in &ops {
+                    op.container.dirty.store(true, Ordering::Release);
+                    op.container
+                        .file
+                        .write_at(&data[op.buf_off..op.buf_off + op.len], op.at)
+                        .map_err(on(&op.container))?;
+                }
+                Ok(ops)
+            },
+        )
+        .await?;
         if fua {
-            Self::sync_ops(&ops).await?;
+            self.sync_ops(&ops).await?;
         }
         drop(guard);
         Ok(())
@@ -970,18 +1066,26 @@ impl Export for VolumeExport {
                 }
             }
         };
-        let fresh = tokio::task::spawn_blocking(move || {
-            for op in &fresh {
-                op.container.dirty.store(true, Ordering::Release);
-                op.container.file.zero_range(op.at, op.len as u64)?;
-            }
-            Ok::<_, std::io::Error>(fresh)
-        })
-        .await
-        .map_err(|e| io_err("write zeroes", std::io::Error::other(e)))?
-        .map_err(|e| io_err("zero container range", e))?;
+        let involved = containers_of(&fresh);
+        let fresh = run_io(
+            &self.shared,
+            "zero container range",
+            &involved,
+            usize::MAX,
+            move || {
+                for op in &fresh {
+                    op.container.dirty.store(true, Ordering::Release);
+                    op.container
+                        .file
+                        .zero_range(op.at, op.len as u64)
+                        .map_err(on(&op.container))?;
+                }
+                Ok(fresh)
+            },
+        )
+        .await?;
         if flags.fua {
-            Self::sync_ops(&fresh).await?;
+            self.sync_ops(&fresh).await?;
         }
         drop(guard);
         Ok(())

@@ -92,6 +92,15 @@ impl ControlPlane for Scripted {
         self.faults.lock().push(fault);
         Err(ControlError::Unavailable("scripted".into()))
     }
+
+    async fn report_container(
+        &self,
+        _agent: &str,
+        _container: ContainerId,
+        _error: Option<String>,
+    ) -> Result<(), ControlError> {
+        Ok(())
+    }
 }
 
 fn scripted(snap: TableSnapshot, race: Option<Command>) -> Arc<Scripted> {

@@ -11,6 +11,9 @@ pub struct CreateVdisk {
     /// How the first write to a segment shared with a snapshot or clone is done.
     #[serde(default)]
     pub cow: Option<CowPolicy>,
+    /// Pin: all its space comes from this container.
+    #[serde(default)]
+    pub container: Option<String>,
 }
 
 /// Where the first write to a shared segment lands (seed 004 c8-11). Either way the old
@@ -118,6 +121,7 @@ pub struct ResizeVdisk {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AddContainer {
     pub name: String,
+    /// A file or block device path, or an NBD URI (`nbd://host:port/export`).
     pub path: String,
     /// Size to create or grow the file to; `None` uses the existing file's size.
     pub size: Option<u64>,
@@ -183,12 +187,64 @@ impl MapView {
 pub struct ContainerView {
     pub name: String,
     pub id: u32,
+    /// File or block device path, or NBD URI.
     pub path: String,
+    /// "file", "block" or "nbd".
+    #[serde(default)]
+    pub kind: String,
+    /// "ok", "failed" (nobody can reach it: its I/O fails until it answers again) or
+    /// "draining".
+    #[serde(default)]
+    pub state: String,
+    /// Why it failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// For how long it has been failed.
+    #[serde(default)]
+    pub failed_for_ms: Option<u64>,
+    /// Connected agents that reach it.
+    #[serde(default)]
+    pub agents: Vec<String>,
+    /// Agents whose path to it is down while the controller reaches it (`agent: error`).
+    #[serde(default)]
+    pub unreachable_from: Vec<String>,
     pub size: u64,
     pub used: u64,
     pub free: u64,
     /// Freed space not yet zeroed (it becomes free once zeroed).
     pub zeroing: u64,
+    /// Free space under the low-space threshold.
+    #[serde(default)]
+    pub low_space: bool,
+    /// Its drain, running or finished, if one was started since the controller started.
+    #[serde(default)]
+    pub drain: Option<MoveView>,
+}
+
+/// A live move of data: a container's drain or a vdisk's migration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MoveView {
+    /// "drain" or "migrate".
+    pub kind: String,
+    /// The container drained or the vdisk migrated.
+    pub subject: String,
+    /// The container migrated to.
+    pub target: Option<String>,
+    /// "running", "done", "cancelled" or "failed".
+    pub state: String,
+    pub error: Option<String>,
+    /// Bytes to move (an estimate: hosts keep writing meanwhile).
+    pub total: u64,
+    pub moved: u64,
+    pub elapsed_ms: u64,
+    /// Bytes per second so far.
+    pub rate: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MigrateVdisk {
+    /// The container to move it into.
+    pub to: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -229,6 +285,9 @@ pub struct StatusView {
     pub agents: Vec<AgentView>,
     /// Set while allocating writes are failing for lack of space.
     pub out_of_space: bool,
+    /// Allocatable free space is under the low-space threshold.
+    #[serde(default)]
+    pub low_space: bool,
     /// Allocation faults refused with ENOSPC since start.
     pub enospc_faults: u64,
     pub data_dir: String,

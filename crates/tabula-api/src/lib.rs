@@ -40,7 +40,9 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 pub struct ContainerLocation {
     pub id: ContainerId,
     pub name: String,
-    /// A local file (or block device) path.
+    /// Where the bytes are: a local file or block device path, or an NBD URI
+    /// (`nbd://host:port/export`, `nbd+unix:///export?socket=PATH`); see
+    /// `tabula_container::Location`.
     pub path: String,
     pub size_bytes: u64,
 }
@@ -146,18 +148,26 @@ pub enum Command {
     Unblock { vdisk: VdiskId },
     /// Stop exporting the vdisk: it was deleted.
     Detach { vdisk: VdiskId },
+    /// A container failed (nobody, the controller included, can reach it) or recovered.
+    /// While failed, I/O to it fails at once instead of waiting for a timeout.
+    ContainerHealth {
+        container: ContainerId,
+        failed: bool,
+        reason: String,
+    },
 }
 
 impl Command {
-    /// The vdisk the command is for.
-    pub fn vdisk(&self) -> VdiskId {
+    /// The vdisk the command is for (`None` for commands about the whole agent).
+    pub fn vdisk(&self) -> Option<VdiskId> {
         match self {
-            Command::Update(u) | Command::Allocated(u) => u.vdisk,
-            Command::Replace(s) => s.vdisk,
+            Command::Update(u) | Command::Allocated(u) => Some(u.vdisk),
+            Command::Replace(s) => Some(s.vdisk),
             Command::SetState { vdisk, .. }
             | Command::Block { vdisk, .. }
             | Command::Unblock { vdisk }
-            | Command::Detach { vdisk } => *vdisk,
+            | Command::Detach { vdisk } => Some(*vdisk),
+            Command::ContainerHealth { .. } => None,
         }
     }
 }
@@ -217,6 +227,15 @@ pub trait ControlPlane: Send + Sync + 'static {
     async fn container(&self, id: ContainerId) -> Result<ContainerLocation, ControlError>;
     /// Resolves an inhibited I/O.
     async fn fault(&self, fault: Fault) -> Result<RangeUpdate, ControlError>;
+    /// A container fault: I/O from `agent` to `container` failed or timed out (`error`), or
+    /// works again after such a report (`None`). The controller probes the container itself
+    /// to tell a failed container from a path that failed only from this agent.
+    async fn report_container(
+        &self,
+        agent: &str,
+        container: ContainerId,
+        error: Option<String>,
+    ) -> Result<(), ControlError>;
 }
 
 /// What the controller asks of an agent.

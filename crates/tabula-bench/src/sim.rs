@@ -113,6 +113,7 @@ impl Admin {
             size,
             segment_size: Some(segment_size),
             cow: None,
+            container: None,
         };
         let resp = tokio::task::block_in_place(|| {
             self.http

@@ -104,6 +104,7 @@ impl AgentPort for LogPort {
             Command::Update(_) => "update",
             Command::Allocated(_) => "allocated",
             Command::Detach { .. } => "detach",
+            Command::ContainerHealth { .. } => "container-health",
         };
         self.log
             .lock()

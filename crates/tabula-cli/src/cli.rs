@@ -90,6 +90,21 @@ pub struct ServeArgs {
     /// drains; past it the operation is cancelled and I/O resumes.
     #[arg(long, default_value = "5s", value_parser = duration_arg)]
     pub snapshot_hold: std::time::Duration,
+    #[command(flatten)]
+    pub pool: PoolArgs,
+}
+
+/// How the pool's containers are watched.
+#[derive(Args, Debug)]
+pub struct PoolArgs {
+    /// The longest container I/O (or a probe of a container) may take: past it the I/O
+    /// fails with EIO to the host and the container is reported as not answering.
+    #[arg(long, default_value = "5s", value_parser = duration_arg)]
+    pub container_timeout: std::time::Duration,
+    /// Warn (log, `tabula status`, metrics) when free allocatable space falls under this
+    /// percentage of the pool.
+    #[arg(long, default_value = "10", value_parser = clap::value_parser!(u64).range(0..=100))]
+    pub low_space_percent: u64,
 }
 
 #[derive(Args, Debug)]
@@ -117,6 +132,8 @@ pub struct ControllerArgs {
     /// it while in-flight I/O drains; past it the operation is cancelled and I/O resumes.
     #[arg(long, default_value = "5s", value_parser = duration_arg)]
     pub snapshot_hold: std::time::Duration,
+    #[command(flatten)]
+    pub pool: PoolArgs,
 }
 
 #[derive(Args, Debug)]
@@ -131,6 +148,10 @@ pub struct AgentArgs {
     /// unreachable controller before it fails with an I/O error.
     #[arg(long, default_value = "30s", value_parser = duration_arg)]
     pub fault_wait: std::time::Duration,
+    /// The longest container I/O may take: past it the I/O fails with EIO to the host and
+    /// the container is reported to the controller.
+    #[arg(long, default_value = "5s", value_parser = duration_arg)]
+    pub container_timeout: std::time::Duration,
 }
 
 fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
@@ -169,6 +190,10 @@ pub enum VdiskCmd {
         /// moving the old data out for the snapshots and clones.
         #[arg(long, default_value = "redirect")]
         cow: CowPolicy,
+        /// Pin the vdisk to one container: all its space (and its snapshots' and clones')
+        /// comes from there. Without it, space comes from any container, by free space.
+        #[arg(long)]
+        container: Option<String>,
     },
     /// List vdisks.
     List(JsonFlag),
@@ -208,6 +233,17 @@ pub enum VdiskCmd {
         name: String,
         /// Snapshot name (without the VDISK@ prefix).
         snapshot: String,
+    },
+    /// Move all of a vdisk's data into one container, live, and pin it there (new space
+    /// comes from there too). Space it shares with its snapshots and clones moves with it.
+    Migrate {
+        name: String,
+        /// The container to move it into.
+        #[arg(long)]
+        to: String,
+        /// Start it and return at once.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Grow or shrink a vdisk (shrinking frees the space beyond the new end).
     Resize {
@@ -265,23 +301,51 @@ pub enum SnapshotCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum ContainerCmd {
-    /// Add a file container. With --size, creates a new sparse file of that size; without,
-    /// uses an existing file at its current size.
+    /// Add a container to the pool; its space is usable by every agent at once.
+    ///
+    /// --path: a file or a block device on the agents' hosts (the same path on each). With
+    /// --size, creates a new sparse file of that size; without, uses the existing file or
+    /// device at its current size.
+    /// --uri: an NBD export on a storage host (qemu-nbd, nbdkit, nbd-server or
+    /// `tabula container serve`), which agents reach directly:
+    /// nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.
+    #[command(group(clap::ArgGroup::new("location").required(true).args(["path", "uri"])))]
     Add {
         name: String,
         #[arg(long)]
-        path: PathBuf,
-        #[arg(long, value_parser = size_arg)]
+        path: Option<PathBuf>,
+        #[arg(long)]
+        uri: Option<String>,
+        #[arg(long, value_parser = size_arg, conflicts_with = "uri")]
         size: Option<u64>,
     },
-    /// List containers with size, used and free space.
+    /// List containers: kind, state (ok, failed, draining), size, used and free space, and
+    /// which agents reach each one.
     List(JsonFlag),
+    /// Move everything a container holds to the rest of the pool, live: vdisks stay online
+    /// and hosts keep reading and writing. Nothing new is allocated in it meanwhile. Shows
+    /// progress until done (Ctrl-C stops watching; the drain goes on).
+    Drain {
+        name: String,
+        /// Stop the drain: what was moved stays moved, and the container takes new space
+        /// again.
+        #[arg(long)]
+        cancel: bool,
+        /// Start it and return at once (follow with `tabula container list`).
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Remove an empty container from the pool (drain it first).
+    Remove { name: String },
     /// Show one container.
     Show {
         name: String,
         #[arg(long)]
         json: bool,
     },
+    /// Serve a file or block device as an NBD export, to be a remote container elsewhere.
+    #[command(long_about = crate::container_serve::LONG_ABOUT)]
+    Serve(crate::container_serve::ContainerServeArgs),
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -306,12 +370,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 size,
                 segment_size,
                 cow,
+                container,
             } => {
                 let v = client().create_vdisk(&CreateVdisk {
                     name,
                     size,
                     segment_size,
                     cow: Some(cow),
+                    container,
                 })?;
                 println!(
                     "created vdisk {} ({}); NBD export name: {}",
@@ -361,6 +427,18 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     tabula_core::format_size(v.size)
                 );
             }
+            VdiskCmd::Migrate { name, to, no_wait } => {
+                let m = client().migrate_vdisk(&name, &to)?;
+                if no_wait {
+                    println!(
+                        "migrating vdisk {name} to container {to} ({} to move)",
+                        tabula_core::format_size(m.total)
+                    );
+                } else {
+                    output::follow_move(&client(), "migrate", &name)?;
+                    println!("vdisk {name} is in container {to}, and pinned there");
+                }
+            }
             VdiskCmd::Resize { name, size } => {
                 let v = client().resize_vdisk(&name, &ResizeVdisk { size })?;
                 println!(
@@ -401,18 +479,60 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
         },
         Cmd::Container(cmd) => match cmd {
-            ContainerCmd::Add { name, path, size } => {
+            ContainerCmd::Add {
+                name,
+                path,
+                uri,
+                size,
+            } => {
+                let location = match (path, uri) {
+                    (Some(p), _) => p.to_string_lossy().to_string(),
+                    (None, Some(u)) => u,
+                    (None, None) => unreachable!("clap requires --path or --uri"),
+                };
                 let c = client().add_container(&AddContainer {
                     name,
-                    path: path.to_string_lossy().to_string(),
+                    path: location,
                     size,
                 })?;
                 println!(
-                    "added container {} ({}, {})",
+                    "added container {} ({} {}, {})",
                     c.name,
+                    c.kind,
                     c.path,
                     tabula_core::format_size(c.size)
                 );
+            }
+            ContainerCmd::Drain {
+                name,
+                cancel,
+                no_wait,
+            } => {
+                if cancel {
+                    let c = client().cancel_drain(&name)?;
+                    println!(
+                        "drain of container {} cancelled; it holds {} and takes new space again",
+                        c.name,
+                        tabula_core::format_size(c.used)
+                    );
+                } else {
+                    let m = client().drain_container(&name)?;
+                    if no_wait {
+                        println!(
+                            "draining container {name} ({} to move); follow with `tabula container list`",
+                            tabula_core::format_size(m.total)
+                        );
+                    } else {
+                        output::follow_move(&client(), "drain", &name)?;
+                        println!(
+                            "container {name} is drained; remove it with `tabula container remove {name}`"
+                        );
+                    }
+                }
+            }
+            ContainerCmd::Remove { name } => {
+                client().remove_container(&name)?;
+                println!("removed container {name}");
             }
             ContainerCmd::List(j) => {
                 let list = client().list_containers()?;
@@ -422,6 +542,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 let c = client().container(&name)?;
                 output::print(&c, json, output::container_detail)?;
             }
+            ContainerCmd::Serve(args) => crate::container_serve::run(args)?,
         },
         Cmd::Status(j) => {
             let s = client().status()?;

@@ -5,7 +5,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tabula_api::admin::{
     AddContainer, ApiError, CheckView, CloneVdisk, ContainerView, CreateSnapshot, CreateVdisk,
-    DiffView, MapView, ResizeVdisk, Rollback, SnapshotView, StatusView, VdiskView,
+    DiffView, MapView, MigrateVdisk, MoveView, ResizeVdisk, Rollback, SnapshotView, StatusView,
+    VdiskView,
 };
 
 pub struct Client {
@@ -173,6 +174,34 @@ impl Client {
 
     pub fn add_container(&self, req: &AddContainer) -> Result<ContainerView> {
         self.post("/v1/containers", req)
+    }
+
+    pub fn remove_container(&self, name: &str) -> Result<()> {
+        self.delete(&format!("/v1/containers/{}", enc(name)))
+    }
+
+    pub fn drain_container(&self, name: &str) -> Result<MoveView> {
+        self.post(&format!("/v1/containers/{}/drain", enc(name)), &())
+    }
+
+    pub fn cancel_drain(&self, name: &str) -> Result<ContainerView> {
+        let r = self
+            .agent
+            .delete(&self.url(&format!("/v1/containers/{}/drain", enc(name))))
+            .call()
+            .map_err(|e| self.unreachable(e))?;
+        Self::decode(r)
+    }
+
+    pub fn migrate_vdisk(&self, name: &str, to: &str) -> Result<MoveView> {
+        self.post(
+            &format!("/v1/vdisks/{}/migrate", enc(name)),
+            &MigrateVdisk { to: to.to_string() },
+        )
+    }
+
+    pub fn moves(&self) -> Result<Vec<MoveView>> {
+        self.get("/v1/moves")
     }
 }
 

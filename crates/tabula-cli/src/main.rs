@@ -3,6 +3,7 @@
 
 mod cli;
 mod client;
+mod container_serve;
 mod output;
 mod serve;
 

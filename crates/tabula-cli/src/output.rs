@@ -146,36 +146,83 @@ pub fn map_table(m: &MapView) -> String {
 
 pub fn container_table(list: &Vec<ContainerView>) -> String {
     let mut s = format!(
-        "{:<16} {:>10} {:>10} {:>10} {:>6}  PATH\n",
-        "NAME", "SIZE", "USED", "FREE", "USED%"
+        "{:<16} {:<6} {:<9} {:>10} {:>10} {:>10} {:>6}  LOCATION\n",
+        "NAME", "KIND", "STATE", "SIZE", "USED", "FREE", "USED%"
     );
     for c in list {
         let _ = writeln!(
             s,
-            "{:<16} {:>10} {:>10} {:>10} {:>6}  {}",
+            "{:<16} {:<6} {:<9} {:>10} {:>10} {:>10} {:>6}  {}",
             c.name,
+            c.kind,
+            c.state,
             format_size(c.size),
             format_size(c.used),
             format_size(c.free),
             pct(c.used, c.size),
             c.path
         );
+        for line in container_problems(c) {
+            let _ = writeln!(s, "  {line}");
+        }
     }
     s
 }
 
+/// What an operator must know about a container beyond its numbers.
+fn container_problems(c: &ContainerView) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(e) = &c.error {
+        out.push(format!(
+            "FAILED for {:.1}s: {e}; I/O to it fails until it answers again",
+            c.failed_for_ms.unwrap_or(0) as f64 / 1000.0
+        ));
+    }
+    for u in &c.unreachable_from {
+        out.push(format!("path down from agent {u}"));
+    }
+    if c.low_space {
+        out.push("low on space".to_string());
+    }
+    if let Some(d) = &c.drain {
+        out.push(format!(
+            "drain {}: {} of {} moved ({}/s){}",
+            d.state,
+            format_size(d.moved),
+            format_size(d.total),
+            format_size(d.rate),
+            d.error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        ));
+    }
+    out
+}
+
 pub fn container_detail(c: &ContainerView) -> String {
-    format!(
-        "name:     {}\nid:       {}\npath:     {}\nsize:     {}\nused:     {} ({})\nfree:     {}\nzeroing:  {}\n",
+    let mut s = format!(
+        "name:     {}\nid:       {}\nkind:     {}\nlocation: {}\nstate:    {}\nsize:     {}\nused:     {} ({})\nfree:     {}\nzeroing:  {}\nagents:   {}\n",
         c.name,
         c.id,
+        c.kind,
         c.path,
+        c.state,
         format_size(c.size),
         format_size(c.used),
         pct(c.used, c.size),
         format_size(c.free),
-        format_size(c.zeroing)
-    )
+        format_size(c.zeroing),
+        if c.agents.is_empty() {
+            "-".to_string()
+        } else {
+            c.agents.join(", ")
+        }
+    );
+    for line in container_problems(c) {
+        let _ = writeln!(s, "          {line}");
+    }
+    s
 }
 
 pub fn status(s: &StatusView) -> String {
@@ -208,17 +255,27 @@ pub fn status(s: &StatusView) -> String {
             s.enospc_faults
         );
     }
+    if s.low_space && !s.out_of_space {
+        let _ = writeln!(
+            o,
+            "LOW ON SPACE: add a container with `tabula container add` or free space"
+        );
+    }
     let _ = writeln!(o, "containers:");
     for c in &s.containers {
         let _ = writeln!(
             o,
-            "  {:<16} {:>10} used of {:>10} ({})  {}",
+            "  {:<16} {:<9} {:>10} used of {:>10} ({})  {}",
             c.name,
+            c.state,
             format_size(c.used),
             format_size(c.size),
             pct(c.used, c.size),
             c.path
         );
+        for line in container_problems(c) {
+            let _ = writeln!(o, "    {line}");
+        }
     }
     let _ = writeln!(o, "agents:");
     for a in &s.agents {
@@ -276,4 +333,60 @@ pub fn check(c: &CheckView) -> String {
         }
     }
     o
+}
+
+/// Follows a drain or migration with a progress bar until it ends; fails if it failed.
+pub fn follow_move(
+    client: &crate::client::Client,
+    kind: &str,
+    subject: &str,
+) -> anyhow::Result<()> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("{kind} {subject}"));
+    loop {
+        let moves = client.moves()?;
+        let Some(m) = moves
+            .iter()
+            .find(|m| m.kind == kind && m.subject == subject)
+        else {
+            anyhow::bail!("the controller no longer knows of the {kind} of {subject}");
+        };
+        bar.set_length(m.total);
+        bar.set_position(m.moved);
+        match m.state.as_str() {
+            "running" => std::thread::sleep(std::time::Duration::from_millis(200)),
+            "failed" => {
+                bar.abandon();
+                anyhow::bail!(
+                    "{kind} of {subject} failed after moving {}: {}",
+                    format_size(m.moved),
+                    m.error.clone().unwrap_or_default()
+                );
+            }
+            "cancelled" => {
+                bar.abandon();
+                anyhow::bail!(
+                    "{kind} of {subject} was cancelled after moving {}",
+                    format_size(m.moved)
+                );
+            }
+            _ => {
+                bar.finish_and_clear();
+                eprintln!(
+                    "moved {} in {:.1}s ({}/s)",
+                    format_size(m.moved),
+                    m.elapsed_ms as f64 / 1000.0,
+                    format_size(m.rate)
+                );
+                return Ok(());
+            }
+        }
+    }
 }

@@ -179,12 +179,17 @@ async fn run_until_signal(
 
 async fn serve(mut args: ServeArgs) -> Result<()> {
     let hold = args.snapshot_hold;
+    let (timeout, low) = (args.pool.container_timeout, args.pool.low_space_percent);
     let ctl = open_controller(&mut args.data_dir, args.container_size, |c| {
         c.snapshot_hold = hold;
+        c.container_timeout = timeout;
+        c.low_space_percent = low;
     })
     .await?;
     let plane: Arc<dyn ControlPlane> = ctl.clone();
-    let agent = Agent::start(agent_config(&args.name)?, plane)
+    let mut agent_cfg = agent_config(&args.name)?;
+    agent_cfg.container_timeout = timeout;
+    let agent = Agent::start(agent_cfg, plane)
         .await
         .context("starting the agent")?;
     let api = bind_api(&args.api_listen).await?;
@@ -208,6 +213,7 @@ async fn controller(mut args: ControllerArgs) -> Result<()> {
     let lease = args.lease;
     let refresh = args.refresh_interval;
     let hold = args.snapshot_hold;
+    let (timeout, low) = (args.pool.container_timeout, args.pool.low_space_percent);
     if lease.is_zero() {
         anyhow::bail!("--lease must be more than 0");
     }
@@ -216,6 +222,8 @@ async fn controller(mut args: ControllerArgs) -> Result<()> {
         c.restart_grace = true;
         c.refresh_interval = (!refresh.is_zero()).then_some(refresh);
         c.snapshot_hold = hold;
+        c.container_timeout = timeout;
+        c.low_space_percent = low;
     })
     .await?;
     let api = bind_api(&args.api_listen).await?;
@@ -237,6 +245,7 @@ async fn agent(args: AgentArgs, controller: &str) -> Result<()> {
     };
     let mut cfg = agent_config(&name)?;
     cfg.fault_wait = args.fault_wait;
+    cfg.container_timeout = args.container_timeout;
     let remote = RemoteControl::new(
         controller,
         args.fault_wait.max(std::time::Duration::from_secs(5)),

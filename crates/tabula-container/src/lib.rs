@@ -1,19 +1,39 @@
 //! Storage containers: the stores that physical segments live in, addressed by byte offset.
 //!
-//! A container is a local file (sparse, grown on demand) for now; block devices and remote
-//! NBD exports join later behind the same type. Both the agent (data I/O) and the controller
-//! (zeroing freed space) use it, so the rules for durable I/O live in one place:
-//! - a write is durable after [`Container::sync`] (fdatasync) returns;
-//! - [`Container::zero`] deallocates (punches a hole) where the file system can, so freed
-//!   space reads as zeros and costs nothing, and writes zeros where it cannot.
+//! A container is one of three kinds behind the one blocking type [`Container`]:
+//! - a local **file** (sparse, grown on demand);
+//! - a local **block device** (reads and writes that are aligned to its logical block size go
+//!   through a second descriptor opened with `O_DIRECT`, so they bypass the page cache);
+//! - a remote **NBD export** (any NBD server), reached through a small pool of blocking
+//!   client connections that reconnect by themselves after a failure.
+//!
+//! Both the agent (data I/O) and the controller (zeroing freed space) use it, so the rules for
+//! durable I/O live in one place:
+//! - a write is durable after [`Container::sync`] returns (fdatasync, or NBD flush);
+//! - [`Container::zero`] deallocates (punches a hole, or NBD write-zeroes) where it can, so
+//!   freed space reads as zeros and costs nothing, and writes zeros where it cannot.
+//!
+//! Remote I/O blocks for up to [`ContainerOptions::io_timeout`] (more when a failed request
+//! is retried on a new connection); [`Container::is_remote`] tells callers to keep it off
+//! async worker threads.
 #![forbid(unsafe_code)]
 
-use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+mod local;
+mod nbd;
 
-use rustix::fs::{FallocateFlags, fallocate};
+#[cfg(feature = "export")]
+pub mod export;
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+pub use tabula_nbd::client::{ClientError, NbdAddr, NbdUri, NbdUriError};
+
+use local::Local;
+use nbd::Remote;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
@@ -38,57 +58,167 @@ pub enum ContainerError {
         actual: u64,
         expected: u64,
     },
+    #[error(
+        "container {path} is neither a regular file nor a block device; give a file, a block device or an NBD URI"
+    )]
+    NotStorage { path: PathBuf },
+    #[error("cannot open NBD container {uri}")]
+    Remote {
+        uri: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error(
+        "NBD container {uri} is a read-only export, but tabula writes to its containers; serve it writable"
+    )]
+    ReadOnly { uri: String },
 }
 
-/// An open container file.
-#[derive(Debug)]
+/// A container location that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LocationError {
+    #[error(
+        "empty container location; give a file or block device path, or an NBD URI (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)"
+    )]
+    Empty,
+    #[error(transparent)]
+    Nbd(#[from] NbdUriError),
+}
+
+/// Where a container lives: a local path (file or block device) or a remote NBD export.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Location {
+    Path(PathBuf),
+    Nbd(NbdUri),
+}
+
+impl Location {
+    /// `nbd://...` and `nbd+unix://...` are NBD URIs; anything else is a path.
+    pub fn parse(s: &str) -> Result<Location, LocationError> {
+        if s.is_empty() {
+            return Err(LocationError::Empty);
+        }
+        if NbdUri::is_nbd_uri(s) {
+            return Ok(Location::Nbd(s.parse()?));
+        }
+        Ok(Location::Path(PathBuf::from(s)))
+    }
+}
+
+impl FromStr for Location {
+    type Err = LocationError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Location::parse(s)
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::Path(p) => write!(f, "{}", p.display()),
+            Location::Nbd(u) => write!(f, "{u}"),
+        }
+    }
+}
+
+/// How containers are opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerOptions {
+    /// Remote containers: bound on connecting and on each wait for the server. Local I/O is
+    /// not bounded by it.
+    pub io_timeout: Duration,
+}
+
+impl Default for ContainerOptions {
+    fn default() -> Self {
+        Self {
+            io_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What a container is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ContainerKind {
+    File,
+    BlockDevice,
+    Nbd,
+}
+
+impl ContainerKind {
+    /// "file", "block" or "nbd".
+    pub fn name(self) -> &'static str {
+        match self {
+            ContainerKind::File => "file",
+            ContainerKind::BlockDevice => "block",
+            ContainerKind::Nbd => "nbd",
+        }
+    }
+}
+
+impl fmt::Display for ContainerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An open container of any kind. `Send + Sync`: share it behind an `Arc`.
 pub struct Container {
-    file: File,
+    location: Location,
+    /// The location as a path, for callers that print `path()` (an NBD URI as a path).
     path: PathBuf,
+    backend: Backend,
+}
+
+enum Backend {
+    Local(Local),
+    Nbd(Remote),
+}
+
+impl fmt::Debug for Container {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Container")
+            .field("kind", &self.kind())
+            .field("location", &self.location.to_string())
+            .finish()
+    }
 }
 
 impl Container {
-    /// Opens `path` read-write (creating it if `create`), returning it with its length.
-    fn open_file(path: &Path, create: bool) -> Result<(Container, u64), ContainerError> {
-        let err = |source| ContainerError::Open {
+    fn local(path: &Path, local: Local) -> Container {
+        Container {
+            location: Location::Path(path.to_path_buf()),
             path: path.to_path_buf(),
-            source,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(create)
-            .truncate(false)
-            .open(path)
-            .map_err(err)?;
-        let len = file.metadata().map_err(err)?.len();
-        let c = Container {
-            file,
-            path: path.to_path_buf(),
-        };
-        Ok((c, len))
+            backend: Backend::Local(local),
+        }
     }
 
     /// Creates `path` as a sparse file of `size` bytes, or grows an existing smaller file.
-    /// Never shrinks: that would destroy mapped data.
+    /// Never shrinks: that would destroy mapped data. (An existing block device is opened
+    /// and must already be at least `size` bytes.)
     pub fn create(path: &Path, size: u64) -> Result<Container, ContainerError> {
-        let (c, len) = Self::open_file(path, true)?;
+        let (local, len) = Local::open(path, true)?;
         if len < size {
-            c.file
-                .set_len(size)
-                .and_then(|_| c.file.sync_all())
-                .map_err(|source| ContainerError::Resize {
+            if local.is_block_device() {
+                return Err(ContainerError::TooSmall {
                     path: path.to_path_buf(),
-                    size,
-                    source,
-                })?;
+                    actual: len,
+                    expected: size,
+                });
+            }
+            local.grow(size).map_err(|source| ContainerError::Resize {
+                path: path.to_path_buf(),
+                size,
+                source,
+            })?;
         }
-        Ok(c)
+        Ok(Self::local(path, local))
     }
 
-    /// Opens an existing container and checks it still has the recorded size.
+    /// Opens an existing file or block device and checks it still has the recorded size.
     pub fn open(path: &Path, expected_size: u64) -> Result<Container, ContainerError> {
-        let (c, actual) = Self::open_file(path, false)?;
+        let (local, actual) = Local::open(path, false)?;
         if actual < expected_size {
             return Err(ContainerError::TooSmall {
                 path: path.to_path_buf(),
@@ -96,124 +226,147 @@ impl Container {
                 expected: expected_size,
             });
         }
-        Ok(c)
+        Ok(Self::local(path, local))
     }
 
+    /// Opens a container of any kind and checks it has at least `expected_size` bytes.
+    /// Remote containers are connected to (within `opts.io_timeout`) and must be writable.
+    pub fn open_location(
+        location: &Location,
+        expected_size: u64,
+        opts: &ContainerOptions,
+    ) -> Result<Container, ContainerError> {
+        match location {
+            Location::Path(p) => Self::open(p, expected_size),
+            Location::Nbd(uri) => {
+                let remote = Remote::open(uri, expected_size, opts)?;
+                Ok(Container {
+                    location: location.clone(),
+                    path: PathBuf::from(uri.to_string()),
+                    backend: Backend::Nbd(remote),
+                })
+            }
+        }
+    }
+
+    pub fn kind(&self) -> ContainerKind {
+        match &self.backend {
+            Backend::Local(l) if l.is_block_device() => ContainerKind::BlockDevice,
+            Backend::Local(_) => ContainerKind::File,
+            Backend::Nbd(_) => ContainerKind::Nbd,
+        }
+    }
+
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// Whether I/O crosses the network (and so may block up to the I/O timeout): never run
+    /// it inline on an async worker.
+    pub fn is_remote(&self) -> bool {
+        matches!(self.backend, Backend::Nbd(_))
+    }
+
+    /// The path of a local container; for an NBD container, its URI as a path (kept for
+    /// messages; prefer [`describe`](Self::describe) or [`location`](Self::location)).
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// Kind and location, for messages: "file /data/c.img", "block device /dev/sdb",
+    /// "NBD export nbd://10.0.0.5:10809/disk0".
+    pub fn describe(&self) -> String {
+        let what = match self.kind() {
+            ContainerKind::File => "file",
+            ContainerKind::BlockDevice => "block device",
+            ContainerKind::Nbd => "NBD export",
+        };
+        format!("{what} {}", self.location)
+    }
+
     pub fn len_bytes(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        match &self.backend {
+            Backend::Local(l) => l.len(),
+            Backend::Nbd(r) => Ok(r.size()),
+        }
     }
 
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        match &self.backend {
+            Backend::Local(l) => l.read_at(buf, offset),
+            Backend::Nbd(r) => r.read_at(buf, offset),
+        }
     }
 
-    /// Reads exactly `len` bytes at `offset` into a new buffer, without first zeroing it
-    /// (zeroing a 1 MiB buffer costs about as much as copying it from the page cache).
+    /// Reads exactly `len` bytes at `offset` into a new buffer.
     pub fn read_vec_at(&self, len: usize, offset: u64) -> io::Result<Vec<u8>> {
-        let mut buf: Vec<u8> = Vec::with_capacity(len);
-        // `spare_capacity` reads into all the spare room; it must be exactly `len` so no byte
-        // beyond the requested range is read. `with_capacity` gives exactly that for bytes,
-        // but fall back to a zeroed buffer should an allocator ever round up.
-        if buf.capacity() != len {
-            buf.resize(len, 0);
-            self.file.read_exact_at(&mut buf, offset)?;
-            return Ok(buf);
-        }
-        while buf.len() < len {
-            let pos = offset + buf.len() as u64;
-            let n = rustix::io::pread(&self.file, rustix::buffer::spare_capacity(&mut buf), pos)?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("container {} ends before offset {pos}", self.path.display()),
-                ));
+        match &self.backend {
+            Backend::Local(l) => l.read_vec_at(len, offset, &self.path),
+            Backend::Nbd(r) => {
+                let mut buf = vec![0u8; len];
+                r.read_at(&mut buf, offset)?;
+                Ok(buf)
             }
         }
-        Ok(buf)
     }
 
     pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        match &self.backend {
+            Backend::Local(l) => l.write_at(buf, offset),
+            Backend::Nbd(r) => r.write_at(buf, offset),
+        }
     }
 
     /// Makes every completed write durable.
     pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+        match &self.backend {
+            Backend::Local(l) => l.sync(),
+            Backend::Nbd(r) => r.sync(),
+        }
     }
 
     /// Makes `[offset, offset+len)` read as zeros and durable.
     pub fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
         self.zero_range(offset, len)?;
-        self.file.sync_data()
+        self.sync()
     }
 
     /// Makes `[offset, offset+len)` read as zeros; durable after the next [`sync`](Self::sync).
     pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        let punched = fallocate(
-            &self.file,
-            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-            offset,
-            len,
-        );
-        if punched.is_err() {
-            // No hole punching (e.g. some file systems): write zeros instead.
-            const CHUNK: u64 = 1 << 20;
-            let zeros = vec![0u8; CHUNK as usize];
-            let mut pos = offset;
-            while pos < offset + len {
-                let n = CHUNK.min(offset + len - pos);
-                self.file.write_all_at(&zeros[..n as usize], pos)?;
-                pos += n;
-            }
+        if len == 0 {
+            return Ok(());
         }
-        Ok(())
+        match &self.backend {
+            Backend::Local(l) => l.zero_range(offset, len),
+            Backend::Nbd(r) => r.zero_range(offset, len),
+        }
     }
+
+    /// Writes real zeros (the range stays allocated), in 1 MiB pieces.
+    pub fn write_zeros(&self, offset: u64, len: u64) -> io::Result<()> {
+        write_zeros_with(offset, len, |buf, pos| self.write_at(buf, pos))
+    }
+}
+
+/// Writes `len` zero bytes at `offset` through `write`, in pieces of at most 1 MiB.
+fn write_zeros_with(
+    offset: u64,
+    len: u64,
+    mut write: impl FnMut(&[u8], u64) -> io::Result<()>,
+) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(len) as usize];
+    let end = offset
+        .checked_add(len)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "range overflows"))?;
+    let mut pos = offset;
+    while pos < end {
+        let n = CHUNK.min(end - pos);
+        write(&zeros[..n as usize], pos)?;
+        pos += n;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn zero_makes_data_read_as_zeros() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("c.img");
-        let c = Container::create(&p, 8 << 20).unwrap();
-        c.write_at(&[0xab; 8192], 1 << 20).unwrap();
-        c.zero(1 << 20, 1 << 20).unwrap();
-        let mut buf = vec![1u8; 8192];
-        c.read_at(&mut buf, 1 << 20).unwrap();
-        assert!(buf.iter().all(|&b| b == 0));
-        assert_eq!(c.len_bytes().unwrap(), 8 << 20);
-    }
-
-    #[test]
-    fn read_vec_at_reads_exactly_and_reports_eof() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = Container::create(&dir.path().join("c.img"), 1 << 20).unwrap();
-        let data: Vec<u8> = (0..10000u32).map(|i| i as u8).collect();
-        c.write_at(&data, 4096).unwrap();
-        assert_eq!(c.read_vec_at(10000, 4096).unwrap(), data);
-        assert_eq!(c.read_vec_at(3, 4097).unwrap(), data[1..4]);
-        assert!(c.read_vec_at(8192, (1 << 20) - 4096).is_err());
-    }
-
-    #[test]
-    fn create_never_shrinks_and_open_detects_truncation() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("c.img");
-        Container::create(&p, 4 << 20).unwrap();
-        assert_eq!(
-            Container::create(&p, 1 << 20).unwrap().len_bytes().unwrap(),
-            4 << 20
-        );
-        assert!(matches!(
-            Container::open(&p, 8 << 20),
-            Err(ContainerError::TooSmall { .. })
-        ));
-    }
-}
+mod tests;

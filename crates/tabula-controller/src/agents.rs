@@ -175,6 +175,20 @@ impl Agents {
             .collect()
     }
 
+    /// Every connected agent (for commands about containers, which concern them all).
+    pub fn all(&self) -> Vec<Holder> {
+        self.slots
+            .lock()
+            .iter()
+            .filter(|(_, s)| s.connected)
+            .map(|(n, s)| Holder {
+                name: n.clone(),
+                session: s.session,
+                port: s.port.clone(),
+            })
+            .collect()
+    }
+
     /// Every vdisk some agent holds a table of (for periodic replacement).
     pub fn held_vdisks(&self) -> BTreeSet<VdiskId> {
         self.slots

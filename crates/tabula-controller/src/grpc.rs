@@ -281,4 +281,18 @@ impl Control for ControlService {
             answer: Some(answer),
         }))
     }
+
+    async fn report_container(
+        &self,
+        req: Request<pb::ContainerReport>,
+    ) -> Result<Response<pb::ContainerReportReply>, Status> {
+        let req = req.into_inner();
+        self.check_session(&req.agent, req.session)?;
+        let error = (!req.error.is_empty()).then_some(req.error);
+        self.ctl
+            .report_container(&req.agent, tabula_core::ContainerId(req.container), error)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ContainerReportReply {}))
+    }
 }

@@ -33,7 +33,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use tabula_api::ControlError;
 use tabula_api::admin::{
-    AddContainer, ApiError, CloneVdisk, CreateSnapshot, CreateVdisk, ResizeVdisk, Rollback,
+    AddContainer, ApiError, CloneVdisk, CreateSnapshot, CreateVdisk, MigrateVdisk, ResizeVdisk,
+    Rollback,
 };
 
 use crate::Controller;
@@ -79,6 +80,15 @@ pub fn router(ctl: Arc<Controller>) -> Router {
             get(|State(c): Ctl| async move { Json(c.status().await) }),
         )
         .route(
+            "/metrics",
+            get(|State(c): Ctl| async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    metrics(&c.status().await),
+                )
+            }),
+        )
+        .route(
             "/v1/check",
             get(|State(c): Ctl| async move { c.check().await.map(Json).map_err(Error) }),
         )
@@ -99,13 +109,49 @@ pub fn router(ctl: Arc<Controller>) -> Router {
             "/v1/containers/{name}",
             get(|State(c): Ctl, Path(name): Path<String>| async move {
                 c.container_by_name(&name).await.map(Json).map_err(Error)
+            })
+            .delete(|State(c): Ctl, Path(name): Path<String>| async move {
+                c.remove_container(&name)
+                    .await
+                    .map(|_| StatusCode::NO_CONTENT)
+                    .map_err(Error)
             }),
+        )
+        .route(
+            "/v1/containers/{name}/drain",
+            post(|State(c): Ctl, Path(name): Path<String>| async move {
+                c.drain_container(&name).await.map(Json).map_err(Error)
+            })
+            .delete(|State(c): Ctl, Path(name): Path<String>| async move {
+                c.cancel_drain(&name).await.map(Json).map_err(Error)
+            }),
+        )
+        .route(
+            "/v1/moves",
+            get(|State(c): Ctl| async move { Json(c.list_moves()) }),
+        )
+        .route(
+            "/v1/vdisks/{name}/migrate",
+            post(
+                |State(c): Ctl, Path(name): Path<String>, Json(req): Json<MigrateVdisk>| async move {
+                    c.migrate_vdisk(&name, &req.to)
+                        .await
+                        .map(Json)
+                        .map_err(Error)
+                },
+            ),
         )
         .route(
             "/v1/vdisks",
             get(|State(c): Ctl| async move { Json(c.list_vdisk_views().await) }).post(
                 |State(c): Ctl, Json(req): Json<CreateVdisk>| async move {
-                    c.create_vdisk(&req.name, req.size, req.segment_size, req.cow)
+                    c.create_vdisk(
+                        &req.name,
+                        req.size,
+                        req.segment_size,
+                        req.cow,
+                        req.container.as_deref(),
+                    )
                         .await
                         .map(Json)
                         .map_err(Error)
@@ -197,6 +243,71 @@ pub fn router(ctl: Arc<Controller>) -> Router {
             }),
         )
         .with_state(ctl)
+}
+
+/// The pool's numbers in the Prometheus text format.
+fn metrics(s: &tabula_api::admin::StatusView) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let mut gauge = |name: &str, help: &str, rows: &[(String, u64)]| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (labels, v) in rows {
+            let _ = writeln!(o, "{name}{labels} {v}");
+        }
+    };
+    let flag = |b: bool| u64::from(b);
+    gauge(
+        "tabula_pool_capacity_bytes",
+        "Bytes of all containers.",
+        &[(String::new(), s.capacity)],
+    );
+    gauge(
+        "tabula_pool_free_bytes",
+        "Free bytes in the pool.",
+        &[(String::new(), s.free)],
+    );
+    gauge(
+        "tabula_pool_low_space",
+        "1 while allocatable free space is under the low-space threshold.",
+        &[(String::new(), flag(s.low_space))],
+    );
+    gauge(
+        "tabula_pool_out_of_space",
+        "1 while allocating writes fail with ENOSPC.",
+        &[(String::new(), flag(s.out_of_space))],
+    );
+    gauge(
+        "tabula_enospc_faults",
+        "Allocation faults refused for lack of space since start.",
+        &[(String::new(), s.enospc_faults)],
+    );
+    let per = |f: &dyn Fn(&tabula_api::admin::ContainerView) -> u64| -> Vec<(String, u64)> {
+        s.containers
+            .iter()
+            .map(|c| (format!("{{container=\"{}\"}}", c.name), f(c)))
+            .collect()
+    };
+    gauge(
+        "tabula_container_size_bytes",
+        "Container size.",
+        &per(&|c| c.size),
+    );
+    gauge(
+        "tabula_container_free_bytes",
+        "Free bytes in the container.",
+        &per(&|c| c.free),
+    );
+    gauge(
+        "tabula_container_failed",
+        "1 while nobody can reach the container.",
+        &per(&|c| flag(c.state == "failed")),
+    );
+    gauge(
+        "tabula_container_unreachable_agents",
+        "Agents whose path to the container is down.",
+        &per(&|c| c.unreachable_from.len() as u64),
+    );
+    o
 }
 
 #[derive(Deserialize)]

@@ -25,7 +25,6 @@ use tabula_api::{
     AgentPort, Command, ContainerLocation, ControlError, ControlPlane, Fault, FaultOp, RangeUpdate,
     TableSnapshot,
 };
-use tabula_container::Container;
 use tabula_core::table::TableError;
 use tabula_core::{
     BLOCK_SIZE, ContainerId, Entry, FreeMap, Generation, MappingTable, Phys, Pool, SharedBlocks,
@@ -36,7 +35,8 @@ use tracing::{info, warn};
 
 use crate::agents::{Agents, Delivery, lease_margin};
 use crate::journal::Journal;
-use crate::store::{ContainerRecord, Store, StoreError, Txn, VdiskRecord};
+use crate::store::{Store, StoreError, Txn, VdiskRecord};
+use pool::ContainerMeta;
 
 pub const DB_FILE: &str = "tabula.redb";
 pub const DEFAULT_SEGMENT_SIZE: u64 = 1 << 20;
@@ -68,6 +68,12 @@ pub struct ControllerConfig {
     /// The longest a snapshot or rollback may hold a vdisk's I/O while agents drain; past
     /// it the operation is cancelled and I/O resumes.
     pub snapshot_hold: Duration,
+    /// The longest a container probe or open may take before the container counts as not
+    /// answering.
+    pub container_timeout: Duration,
+    /// Below this percentage of free allocatable space the pool is low on space: a warning
+    /// in the log, `low_space` in status and metrics.
+    pub low_space_percent: u64,
     /// Test hooks: pauses at the points crash tests kill the controller in.
     pub test_pauses: TestPauses,
 }
@@ -91,6 +97,8 @@ impl ControllerConfig {
             restart_grace: false,
             refresh_interval: None,
             snapshot_hold: Duration::from_secs(5),
+            container_timeout: Duration::from_secs(5),
+            low_space_percent: 10,
             test_pauses: TestPauses::default(),
         }
     }
@@ -108,11 +116,6 @@ pub enum ControllerError {
         #[source]
         source: std::io::Error,
     },
-}
-
-struct ContainerMeta {
-    rec: ContainerRecord,
-    file: Arc<Container>,
 }
 
 struct VdiskMeta {
@@ -163,15 +166,22 @@ struct PendingCow {
 }
 
 impl Meta {
+    /// Allocates from an allocatable container (within `scope`, if set: a pinned vdisk, a
+    /// migration's target).
     fn alloc(
         &mut self,
         unit: u64,
         min: u64,
         max: u64,
         hint: Option<Phys>,
+        scope: Option<ContainerId>,
         deltas: &mut Vec<FreeDelta>,
     ) -> Option<(Phys, u64)> {
-        let (at, n) = self.pool.alloc(unit, min, max, hint)?;
+        let containers = &self.containers;
+        let allowed = |id| {
+            scope.is_none_or(|s| s == id) && containers.get(&id).is_some_and(|c| c.allocatable())
+        };
+        let (at, n) = self.pool.alloc(unit, min, max, hint, allowed)?;
         let m = self.pool.get(at.container).expect("allocated from it");
         let new = m.touching(at.block, at.block + n);
         // Free runs are always coalesced, so the run the allocation came from is exactly the
@@ -285,6 +295,13 @@ impl Meta {
             .get(name)
             .copied()
             .ok_or_else(|| ControlError::NotFound(format!("vdisk '{name}'")))
+    }
+
+    /// Where new space for `vdisk` may come from: its container, if pinned.
+    fn scope(&self, vdisk: VdiskId) -> Option<ContainerId> {
+        self.vdisks
+            .get(&vdisk)
+            .and_then(|v| v.rec.container.map(ContainerId))
     }
 
     fn container_name(&self, id: ContainerId) -> String {
@@ -407,7 +424,13 @@ pub struct Controller {
     meta: Mutex<Meta>,
     pub(crate) agents: Agents,
     out_of_space: AtomicBool,
+    /// Whether allocatable free space is under the low-space threshold.
+    low_space: AtomicBool,
     enospc_faults: AtomicU64,
+    /// Itself, for background tasks it starts (probes, moves).
+    me: std::sync::Weak<Controller>,
+    /// Drains and migrations, running or finished.
+    moves: moves::Moves,
     /// Until when freed space may not be zeroed and reused (restart grace).
     grace_until: Instant,
 }
@@ -427,16 +450,25 @@ impl Controller {
             next_container: loaded.next_container,
             ..Meta::default()
         };
+        let mut failed = Vec::new();
         for (id, rec) in loaded.containers {
-            let file = Container::open(Path::new(&rec.path), rec.size_blocks * BLOCK_SIZE)?;
+            // A container that does not answer now (a remote one whose server is down)
+            // starts failed and is probed until it does; the rest of the pool works.
+            let file = match pool::open_location(
+                &rec.path,
+                rec.size_blocks * BLOCK_SIZE,
+                cfg.container_timeout,
+            )
+            .await
+            {
+                Ok(f) => Some(Arc::new(f)),
+                Err(e) => {
+                    failed.push((id, format!("cannot open {}: {e}", rec.path)));
+                    None
+                }
+            };
             meta.pool.insert(id, FreeMap::empty(rec.size_blocks));
-            meta.containers.insert(
-                id,
-                ContainerMeta {
-                    rec,
-                    file: Arc::new(file),
-                },
-            );
+            meta.containers.insert(id, ContainerMeta::new(rec, file));
         }
         for (c, s, l) in loaded.free {
             meta.pool
@@ -517,10 +549,26 @@ impl Controller {
             meta: Mutex::new(meta),
             agents: Agents::default(),
             out_of_space: AtomicBool::new(false),
+            low_space: AtomicBool::new(false),
             enospc_faults: AtomicU64::new(0),
+            me: std::sync::Weak::new(),
+            moves: Default::default(),
             grace_until: Instant::now(),
         };
         let mut ctl = ctl;
+        {
+            let mut meta = ctl.meta.lock().await;
+            for (id, reason) in failed {
+                warn!(
+                    container = meta.containers[&id].rec.name,
+                    reason, "container does not answer; it is probed until it does"
+                );
+                meta.containers.get_mut(&id).expect("loaded").health = pool::Health::Failed {
+                    since: Instant::now(),
+                    reason,
+                };
+            }
+        }
         if ctl.cfg.restart_grace {
             ctl.grace_until += ctl.cfg.lease + lease_margin(ctl.cfg.lease);
         }
@@ -549,7 +597,23 @@ impl Controller {
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             }
         }
-        Ok(Arc::new(ctl))
+        let ctl = Arc::new_cyclic(|me| Controller {
+            me: me.clone(),
+            ..ctl
+        });
+        let failed: Vec<ContainerId> = {
+            let meta = ctl.meta.lock().await;
+            ctl.check_low_space(&meta);
+            meta.containers
+                .iter()
+                .filter(|(_, c)| c.reachable().is_none())
+                .map(|(&id, _)| id)
+                .collect()
+        };
+        for id in failed {
+            ctl.spawn_recovery(id);
+        }
+        Ok(ctl)
     }
 
     /// Starts the controller's background work: freeing what waited for the restart grace,
@@ -636,138 +700,6 @@ impl Controller {
         &self.cfg.data_dir
     }
 
-    /// Adds the default container on first start (a sparse file in the data directory).
-    pub async fn ensure_default_container(&self, size: u64) -> Result<(), ControlError> {
-        if !self.meta.lock().await.containers.is_empty() {
-            return Ok(());
-        }
-        let dir = self.cfg.data_dir.join("containers");
-        std::fs::create_dir_all(&dir).map_err(storage)?;
-        let path = dir.join("default.img");
-        self.add_container("default", &path.to_string_lossy(), Some(size))
-            .await
-            .map(|_| ())
-    }
-
-    // ---- containers ----
-
-    pub async fn add_container(
-        &self,
-        name: &str,
-        path: &str,
-        size: Option<u64>,
-    ) -> Result<ContainerView, ControlError> {
-        validate_name("container", name)?;
-        let mut meta = self.meta.lock().await;
-        if meta.containers.values().any(|c| c.rec.name == name) {
-            return Err(ControlError::Exists(format!(
-                "container '{name}' already exists: pick another name"
-            )));
-        }
-        let abs = std::path::absolute(path).map_err(storage)?;
-        let abs_s = abs.to_string_lossy().to_string();
-        if meta.containers.values().any(|c| c.rec.path == abs_s) {
-            return Err(ControlError::Exists(format!(
-                "a container at {abs_s} already exists"
-            )));
-        }
-        let file = match size {
-            Some(s) => {
-                if s == 0 || s % BLOCK_SIZE != 0 {
-                    return Err(ControlError::Invalid(format!(
-                        "container size {s} is not a positive multiple of the block size {BLOCK_SIZE}"
-                    )));
-                }
-                if abs.exists() {
-                    return Err(ControlError::Exists(format!(
-                        "file {abs_s} already exists: give --size only for a new file, or omit --size to use the existing file as it is"
-                    )));
-                }
-                Container::create(&abs, s).map_err(|e| storage_chain(&e))?
-            }
-            None => {
-                let c = Container::open(&abs, 0).map_err(|e| storage_chain(&e))?;
-                if c.len_bytes().map_err(storage)? < BLOCK_SIZE {
-                    return Err(ControlError::Invalid(format!(
-                        "{abs_s} is empty: give --size to create a container file"
-                    )));
-                }
-                c
-            }
-        };
-        let size_blocks = file.len_bytes().map_err(storage)? / BLOCK_SIZE;
-        let id = ContainerId(meta.next_container);
-        let rec = ContainerRecord {
-            name: name.to_string(),
-            path: abs_s,
-            size_blocks,
-        };
-        let stored = rec.clone();
-        let result = self
-            .commit(move |t| {
-                t.set_meta("next_container", (id.0 + 1) as u64)?;
-                t.put_container(id, &stored)?;
-                t.put_free(id, 0, size_blocks)
-            })
-            .await;
-        if let Err(e) = result {
-            if size.is_some() {
-                let _ = std::fs::remove_file(&abs);
-            }
-            return Err(e);
-        }
-        meta.next_container += 1;
-        meta.pool.insert(id, FreeMap::all_free(size_blocks));
-        meta.containers.insert(
-            id,
-            ContainerMeta {
-                rec,
-                file: Arc::new(file),
-            },
-        );
-        self.out_of_space.store(false, Ordering::Relaxed);
-        info!(container = name, size = %format_size(size_blocks * BLOCK_SIZE), "container added");
-        Ok(Self::container_view(&meta, id))
-    }
-
-    fn container_view(meta: &Meta, id: ContainerId) -> ContainerView {
-        let c = &meta.containers[&id];
-        let free = meta.pool.get(id).map(FreeMap::free_blocks).unwrap_or(0);
-        let zeroing: u64 = meta
-            .zeroing
-            .range((id, 0)..=(id, u64::MAX))
-            .map(|(_, l)| l)
-            .sum();
-        ContainerView {
-            name: c.rec.name.clone(),
-            id: id.0,
-            path: c.rec.path.clone(),
-            size: c.rec.size_blocks * BLOCK_SIZE,
-            used: (c.rec.size_blocks - free - zeroing) * BLOCK_SIZE,
-            free: free * BLOCK_SIZE,
-            zeroing: zeroing * BLOCK_SIZE,
-        }
-    }
-
-    pub async fn list_containers(&self) -> Vec<ContainerView> {
-        let meta = self.meta.lock().await;
-        meta.containers
-            .keys()
-            .map(|&id| Self::container_view(&meta, id))
-            .collect()
-    }
-
-    pub async fn container_by_name(&self, name: &str) -> Result<ContainerView, ControlError> {
-        let meta = self.meta.lock().await;
-        let id = meta
-            .containers
-            .iter()
-            .find(|(_, c)| c.rec.name == name)
-            .map(|(&id, _)| id)
-            .ok_or_else(|| ControlError::NotFound(format!("container '{name}'")))?;
-        Ok(Self::container_view(&meta, id))
-    }
-
     // ---- vdisks ----
 
     pub async fn create_vdisk(
@@ -776,6 +708,7 @@ impl Controller {
         size: u64,
         segment_size: Option<u64>,
         cow: Option<CowPolicy>,
+        container: Option<&str>,
     ) -> Result<VdiskView, ControlError> {
         validate_name("vdisk", name)?;
         let seg = segment_size.unwrap_or(DEFAULT_SEGMENT_SIZE);
@@ -801,6 +734,9 @@ impl Controller {
                 "vdisk '{name}' already exists: pick another name or delete it first"
             )));
         }
+        let pin = container
+            .map(|c| Self::container_id(&meta, c))
+            .transpose()?;
         let id = VdiskId(meta.next_vdisk);
         let rec = VdiskRecord {
             name: name.to_string(),
@@ -813,6 +749,7 @@ impl Controller {
             origin: None,
             lineage: id.0,
             cow: cow.unwrap_or_default(),
+            container: pin.map(|c| c.0),
         };
         let stored = rec.clone();
         self.commit(move |t| {
@@ -1042,7 +979,7 @@ impl Controller {
         let containers: Vec<ContainerView> = meta
             .containers
             .keys()
-            .map(|&id| Self::container_view(&meta, id))
+            .map(|&id| self.container_view(&meta, id))
             .collect();
         let capacity: u64 = containers.iter().map(|c| c.size).sum();
         let free: u64 = containers.iter().map(|c| c.free).sum();
@@ -1067,6 +1004,7 @@ impl Controller {
             containers,
             agents,
             out_of_space: self.out_of_space.load(Ordering::Relaxed),
+            low_space: self.check_low_space(&meta),
             enospc_faults: self.enospc_faults.load(Ordering::Relaxed),
             data_dir: self.cfg.data_dir.display().to_string(),
         }
@@ -1123,26 +1061,44 @@ impl Controller {
                 .extend(runs.into_iter().map(|(p, l)| (until, p, l)));
             return Ok(());
         }
+        // Space in a container that does not answer waits (still recorded as zeroing) and
+        // is tried again later.
+        let (runs, unreachable): (Vec<_>, Vec<_>) = runs.into_iter().partition(|(p, _)| {
+            meta.containers
+                .get(&p.container)
+                .is_some_and(|c| c.reachable().is_some())
+        });
+        let retry_at = Instant::now() + pool::ZEROING_RETRY;
+        meta.deferred
+            .extend(unreachable.into_iter().map(|(p, l)| (retry_at, p, l)));
         // Punch every run, then make the holes durable with one sync per container (a sync
         // per run would make deleting a fragmented vdisk take minutes).
         let mut touched: Vec<ContainerId> = Vec::new();
-        for &(p, l) in &runs {
-            let c = meta
-                .containers
-                .get(&p.container)
-                .ok_or_else(|| storage(format!("container {} vanished", p.container)))?;
-            let file = c.file.clone();
-            tokio::task::block_in_place(|| file.zero_range(p.block * BLOCK_SIZE, l * BLOCK_SIZE))
+        let punched = (|| {
+            for &(p, l) in &runs {
+                let c = &meta.containers[&p.container];
+                let file = c.reachable().expect("partitioned").clone();
+                tokio::task::block_in_place(|| {
+                    file.zero_range(p.block * BLOCK_SIZE, l * BLOCK_SIZE)
+                })
                 .map_err(|e| storage(format!("zeroing freed space in {}: {e}", c.rec.path)))?;
-            if !touched.contains(&p.container) {
-                touched.push(p.container);
+                if !touched.contains(&p.container) {
+                    touched.push(p.container);
+                }
             }
-        }
-        for id in touched {
-            let c = &meta.containers[&id];
-            let file = c.file.clone();
-            tokio::task::block_in_place(|| file.sync())
-                .map_err(|e| storage(format!("syncing {} after zeroing: {e}", c.rec.path)))?;
+            for &id in &touched {
+                let c = &meta.containers[&id];
+                let file = c.reachable().expect("partitioned").clone();
+                tokio::task::block_in_place(|| file.sync())
+                    .map_err(|e| storage(format!("syncing {} after zeroing: {e}", c.rec.path)))?;
+            }
+            Ok::<_, ControlError>(())
+        })();
+        if let Err(e) = punched {
+            // Still recorded as zeroing: try the whole batch again later.
+            meta.deferred
+                .extend(runs.into_iter().map(|(p, l)| (retry_at, p, l)));
+            return Err(e);
         }
         let mut deltas = Vec::new();
         for &(p, l) in &runs {
@@ -1298,14 +1254,25 @@ impl Controller {
         let mut deltas = Vec::new();
         let mut got: Vec<(u64, u64, Phys)> = Vec::new(); // (begin block, len, target)
         let mut hint = prev_target.map(|t| t.offset(1));
+        let scope = meta.scope(f.vdisk);
         for (a, b) in contiguous_runs(&need) {
             let end = (b * seg).min(size);
-            if fill(meta, seg, a * seg, end, &mut hint, &mut deltas, &mut got)? < end {
+            if fill(
+                meta,
+                seg,
+                a * seg,
+                end,
+                &mut hint,
+                scope,
+                &mut deltas,
+                &mut got,
+            )? < end
+            {
                 return Err(self.no_space(meta, &got));
             }
         }
         for &(b, e) in &gaps {
-            let Some((at, n)) = meta.alloc(1, e - b, e - b, None, &mut deltas) else {
+            let Some((at, n)) = meta.alloc(1, e - b, e - b, None, scope, &mut deltas) else {
                 return Err(self.no_space(meta, &got));
             };
             got.push((b, n, at));
@@ -1322,10 +1289,20 @@ impl Controller {
         };
         if let (Some(&a), Some(&b)) = (optional.first(), optional.last()) {
             let end = ((b + 1) * seg).min(size);
-            let reached = fill(meta, seg, a * seg, end, &mut hint, &mut deltas, &mut got)?;
+            let reached = fill(
+                meta,
+                seg,
+                a * seg,
+                end,
+                &mut hint,
+                scope,
+                &mut deltas,
+                &mut got,
+            )?;
             hi = hi.max(reached.div_ceil(seg));
         }
         self.out_of_space.store(false, Ordering::Relaxed);
+        self.check_low_space(meta);
         // Install in the table and persist the span that changed.
         let (b, e) = (lo * seg, (hi * seg).min(size));
         let result = self.commit_table_edit(
@@ -1513,18 +1490,20 @@ impl Controller {
 /// allows, preferring to continue physically after `hint`. Records what it took in `got`
 /// and returns how far it got. (The last segment of a vdisk may be partial: the unused
 /// tail of its allocation goes straight back.)
+#[allow(clippy::too_many_arguments)]
 fn fill(
     meta: &mut Meta,
     seg: u64,
     mut pos: u64,
     end: u64,
     hint: &mut Option<Phys>,
+    scope: Option<ContainerId>,
     deltas: &mut Vec<FreeDelta>,
     got: &mut Vec<(u64, u64, Phys)>,
 ) -> Result<u64, ControlError> {
     while pos < end {
         let want = (end - pos).div_ceil(seg) * seg;
-        let Some((at, n)) = meta.alloc(seg, seg, want, *hint, deltas) else {
+        let Some((at, n)) = meta.alloc(seg, seg, want, *hint, scope, deltas) else {
             break;
         };
         let used = n.min(end - pos);
@@ -1592,6 +1571,15 @@ impl ControlPlane for Controller {
         let mut names: Vec<String> = meta.names.keys().cloned().collect();
         names.sort();
         Ok(names)
+    }
+
+    async fn report_container(
+        &self,
+        agent: &str,
+        container: ContainerId,
+        error: Option<String>,
+    ) -> Result<(), ControlError> {
+        self.container_report(agent, container, error).await
     }
 
     async fn container(&self, id: ContainerId) -> Result<ContainerLocation, ControlError> {
@@ -1662,6 +1650,10 @@ impl ControlPlane for Controller {
 }
 
 mod cow;
+mod moves;
+mod pool;
+#[cfg(test)]
+mod pool_tests;
 mod snapshot;
 #[cfg(test)]
 mod snapshot_tests;

@@ -97,8 +97,12 @@ db_err!(
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerRecord {
     pub name: String,
+    /// A file or block device path, or an NBD URI (`tabula_container::Location`).
     pub path: String,
     pub size_blocks: u64,
+    /// Set while it is being drained: nothing new is allocated in it.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +129,9 @@ pub struct VdiskRecord {
     pub lineage: u64,
     #[serde(default)]
     pub cow: CowPolicy,
+    /// The container all its space comes from (`vdisk create --container`), if pinned.
+    #[serde(default)]
+    pub container: Option<u32>,
 }
 
 /// Everything in the store, as loaded at startup.
@@ -348,6 +355,12 @@ impl Txn<'_> {
         Ok(())
     }
 
+    /// Forgets an empty container: its record and its free runs.
+    pub fn delete_container(&mut self, id: ContainerId) -> Result<(), StoreError> {
+        self.tx.open_table(CONTAINERS)?.remove(id.0)?;
+        self.replace_free(id, std::iter::empty())
+    }
+
     pub fn put_vdisk(&mut self, id: VdiskId, r: &VdiskRecord) -> Result<(), StoreError> {
         self.tx.open_table(VDISKS)?.insert(id.0, json(r).as_str())?;
         Ok(())
@@ -510,6 +523,7 @@ mod tests {
             origin: None,
             lineage: 0,
             cow: CowPolicy::default(),
+            container: None,
         }
     }
 

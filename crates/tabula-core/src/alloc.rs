@@ -201,16 +201,19 @@ impl Pool {
         self.containers.values().map(FreeMap::free_blocks).sum()
     }
 
-    /// Allocates one run of `min..=max` blocks in multiples of `unit`: right after `hint` if
-    /// that space is free, else in the container with the most free space.
+    /// Allocates one run of `min..=max` blocks in multiples of `unit`, from a container
+    /// `allowed` accepts: right after `hint` if that space is free (so a sequential stream
+    /// stays physically sequential), else in the container with the most free space (so new
+    /// streams spread over the pool by free space).
     pub fn alloc(
         &mut self,
         unit: u64,
         min: u64,
         max: u64,
         hint: Option<Phys>,
+        allowed: impl Fn(ContainerId) -> bool,
     ) -> Option<(Phys, u64)> {
-        if let Some(h) = hint {
+        if let Some(h) = hint.filter(|h| allowed(h.container)) {
             if let Some(m) = self.containers.get_mut(&h.container) {
                 if let Some((b, n)) = m.alloc(unit, min, max, Some(h.block)) {
                     if b == h.block {
@@ -225,7 +228,7 @@ impl Pool {
             .containers
             .iter()
             .map(|(&id, m)| (id, m.free_blocks()))
-            .filter(|&(_, f)| f >= min)
+            .filter(|&(id, f)| f >= min && allowed(id))
             .collect();
         order.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         for (id, _) in order {
@@ -241,6 +244,19 @@ impl Pool {
             }
         }
         None
+    }
+
+    /// Free blocks in the containers `allowed` accepts.
+    pub fn free_blocks_in(&self, allowed: impl Fn(ContainerId) -> bool) -> u64 {
+        self.containers
+            .iter()
+            .filter(|(id, _)| allowed(**id))
+            .map(|(_, m)| m.free_blocks())
+            .sum()
+    }
+
+    pub fn remove(&mut self, id: ContainerId) -> Option<FreeMap> {
+        self.containers.remove(&id)
     }
 
     pub fn free(&mut self, at: Phys, len: u64) -> Result<(), AllocError> {
@@ -289,13 +305,41 @@ mod tests {
         let mut p = Pool::new();
         p.insert(ContainerId(1), FreeMap::all_free(20));
         p.insert(ContainerId(2), FreeMap::all_free(40));
-        let (a, _) = p.alloc(10, 10, 10, None).unwrap();
+        let any = |_| true;
+        let (a, _) = p.alloc(10, 10, 10, None, any).unwrap();
         assert_eq!(a.container, ContainerId(2));
         for _ in 0..5 {
-            p.alloc(10, 10, 10, None).unwrap();
+            p.alloc(10, 10, 10, None, any).unwrap();
         }
-        assert_eq!(p.alloc(10, 10, 10, None), None);
+        assert_eq!(p.alloc(10, 10, 10, None, any), None);
         assert_eq!(p.free_blocks(), 0);
+    }
+
+    #[test]
+    fn pool_keeps_streams_contiguous_and_honours_the_filter() {
+        let mut p = Pool::new();
+        p.insert(ContainerId(1), FreeMap::all_free(100));
+        p.insert(ContainerId(2), FreeMap::all_free(60));
+        let any = |_| true;
+        // A stream continues after its hint even though container 1 has more room left.
+        let (a, n) = p.alloc(10, 10, 10, None, any).unwrap();
+        assert_eq!((a.container, n), (ContainerId(1), 10));
+        let only2 = |c| c == ContainerId(2);
+        let (b, _) = p.alloc(10, 10, 10, Some(a.offset(10)), only2).unwrap();
+        assert_eq!(
+            b.container,
+            ContainerId(2),
+            "a hint outside the filter is ignored"
+        );
+        let (c, _) = p.alloc(10, 10, 10, Some(b.offset(10)), any).unwrap();
+        assert_eq!(
+            c,
+            b.offset(10),
+            "the stream stays contiguous in container 2"
+        );
+        let none = |_| false;
+        assert_eq!(p.alloc(10, 10, 10, None, none), None);
+        assert_eq!(p.free_blocks_in(only2), 40);
     }
 
     proptest! {

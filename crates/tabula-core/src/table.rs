@@ -338,6 +338,13 @@ impl MappingTable {
         self.map.iter().map(|(&begin, v)| Self::entry(begin, v))
     }
 
+    /// Entries that begin at or after `block`, in order.
+    pub fn entries_from(&self, block: u64) -> impl Iterator<Item = Entry> + '_ {
+        self.map
+            .range(block..)
+            .map(|(&begin, v)| Self::entry(begin, v))
+    }
+
     /// The whole (unclipped) entry holding `block`, if any.
     pub fn entry_at(&self, block: u64) -> Option<Entry> {
         let (&begin, v) = self.map.range(..=block).next_back()?;

@@ -1,6 +1,7 @@
 //! Sans-I/O NBD codec: typed parsers for every byte sequence a client sends,
-//! encoders for every message the server sends, and the pure request
-//! validation logic of the transmission phase.
+//! encoders for every message the server sends, the pure request
+//! validation logic of the transmission phase, and the client-side
+//! encoders and parsers the blocking client (feature `client`) uses.
 //!
 //! Nothing here performs I/O or needs an async runtime, so the same code is
 //! driven by the tokio server, the unit tests and the fuzz targets. Every
@@ -490,6 +491,89 @@ pub fn parse_option_reply_header(buf: &[u8]) -> Result<OptionReplyHeader> {
     };
     r.finish()?;
     Ok(h)
+}
+
+/// What the server's greeting says (client side).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerGreeting {
+    pub handshake_flags: u16,
+}
+
+/// Parses the 18-byte newstyle greeting (`NBDMAGIC`, `IHAVEOPT`, handshake flags).
+pub fn parse_greeting(buf: &[u8]) -> Result<ServerGreeting> {
+    let mut r = Reader::new(buf);
+    let magic = r.u64()?;
+    if magic != NBDMAGIC {
+        return Err(ProtocolError::BadMagic {
+            expected: NBDMAGIC,
+            got: magic,
+        });
+    }
+    let opt_magic = r.u64()?;
+    if opt_magic != IHAVEOPT {
+        // Includes oldstyle servers (CLISERV_MAGIC), which we do not speak.
+        return Err(ProtocolError::BadMagic {
+            expected: IHAVEOPT,
+            got: opt_magic,
+        });
+    }
+    let handshake_flags = r.u16()?;
+    r.finish()?;
+    Ok(ServerGreeting { handshake_flags })
+}
+
+/// Whether a greeting's second magic says "oldstyle server" (for a clearer error).
+pub fn is_oldstyle_magic(magic: u64) -> bool {
+    magic == CLISERV_MAGIC
+}
+
+/// Payload of an `NBD_REP_INFO` reply (client side).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InfoReply {
+    Export {
+        size: u64,
+        flags: u16,
+    },
+    BlockSize {
+        min: u32,
+        preferred: u32,
+        max: u32,
+    },
+    Name(String),
+    Description(String),
+    /// An info type this client does not know; ignored.
+    Unknown(u16),
+}
+
+pub fn parse_info_reply(payload: &[u8]) -> Result<InfoReply> {
+    let mut r = Reader::new(payload);
+    let info = r.u16()?;
+    let parsed = match info {
+        NBD_INFO_EXPORT => InfoReply::Export {
+            size: r.u64()?,
+            flags: r.u16()?,
+        },
+        NBD_INFO_BLOCK_SIZE => InfoReply::BlockSize {
+            min: r.u32()?,
+            preferred: r.u32()?,
+            max: r.u32()?,
+        },
+        NBD_INFO_NAME => return Ok(InfoReply::Name(parse_string(r.buf)?)),
+        NBD_INFO_DESCRIPTION => return Ok(InfoReply::Description(parse_string(r.buf)?)),
+        other => return Ok(InfoReply::Unknown(other)),
+    };
+    r.finish()?;
+    Ok(parsed)
+}
+
+/// Size and transmission flags: the first 10 bytes of the reply to
+/// `NBD_OPT_EXPORT_NAME` (the optional 124 zero bytes are the caller's to skip).
+pub fn parse_export_name_reply(buf: &[u8]) -> Result<(u64, u16)> {
+    let mut r = Reader::new(buf);
+    let size = r.u64()?;
+    let flags = r.u16()?;
+    r.finish()?;
+    Ok((size, flags))
 }
 
 // ---------------------------------------------------------------------------

@@ -11,6 +11,8 @@
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 /// `IHAVEOPT`: second greeting magic and the magic of every option header.
 pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+/// `cliserv_magic`: second magic of an oldstyle greeting (which we do not speak).
+pub const CLISERV_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Magic of every fixed-newstyle option reply.
 pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 /// `NBD_REQUEST_MAGIC`: start of every transmission request.

@@ -208,6 +208,15 @@ pub fn command_to_pb(id: u64, c: &Command) -> pb::Command {
         }),
         Command::Unblock { vdisk } => Cmd::Unblock(vdisk.0),
         Command::Detach { vdisk } => Cmd::Detach(vdisk.0),
+        Command::ContainerHealth {
+            container,
+            failed,
+            reason,
+        } => Cmd::ContainerHealth(pb::ContainerHealth {
+            container: container.0,
+            failed: *failed,
+            reason: reason.clone(),
+        }),
     };
     pb::Command { id, cmd: Some(cmd) }
 }
@@ -235,6 +244,11 @@ pub fn command_from_pb(c: pb::Command) -> Result<(u64, Command), Malformed> {
         },
         Cmd::Unblock(v) => Command::Unblock { vdisk: VdiskId(v) },
         Cmd::Detach(v) => Command::Detach { vdisk: VdiskId(v) },
+        Cmd::ContainerHealth(h) => Command::ContainerHealth {
+            container: ContainerId(h.container),
+            failed: h.failed,
+            reason: h.reason,
+        },
     };
     Ok((c.id, cmd))
 }
@@ -429,6 +443,11 @@ mod tests {
             },
             Command::Unblock { vdisk: VdiskId(3) },
             Command::Detach { vdisk: VdiskId(3) },
+            Command::ContainerHealth {
+                container: ContainerId(2),
+                failed: true,
+                reason: "connection refused".into(),
+            },
         ];
         for (i, c) in cmds.into_iter().enumerate() {
             let back = command_from_pb(command_to_pb(i as u64, &c)).unwrap();

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod fio;
 pub mod nbd;
+pub mod remote;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -59,6 +60,8 @@ pub struct Server {
     pub nbd_unix: Option<PathBuf>,
     /// Extra environment for the server process (test hooks).
     pub env: Vec<(String, String)>,
+    /// Extra command-line arguments.
+    pub args: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -74,6 +77,14 @@ impl Server {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        s.spawn();
+        s
+    }
+
+    /// Like [`start`](Self::start), with extra arguments for `tabula serve`.
+    pub fn start_args(container_size: &str, args: &[&str]) -> Server {
+        let mut s = Self::prepare(container_size, false);
+        s.args = strings(args);
         s.spawn();
         s
     }
@@ -97,6 +108,7 @@ impl Server {
             log: tmp.path().join("serve.log"),
             nbd_unix: unix.then(|| tmp.path().join("nbd.sock")),
             env: Vec::new(),
+            args: Vec::new(),
             _tmp: Some(tmp),
         }
     }
@@ -143,6 +155,7 @@ impl Server {
                 "--container-size",
                 &self.container_size,
             ])
+            .args(&self.args)
             .env("TABULA_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())

@@ -129,9 +129,10 @@ impl Controller {
             .collect();
         let mut got: Vec<(u64, u64, Phys)> = Vec::new();
         let mut hint = None;
+        let scope = meta.scope(vdisk);
         for &(_, b, e, _) in &plans {
             let before = got.len();
-            let reached = fill(meta, seg, b, e, &mut hint, deltas, &mut got)?;
+            let reached = fill(meta, seg, b, e, &mut hint, scope, deltas, &mut got)?;
             if reached < e || got.len() != before + 1 {
                 return Err(self.no_space(meta, &got));
             }

@@ -216,6 +216,7 @@ impl Controller {
             origin: None,
             lineage: lineage(id, &v.rec),
             cow: CowPolicy::default(),
+            container: v.rec.container,
         };
         let copy = meta.add_copy(sid, rec, table);
         let writes = vec![TableWrite::whole(id, &meta.vdisks[&id]), copy];
@@ -339,6 +340,7 @@ impl Controller {
             origin: Some(source.to_string()),
             lineage: lineage(sid, &s.rec),
             cow: cow.unwrap_or(parent_cow),
+            container: s.rec.container,
         };
         let writes = vec![meta.add_copy(id, rec, table)];
         let next = id.0 + 1;

@@ -47,7 +47,7 @@ async fn entry_at(ctl: &Controller, name: &str, block: u64) -> tabula_core::Piec
 /// A vdisk with segments 0..4 written, and a snapshot of it.
 async fn snapshotted(ctl: &Controller, cow: CowPolicy) -> u64 {
     let v = ctl
-        .create_vdisk("vd", 16 * MIB, None, Some(cow))
+        .create_vdisk("vd", 16 * MIB, None, Some(cow), None)
         .await
         .unwrap();
     ctl.fault(fault(v.id, FaultOp::Write, 0, 4)).await.unwrap();
@@ -224,7 +224,10 @@ async fn snapshots_refuse_writes_and_vdisks_with_snapshots_refuse_plain_delete()
     assert!(e.to_string().contains("clone a snapshot"), "{e}");
     let e = ctl.create_snapshot("vd", "s1").await.unwrap_err();
     assert!(matches!(e, ControlError::Exists(_)), "{e}");
-    let other = ctl.create_vdisk("other", MIB, None, None).await.unwrap();
+    let other = ctl
+        .create_vdisk("other", MIB, None, None, None)
+        .await
+        .unwrap();
     let e = ctl.diff("vd@s1", &other.name).await.unwrap_err();
     assert!(e.to_string().contains("lineage"), "{e}");
 }
@@ -233,7 +236,10 @@ async fn snapshots_refuse_writes_and_vdisks_with_snapshots_refuse_plain_delete()
 async fn a_partly_mapped_segment_keeps_its_mapped_part_when_written() {
     let dir = tempfile::tempdir().unwrap();
     let ctl = setup(dir.path()).await;
-    let v = ctl.create_vdisk("vd", 16 * MIB, None, None).await.unwrap();
+    let v = ctl
+        .create_vdisk("vd", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
     ctl.fault(fault(v.id, FaultOp::Write, 3, 4)).await.unwrap();
     let head = entry_at(&ctl, "vd", 768).await.target;
     // Shrinking into segment 3 and growing back leaves its tail unmapped.

@@ -54,7 +54,10 @@ async fn leased_setup(dir: &Path, lease_ms: u64) -> (Arc<Controller>, VdiskView)
     ctl.register_agent("a", Arc::new(NullAgent), Vec::new())
         .await
         .unwrap();
-    let v = ctl.create_vdisk("vd", 16 * MIB, None, None).await.unwrap();
+    let v = ctl
+        .create_vdisk("vd", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
     (ctl, v)
 }
 
@@ -133,7 +136,10 @@ async fn after_a_restart_freed_space_waits_out_one_lease() {
         ctl.register_agent("a", Arc::new(NullAgent), Vec::new())
             .await
             .unwrap();
-        let v = ctl.create_vdisk("vd", 16 * MIB, None, None).await.unwrap();
+        let v = ctl
+            .create_vdisk("vd", 16 * MIB, None, None, None)
+            .await
+            .unwrap();
         ctl.fault(fault(v.id, FaultOp::Write, 0, 2)).await.unwrap();
         v
     };
@@ -157,7 +163,7 @@ async fn after_a_restart_freed_space_waits_out_one_lease() {
     assert_consistent(&ctl).await;
 }
 
-fn fault(vdisk: u64, op: FaultOp, s0: u64, s1: u64) -> Fault {
+pub(super) fn fault(vdisk: u64, op: FaultOp, s0: u64, s1: u64) -> Fault {
     Fault {
         agent: "a".into(),
         vdisk: VdiskId(vdisk),
@@ -178,7 +184,10 @@ pub(super) async fn assert_consistent(ctl: &Controller) {
 async fn write_fault_allocates_whole_segment_and_persists() {
     let dir = tempfile::tempdir().unwrap();
     let ctl = setup(dir.path(), 64 * MIB).await;
-    let v = ctl.create_vdisk("vd", 16 * MIB, None, None).await.unwrap();
+    let v = ctl
+        .create_vdisk("vd", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
     let u = ctl.fault(fault(v.id, FaultOp::Write, 3, 4)).await.unwrap();
     assert_eq!(u.entries.len(), 1);
     assert_eq!(u.entries[0].len() * BLOCK_SIZE, MIB);
@@ -197,7 +206,10 @@ async fn write_fault_allocates_whole_segment_and_persists() {
 async fn concurrent_faults_for_one_segment_allocate_once() {
     let dir = tempfile::tempdir().unwrap();
     let ctl = setup(dir.path(), 64 * MIB).await;
-    let v = ctl.create_vdisk("vd", 16 * MIB, None, None).await.unwrap();
+    let v = ctl
+        .create_vdisk("vd", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
     let mut tasks = Vec::new();
     for _ in 0..16 {
         let c = ctl.clone();
@@ -218,7 +230,10 @@ async fn concurrent_faults_for_one_segment_allocate_once() {
 async fn sequential_faults_allocate_ahead_contiguously() {
     let dir = tempfile::tempdir().unwrap();
     let ctl = setup(dir.path(), 256 * MIB).await;
-    let v = ctl.create_vdisk("vd", 64 * MIB, None, None).await.unwrap();
+    let v = ctl
+        .create_vdisk("vd", 64 * MIB, None, None, None)
+        .await
+        .unwrap();
     ctl.fault(fault(v.id, FaultOp::Write, 0, 1)).await.unwrap();
     let u = ctl.fault(fault(v.id, FaultOp::Write, 1, 2)).await.unwrap();
     // The stream continues: more than the faulted segment, physically after segment 0.
@@ -233,7 +248,10 @@ async fn sequential_faults_allocate_ahead_contiguously() {
 async fn out_of_space_fails_then_new_container_allows_writes() {
     let dir = tempfile::tempdir().unwrap();
     let ctl = setup(dir.path(), 4 * MIB).await;
-    let v = ctl.create_vdisk("vd", 16 * MIB, None, None).await.unwrap();
+    let v = ctl
+        .create_vdisk("vd", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
     for s in [0, 2, 4, 6] {
         ctl.fault(fault(v.id, FaultOp::Write, s, s + 1))
             .await
@@ -260,9 +278,12 @@ async fn trim_and_delete_return_space_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let ctl = setup(dir.path(), 64 * MIB).await;
     let start = ctl.status().await.free;
-    let a = ctl.create_vdisk("a", 32 * MIB, None, None).await.unwrap();
+    let a = ctl
+        .create_vdisk("a", 32 * MIB, None, None, None)
+        .await
+        .unwrap();
     let b = ctl
-        .create_vdisk("b", 32 * MIB, Some(4 * MIB), None)
+        .create_vdisk("b", 32 * MIB, Some(4 * MIB), None, None)
         .await
         .unwrap();
     for s in 0..8 {
@@ -293,7 +314,10 @@ async fn trim_and_delete_return_space_exactly() {
 async fn shrink_frees_tail_and_grow_reads_zero() {
     let dir = tempfile::tempdir().unwrap();
     let ctl = setup(dir.path(), 64 * MIB).await;
-    let v = ctl.create_vdisk("vd", 8 * MIB, None, None).await.unwrap();
+    let v = ctl
+        .create_vdisk("vd", 8 * MIB, None, None, None)
+        .await
+        .unwrap();
     ctl.fault(fault(v.id, FaultOp::Write, 0, 8)).await.unwrap();
     ctl.resize_vdisk("vd", 3 * MIB).await.unwrap();
     assert_eq!(ctl.vdisk_by_name("vd").await.unwrap().allocated, 3 * MIB);
@@ -307,17 +331,26 @@ async fn shrink_frees_tail_and_grow_reads_zero() {
 async fn rejects_bad_requests_with_reasons() {
     let dir = tempfile::tempdir().unwrap();
     let ctl = setup(dir.path(), 64 * MIB).await;
-    let e = ctl.create_vdisk("x", 1000, None, None).await.unwrap_err();
+    let e = ctl
+        .create_vdisk("x", 1000, None, None, None)
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("multiple of the block size"), "{e}");
-    let e = ctl.create_vdisk("a@b", MIB, None, None).await.unwrap_err();
+    let e = ctl
+        .create_vdisk("a@b", MIB, None, None, None)
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("may contain only"), "{e}");
     let e = ctl
-        .create_vdisk("x", MIB, Some(3 * 4096), None)
+        .create_vdisk("x", MIB, Some(3 * 4096), None, None)
         .await
         .unwrap_err();
     assert!(e.to_string().contains("power of two"), "{e}");
-    ctl.create_vdisk("x", MIB, None, None).await.unwrap();
-    let e = ctl.create_vdisk("x", MIB, None, None).await.unwrap_err();
+    ctl.create_vdisk("x", MIB, None, None, None).await.unwrap();
+    let e = ctl
+        .create_vdisk("x", MIB, None, None, None)
+        .await
+        .unwrap_err();
     assert!(matches!(e, ControlError::Exists(_)));
     let e = ctl
         .fault(fault(99, FaultOp::Write, 0, 1))
@@ -332,7 +365,7 @@ async fn tail_segment_smaller_than_segment_size_is_not_leaked() {
     let ctl = setup(dir.path(), 64 * MIB).await;
     // 2.5 segments: the last segment is half a segment.
     let v = ctl
-        .create_vdisk("vd", 5 * MIB / 2, None, None)
+        .create_vdisk("vd", 5 * MIB / 2, None, None, None)
         .await
         .unwrap();
     ctl.fault(fault(v.id, FaultOp::Write, 2, 3)).await.unwrap();

@@ -748,3 +748,53 @@ proptest! {
         prop_assert_eq!(parse_option(hdr.option, &payload).unwrap(), opt);
     }
 }
+
+#[test]
+fn client_side_parsers_read_what_the_server_encodes() {
+    let mut b = BytesMut::new();
+    encode_greeting(&mut b);
+    assert_eq!(
+        parse_greeting(&b).unwrap().handshake_flags,
+        SERVER_HANDSHAKE_FLAGS
+    );
+    b[9] ^= 1;
+    assert!(matches!(
+        parse_greeting(&b),
+        Err(ProtocolError::BadMagic { .. })
+    ));
+    assert!(is_oldstyle_magic(CLISERV_MAGIC));
+
+    let info = |f: &dyn Fn(&mut BytesMut)| {
+        let mut b = BytesMut::new();
+        f(&mut b);
+        let (_, payload) = split_reply(&b);
+        parse_info_reply(payload).unwrap()
+    };
+    assert_eq!(
+        info(&|b| encode_info_export(b, NBD_OPT_GO, 1 << 40, 0x1ff)),
+        InfoReply::Export {
+            size: 1 << 40,
+            flags: 0x1ff
+        }
+    );
+    assert_eq!(
+        info(&|b| encode_info_block_size(b, NBD_OPT_GO, 1, 4096, 1 << 25)),
+        InfoReply::BlockSize {
+            min: 1,
+            preferred: 4096,
+            max: 1 << 25
+        }
+    );
+    assert_eq!(
+        info(&|b| encode_info_name(b, NBD_OPT_GO, "disk0")),
+        InfoReply::Name("disk0".into())
+    );
+    assert_eq!(parse_info_reply(&[0, 99]).unwrap(), InfoReply::Unknown(99));
+    assert!(parse_info_reply(&[0, 0, 1]).is_err());
+    assert!(parse_info_reply(&[0, 3, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 9]).is_err());
+
+    let mut b = BytesMut::new();
+    encode_export_name_reply(&mut b, 4096, 3, true);
+    assert_eq!(parse_export_name_reply(&b).unwrap(), (4096, 3));
+    assert!(parse_export_name_reply(&b[..9]).is_err());
+}

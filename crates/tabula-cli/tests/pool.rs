@@ -1,0 +1,297 @@
+//! The storage pool through the real binary: remote containers served by other processes
+//! (`tabula container serve` and qemu-nbd), a container killed under fio verify load and
+//! restarted, a live drain under fio verify with a snapshot present, and a full pool of
+//! several containers.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::nbd::{Client, NbdErr, stamp_block};
+use common::remote::{Kind, NbdServer};
+use common::{Server, fio, have};
+
+const MIB: u64 = 1 << 20;
+const EIO: u32 = 5;
+const ENOSPC: u32 = 28;
+/// The container timeout the tests run with.
+const TIMEOUT: &str = "2s";
+
+/// Polls `tabula container show NAME` until its state is `state`.
+fn wait_state(s: &Server, name: &str, state: &str, limit: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let c = s.json(&["container", "show", name]);
+        if c["state"] == state {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "container {name} not {state} within {limit:?}: {c}\nlog:\n{}",
+            s.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_dead_remote_container_fails_io_within_the_bound_and_io_resumes_when_it_returns() {
+    if !have("fio") || !have("qemu-nbd") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = NbdServer::start(Kind::Tabula, &tmp.path().join("a.img"), 256 * MIB);
+    let b = NbdServer::start(Kind::QemuNbd, &tmp.path().join("b.img"), 256 * MIB);
+    let mut s = Server::start_args("64M", &["--container-timeout", TIMEOUT]);
+    s.cli(&["container", "add", "shelfa", "--uri", &a.uri()]);
+    s.cli(&["container", "add", "shelfb", "--uri", &b.uri()]);
+    let list = s.json(&["container", "list"]);
+    assert_eq!(list[1]["kind"], "nbd", "{list}");
+    s.cli(&[
+        "vdisk",
+        "create",
+        "va",
+        "--size",
+        "64M",
+        "--container",
+        "shelfa",
+    ]);
+    s.cli(&[
+        "vdisk",
+        "create",
+        "vb",
+        "--size",
+        "64M",
+        "--container",
+        "shelfb",
+    ]);
+    let fill = fio::args(
+        &s.url("va"),
+        "fill",
+        &["--rw=write", "--bs=64k", "--size=16M", "--iodepth=4"],
+    );
+    let out = fio::spawn(&fill, Duration::from_secs(120))
+        .wait_with_output()
+        .unwrap();
+    fio::check(out, &fill, Some(16 * MIB), 16 * MIB);
+
+    // Load on both vdisks; the one on the container that dies fails, the other does not.
+    let vb_job = fio::args(
+        &s.url("vb"),
+        "vb",
+        &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=16M",
+            "--iodepth=8",
+            "--rate=3m",
+        ],
+    );
+    let va_job = fio::args(
+        &s.url("va"),
+        "va",
+        &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--offset=32M",
+            "--size=16M",
+            "--iodepth=8",
+            "--rate=2m",
+        ],
+    );
+    let vb = fio::spawn(&vb_job, Duration::from_secs(120));
+    let va = fio::spawn(&va_job, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(2));
+    let mut probe = Client::connect(s.nbd_port, "va").unwrap();
+    let killed = Instant::now();
+    a.kill9();
+    // A host's read of the dead container's data fails, within the bound, not hangs.
+    let r = probe.read(0, 4096);
+    let to_error = killed.elapsed();
+    assert!(
+        matches!(r, Err(NbdErr::Errno(EIO))),
+        "expected EIO from a dead container, got {r:?}"
+    );
+    assert!(to_error < Duration::from_secs(6), "{to_error:?}");
+    eprintln!(
+        "container failure to host error: {} ms",
+        to_error.as_millis()
+    );
+    let va_out = va.wait_with_output().unwrap();
+    assert!(
+        !va_out.status.success(),
+        "fio on the dead container's vdisk must fail"
+    );
+    eprintln!(
+        "container failure to fio's exit: {} ms",
+        killed.elapsed().as_millis()
+    );
+    // The other vdisk, on another container, never noticed.
+    fio::check(
+        vb.wait_with_output().unwrap(),
+        &vb_job,
+        Some(16 * MIB),
+        16 * MIB,
+    );
+    // The controller found it dead too: failed, in list, show and status.
+    let c = wait_state(&s, "shelfa", "failed", Duration::from_secs(10));
+    assert!(c["error"].as_str().is_some(), "{c}");
+    assert!(s.cli(&["status"]).contains("FAILED"));
+    assert_eq!(s.json(&["container", "show", "shelfb"])["state"], "ok");
+    // Failing fast while it is down: no wait for another timeout.
+    let t = Instant::now();
+    assert!(matches!(probe.read(MIB, 4096), Err(NbdErr::Errno(EIO))));
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+
+    // It comes back: the state clears and I/O resumes, nothing restarted.
+    a.spawn();
+    wait_state(&s, "shelfa", "ok", Duration::from_secs(15));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while probe.read(0, 4096).is_err() {
+        assert!(Instant::now() < deadline, "I/O did not resume");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    probe.disconnect();
+    let verify = fio::verify_only(&fill);
+    let out = fio::spawn(&verify, Duration::from_secs(120))
+        .wait_with_output()
+        .unwrap();
+    fio::check(out, &verify, None, 16 * MIB);
+    s.stop_and_check();
+}
+
+#[test]
+fn a_live_drain_under_fio_verify_with_a_snapshot_moves_everything() {
+    if !have("fio") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Server::start("1G");
+    s.cli(&["vdisk", "create", "vd", "--size", "256M"]);
+    let fill = fio::args(
+        &s.url("vd"),
+        "fill",
+        &["--rw=write", "--bs=1M", "--size=96M", "--iodepth=4"],
+    );
+    let out = fio::spawn(&fill, Duration::from_secs(120))
+        .wait_with_output()
+        .unwrap();
+    fio::check(out, &fill, Some(96 * MIB), 96 * MIB);
+    s.cli(&["snapshot", "create", "vd", "s1"]);
+    // Everything so far is in the default container; the drain moves it to a remote one.
+    let remote = NbdServer::start(Kind::Tabula, &tmp.path().join("r.img"), 1 << 30);
+    s.cli(&["container", "add", "remote", "--uri", &remote.uri()]);
+    // Hosts keep writing (over the snapshot's shared space too) while the drain runs.
+    let load = fio::args(
+        &s.url("vd"),
+        "load",
+        &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--offset=64M",
+            "--size=64M",
+            "--iodepth=8",
+            "--rate=4m",
+        ],
+    );
+    let running = fio::spawn(&load, Duration::from_secs(180));
+    std::thread::sleep(Duration::from_secs(1));
+    let out = s.cli(&["container", "drain", "default"]);
+    assert!(out.contains("drained"), "{out}");
+    let c = s.json(&["container", "show", "default"]);
+    assert_eq!(c["used"], 0, "{c}");
+    let d = &c["drain"];
+    assert_eq!(d["state"], "done", "{c}");
+    eprintln!(
+        "drain under fio: {} MiB in {} ms: {:.1} MiB/s",
+        d["moved"].as_u64().unwrap() / MIB,
+        d["elapsed_ms"],
+        d["rate"].as_u64().unwrap() as f64 / MIB as f64
+    );
+    fio::check(
+        running.wait_with_output().unwrap(),
+        &load,
+        Some(64 * MIB),
+        64 * MIB,
+    );
+    // The snapshot still holds the data as it was; the vdisk's untouched part too.
+    let mut snap = fio::verify_only(&fill);
+    for a in snap.iter_mut() {
+        if a.starts_with("--uri=") {
+            *a = format!("--uri={}", s.url("vd@s1"));
+        }
+    }
+    let out = fio::spawn(&snap, Duration::from_secs(120))
+        .wait_with_output()
+        .unwrap();
+    fio::check(out, &snap, None, 96 * MIB);
+    let head = fio::args(
+        &s.url("vd"),
+        "fill",
+        &["--rw=write", "--bs=1M", "--size=64M", "--iodepth=4"],
+    );
+    let head = fio::verify_only(&head);
+    let out = fio::spawn(&head, Duration::from_secs(120))
+        .wait_with_output()
+        .unwrap();
+    fio::check(out, &head, None, 64 * MIB);
+    let map = s.json(&["vdisk", "map", "vd"]);
+    for e in map["entries"].as_array().unwrap() {
+        if !e["container"].is_null() {
+            assert_eq!(e["container"], "remote", "{e}");
+        }
+    }
+    s.cli(&["check"]);
+    s.cli(&["container", "remove", "default"]);
+    assert_eq!(s.json(&["container", "list"]).as_array().unwrap().len(), 1);
+    s.stop_and_check();
+}
+
+#[test]
+fn a_pool_of_several_containers_is_full_only_when_all_are() {
+    if !have("qemu-nbd") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let remote = NbdServer::start(Kind::QemuNbd, &tmp.path().join("q.img"), 4 * MIB);
+    let mut s = Server::start("4M");
+    s.cli(&["container", "add", "q", "--uri", &remote.uri()]);
+    s.cli(&["vdisk", "create", "vd", "--size", "64M"]);
+    let mut c = Client::connect(s.nbd_port, "vd").unwrap();
+    // 8 segments fit: 4 in each container.
+    for i in 0..8u64 {
+        c.write(i * MIB, &stamp_block(i, 1), false).unwrap();
+    }
+    let list = s.json(&["container", "list"]);
+    for x in list.as_array().unwrap() {
+        assert_eq!(x["free"], 0, "both containers were used: {list}");
+    }
+    match c.write(40 * MIB, &stamp_block(99, 1), false) {
+        Err(NbdErr::Errno(e)) => assert_eq!(e, ENOSPC),
+        other => panic!("expected ENOSPC, got {other:?}"),
+    }
+    let st = s.json(&["status"]);
+    assert_eq!(st["out_of_space"], true, "{st}");
+    assert_eq!(st["low_space"], true, "{st}");
+    // Allocated space, in either container, stays readable and writable.
+    for i in 0..8u64 {
+        c.write(i * MIB + 4096, &stamp_block(i, 2), true).unwrap();
+        assert_eq!(c.read(i * MIB, 4096).unwrap(), stamp_block(i, 1));
+    }
+    let extra = s.data_dir.join("extra.img");
+    s.cli(&[
+        "container",
+        "add",
+        "extra",
+        "--path",
+        extra.to_str().unwrap(),
+        "--size",
+        "64M",
+    ]);
+    c.write(40 * MIB, &stamp_block(99, 1), false).unwrap();
+    assert_eq!(c.read(40 * MIB, 4096).unwrap(), stamp_block(99, 1));
+    let st = s.json(&["status"]);
+    assert_eq!(st["out_of_space"], false, "{st}");
+    c.disconnect();
+    s.stop_and_check();
+}

@@ -1,0 +1,562 @@
+//! Live moves of data between containers (seed 004 c12-20): draining a container and
+//! migrating a vdisk, while hosts keep reading and writing.
+//!
+//! A move goes one physical run (at most [`STEP_BLOCKS`]) at a time, each step under the
+//! metadata lock, so no fault, trim, snapshot or delete can change the run meanwhile:
+//! 1. allocate a run elsewhere (in the target container for a migration; anywhere allocatable
+//!    for a drain, whose container takes no new space);
+//! 2. find every table that maps any of the old run (the vdisk and every snapshot and clone
+//!    of its lineage) and set those ranges `no-write` on every agent (`SetState`, which
+//!    drains in-flight I/O before it is acknowledged): from here on a write to the run
+//!    faults, and the fault waits for the lock, so no write can land on the old run after
+//!    its copy was read, and none is lost;
+//! 3. copy the data and make the copy durable;
+//! 4. switch every table to the new run in one transaction, with the old run recorded as
+//!    zeroing, then push the new entries to every agent (each acknowledges once no I/O uses
+//!    the old run) and zero and free the old run.
+//!
+//! A crash before step 4's commit leaves the tables as they were (the new run was never
+//! recorded as allocated, and agents resynchronise); after it, the old run is zeroed at the
+//! next start like any freed space. Reads continue throughout; writes to the run being moved
+//! wait for one step (milliseconds).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tabula_api::admin::{ContainerView, MoveView};
+use tabula_api::{Command, ControlError};
+use tabula_core::{BLOCK_SIZE, ContainerId, Entry, MappingTable, Phys, State, VdiskId};
+use tracing::{info, warn};
+
+use super::{Controller, Meta, write_deltas};
+
+/// The most blocks one step moves (4 MiB): writes to them wait for one step.
+const STEP_BLOCKS: u64 = 1024;
+
+/// What a move moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum MoveKind {
+    /// Everything a container holds, to the rest of the pool.
+    Drain(ContainerId),
+    /// Everything a vdisk maps outside `to`, into `to`.
+    Migrate { vdisk: VdiskId, to: ContainerId },
+}
+
+/// A move in progress (or finished), as `tabula container drain` and `vdisk migrate` follow
+/// it.
+pub struct MoveJob {
+    kind: MoveKind,
+    /// The container drained or the vdisk migrated.
+    subject: String,
+    target: Option<String>,
+    total: AtomicU64,
+    moved: AtomicU64,
+    cancel: AtomicBool,
+    started: Instant,
+    outcome: parking_lot::Mutex<Option<Result<(), String>>>,
+    finished: parking_lot::Mutex<Option<Instant>>,
+    /// Where the next step starts looking: (vdisk, block).
+    cursor: parking_lot::Mutex<(VdiskId, u64)>,
+    /// The end of the last run allocated, so consecutive runs stay contiguous.
+    hint: parking_lot::Mutex<Option<Phys>>,
+}
+
+impl MoveJob {
+    fn new(kind: MoveKind, subject: String, target: Option<String>, total: u64) -> MoveJob {
+        MoveJob {
+            kind,
+            subject,
+            target,
+            total: AtomicU64::new(total),
+            moved: AtomicU64::new(0),
+            cancel: AtomicBool::new(false),
+            started: Instant::now(),
+            outcome: parking_lot::Mutex::new(None),
+            finished: parking_lot::Mutex::new(None),
+            cursor: parking_lot::Mutex::new((VdiskId(0), 0)),
+            hint: parking_lot::Mutex::new(None),
+        }
+    }
+
+    fn running(&self) -> bool {
+        self.outcome.lock().is_none()
+    }
+
+    pub(super) fn view(&self) -> MoveView {
+        let outcome = self.outcome.lock().clone();
+        let end = (*self.finished.lock()).unwrap_or_else(Instant::now);
+        let elapsed = end.duration_since(self.started);
+        let moved = self.moved.load(Ordering::Relaxed);
+        let (state, error) = match outcome {
+            None => ("running", None),
+            Some(Ok(())) if self.cancel.load(Ordering::Relaxed) => ("cancelled", None),
+            Some(Ok(())) => ("done", None),
+            Some(Err(e)) => ("failed", Some(e)),
+        };
+        MoveView {
+            kind: match self.kind {
+                MoveKind::Drain(_) => "drain",
+                MoveKind::Migrate { .. } => "migrate",
+            }
+            .to_string(),
+            subject: self.subject.clone(),
+            target: self.target.clone(),
+            state: state.to_string(),
+            error,
+            total: self.total.load(Ordering::Relaxed).max(moved),
+            moved,
+            elapsed_ms: elapsed.as_millis() as u64,
+            rate: if elapsed.as_secs_f64() > 0.0 {
+                (moved as f64 / elapsed.as_secs_f64()) as u64
+            } else {
+                0
+            },
+        }
+    }
+}
+
+/// One table's part in a step: the virtual ranges that map the old run.
+struct Mapper {
+    vdisk: VdiskId,
+    /// (virtual begin, virtual end, first physical block, state)
+    pieces: Vec<(u64, u64, u64, State)>,
+}
+
+impl Mapper {
+    fn span(&self) -> (u64, u64) {
+        let lo = self.pieces.iter().map(|p| p.0).min().expect("non-empty");
+        let hi = self.pieces.iter().map(|p| p.1).max().expect("non-empty");
+        (lo, hi)
+    }
+}
+
+/// Every piece of `table` that maps physical blocks `[at, at+n)`, clipped to them.
+fn pieces_mapping(table: &MappingTable, at: Phys, n: u64) -> Vec<(u64, u64, u64, State)> {
+    let mut out = Vec::new();
+    for x in table.entries() {
+        let Some(t) = x.target else { continue };
+        if t.container != at.container {
+            continue;
+        }
+        let (s, e) = (t.block.max(at.block), (t.block + x.len()).min(at.block + n));
+        if s < e {
+            let v = x.begin + (s - t.block);
+            out.push((v, v + (e - s), s, x.state));
+        }
+    }
+    out
+}
+
+impl Controller {
+    /// Starts draining a container: nothing new is allocated in it, and everything it holds
+    /// is moved to the rest of the pool while vdisks stay online.
+    pub async fn drain_container(&self, name: &str) -> Result<MoveView, ControlError> {
+        let key = format!("drain:{name}");
+        if let Some(j) = self.moves.lock().get(&key).filter(|j| j.running()) {
+            return Ok(j.view());
+        }
+        let mut meta = self.meta.lock().await;
+        let id = Self::container_id(&meta, name)?;
+        let c = &meta.containers[&id];
+        if c.reachable().is_none() {
+            return Err(ControlError::Invalid(format!(
+                "container '{name}' does not answer, so its data cannot be read to move it; wait until it answers again"
+            )));
+        }
+        if let Some(v) = meta.vdisks.values().find(|v| v.rec.container == Some(id.0)) {
+            return Err(ControlError::Invalid(format!(
+                "vdisk '{}' is pinned to container '{name}': migrate it elsewhere first (tabula vdisk migrate {} --to OTHER)",
+                v.rec.name, v.rec.name
+            )));
+        }
+        let total = self.container_view(&meta, id).used;
+        self.set_draining(&mut meta, id, true).await?;
+        drop(meta);
+        let job = Arc::new(MoveJob::new(
+            MoveKind::Drain(id),
+            name.to_string(),
+            None,
+            total,
+        ));
+        info!(container = name, bytes = total, "drain started");
+        Ok(self.start_move(key, job))
+    }
+
+    /// Cancels a drain: what was moved stays moved, and the container takes new space again.
+    pub async fn cancel_drain(&self, name: &str) -> Result<ContainerView, ControlError> {
+        if let Some(j) = self.moves.lock().get(&format!("drain:{name}")) {
+            j.cancel.store(true, Ordering::Relaxed);
+        }
+        let mut meta = self.meta.lock().await;
+        let id = Self::container_id(&meta, name)?;
+        self.set_draining(&mut meta, id, false).await?;
+        info!(container = name, "drain cancelled");
+        Ok(self.container_view(&meta, id))
+    }
+
+    async fn set_draining(
+        &self,
+        meta: &mut Meta,
+        id: ContainerId,
+        draining: bool,
+    ) -> Result<(), ControlError> {
+        let c = meta.containers.get_mut(&id).expect("looked up");
+        if c.rec.draining == draining {
+            return Ok(());
+        }
+        let mut rec = c.rec.clone();
+        rec.draining = draining;
+        let stored = rec.clone();
+        self.commit(move |t| t.put_container(id, &stored)).await?;
+        meta.containers.get_mut(&id).expect("looked up").rec = rec;
+        self.check_low_space(meta);
+        Ok(())
+    }
+
+    /// Starts moving everything a vdisk maps into container `to`, and pins it there so new
+    /// space comes from there too.
+    pub async fn migrate_vdisk(&self, name: &str, to: &str) -> Result<MoveView, ControlError> {
+        let key = format!("migrate:{name}");
+        if let Some(j) = self.moves.lock().get(&key).filter(|j| j.running()) {
+            return Err(ControlError::Exists(format!(
+                "vdisk '{name}' is already being migrated to {}",
+                j.target.clone().unwrap_or_default()
+            )));
+        }
+        let mut meta = self.meta.lock().await;
+        let vid = meta.by_name(name)?;
+        let cid = Self::container_id(&meta, to)?;
+        let v = &meta.vdisks[&vid];
+        if v.rec.read_only {
+            return Err(ControlError::Invalid(format!(
+                "'{name}' is a snapshot: migrate its vdisk (shared space moves with it)"
+            )));
+        }
+        if !meta.containers[&cid].allocatable() {
+            return Err(ControlError::Invalid(format!(
+                "container '{to}' takes no new space (failed or draining)"
+            )));
+        }
+        let total: u64 = v
+            .table
+            .entries()
+            .filter(|x| x.target.is_some_and(|t| t.container != cid))
+            .map(|x| x.len() * BLOCK_SIZE)
+            .sum();
+        let mut rec = v.rec.clone();
+        rec.container = Some(cid.0);
+        let stored = rec.clone();
+        self.commit(move |t| t.put_vdisk(vid, &stored)).await?;
+        meta.vdisks.get_mut(&vid).expect("looked up").rec = rec;
+        drop(meta);
+        let job = Arc::new(MoveJob::new(
+            MoveKind::Migrate {
+                vdisk: vid,
+                to: cid,
+            },
+            name.to_string(),
+            Some(to.to_string()),
+            total,
+        ));
+        *job.cursor.lock() = (vid, 0);
+        info!(vdisk = name, to, bytes = total, "migration started");
+        Ok(self.start_move(key, job))
+    }
+
+    /// The drain of container `name`, if one was started.
+    pub(super) fn drain_view(&self, name: &str) -> Option<MoveView> {
+        self.moves
+            .lock()
+            .get(&format!("drain:{name}"))
+            .map(|j| j.view())
+    }
+
+    /// Moves in progress and finished since the start.
+    pub fn list_moves(&self) -> Vec<MoveView> {
+        self.moves.lock().values().map(|j| j.view()).collect()
+    }
+
+    fn start_move(&self, key: String, job: Arc<MoveJob>) -> MoveView {
+        let view = job.view();
+        self.moves.lock().insert(key, job.clone());
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            let outcome = loop {
+                if job.cancel.load(Ordering::Relaxed) {
+                    break Ok(());
+                }
+                let Some(ctl) = me.upgrade() else {
+                    break Err("the controller stopped".to_string());
+                };
+                match ctl.move_step(&job).await {
+                    Ok(Some(blocks)) => {
+                        job.moved.fetch_add(blocks * BLOCK_SIZE, Ordering::Relaxed);
+                    }
+                    Ok(None) => break Ok(()),
+                    Err(ControlError::Retry { after_ms, .. }) => {
+                        tokio::time::sleep(Duration::from_millis(after_ms)).await;
+                    }
+                    Err(e) => break Err(e.to_string()),
+                }
+            };
+            let v = job.view();
+            match &outcome {
+                Ok(()) => info!(
+                    kind = v.kind,
+                    subject = v.subject,
+                    moved = v.moved,
+                    ms = v.elapsed_ms,
+                    "move finished"
+                ),
+                Err(e) => warn!(kind = v.kind, subject = v.subject, error = e, "move failed"),
+            }
+            *job.finished.lock() = Some(Instant::now());
+            *job.outcome.lock() = Some(outcome);
+        });
+        view
+    }
+
+    /// Finds the next run to move: a table entry mapping what the move moves, searching
+    /// from the job's cursor. Returns the table, the entry and the physical run to move.
+    fn next_run(meta: &Meta, job: &MoveJob) -> Option<(VdiskId, Phys, u64)> {
+        let wanted = |t: Phys| match job.kind {
+            MoveKind::Drain(c) => t.container == c,
+            MoveKind::Migrate { to, .. } => t.container != to,
+        };
+        let (cur_v, cur_b) = *job.cursor.lock();
+        let candidates: Vec<VdiskId> = match job.kind {
+            MoveKind::Drain(_) => {
+                let mut ids: Vec<VdiskId> = meta.vdisks.range(cur_v..).map(|(&id, _)| id).collect();
+                ids.extend(meta.vdisks.range(..cur_v).map(|(&id, _)| id));
+                ids
+            }
+            MoveKind::Migrate { vdisk, .. } => vec![vdisk],
+        };
+        for (i, id) in candidates.iter().enumerate() {
+            let Some(v) = meta.vdisks.get(id) else {
+                continue;
+            };
+            let from = if i == 0 && *id == cur_v { cur_b } else { 0 };
+            let found = v
+                .table
+                .entries_from(from)
+                .chain(if from > 0 {
+                    // Wrap around once: entries before the cursor.
+                    Box::new(v.table.entries().take_while(move |x| x.begin < from))
+                        as Box<dyn Iterator<Item = Entry>>
+                } else {
+                    Box::new(std::iter::empty())
+                })
+                .find(|x| x.target.is_some_and(wanted));
+            if let Some(x) = found {
+                *job.cursor.lock() = (*id, x.begin);
+                let t = x.target.expect("found by target");
+                return Some((*id, t, x.len().min(STEP_BLOCKS)));
+            }
+        }
+        None
+    }
+
+    /// Moves one run. Returns the blocks moved, or `None` when nothing is left to move.
+    async fn move_step(&self, job: &MoveJob) -> Result<Option<u64>, ControlError> {
+        let mut meta = self.meta.lock().await;
+        let Some((vdisk, from, want)) = Self::next_run(&meta, job) else {
+            // Copies-on-write into a drained container finish first (they become mapped).
+            if let MoveKind::Drain(c) = job.kind {
+                if meta.cows.values().any(|p| p.to.container == c) {
+                    return Err(ControlError::Retry {
+                        after_ms: 100,
+                        reason: "copies-on-write into the container are finishing".into(),
+                    });
+                }
+            }
+            return Ok(None);
+        };
+        let src = meta
+            .containers
+            .get(&from.container)
+            .and_then(|c| c.reachable().cloned())
+            .ok_or_else(|| {
+                ControlError::Storage(format!(
+                    "container {} does not answer: its data cannot be moved now",
+                    meta.container_name(from.container)
+                ))
+            })?;
+        let scope = match job.kind {
+            MoveKind::Drain(_) => None,
+            MoveKind::Migrate { to, .. } => Some(to),
+        };
+        let mut deltas = Vec::new();
+        let hint = *job.hint.lock();
+        let Some((to, n)) = meta.alloc(1, 1, want, hint, scope, &mut deltas) else {
+            return Err(match job.kind {
+                MoveKind::Drain(_) => ControlError::Storage(
+                    "no room elsewhere in the pool for the drained data: add a container (tabula container add) or free space, then drain again".into(),
+                ),
+                MoveKind::Migrate { .. } => ControlError::Storage(format!(
+                    "container {} is full: free space in it, then migrate again",
+                    job.target.clone().unwrap_or_default()
+                )),
+            });
+        };
+        let dst = meta.containers[&to.container]
+            .reachable()
+            .cloned()
+            .expect("allocatable containers are reachable");
+        // Every table of the lineage may share the run (snapshots, clones).
+        let lineage = meta.vdisks[&vdisk].rec.lineage;
+        let mappers: Vec<Mapper> = meta
+            .vdisks
+            .iter()
+            .filter(|(_, v)| v.rec.lineage == lineage)
+            .map(|(&id, v)| Mapper {
+                vdisk: id,
+                pieces: pieces_mapping(&v.table, from, n),
+            })
+            .filter(|m| !m.pieces.is_empty())
+            .collect();
+        // Step 2: writes to the run fault (and wait for this lock) from here on.
+        let mut acked = true;
+        for m in &mappers {
+            let v = meta.vdisks.get_mut(&m.vdisk).expect("listed");
+            if v.rec.read_only {
+                continue;
+            }
+            v.rec.generation += 1;
+            let cmd = Command::SetState {
+                vdisk: m.vdisk,
+                generation: tabula_core::Generation(v.rec.generation),
+                range: m.span(),
+                state: State::NoWrite,
+            };
+            acked &= self.push(m.vdisk, None, cmd).await;
+        }
+        // Step 3: copy and make it durable.
+        let copied = if acked {
+            let (src, dst) = (src.clone(), dst.clone());
+            tokio::task::spawn_blocking(move || {
+                const CHUNK: u64 = 256; // blocks (1 MiB)
+                let mut done = 0;
+                while done < n {
+                    let k = CHUNK.min(n - done);
+                    let buf = src
+                        .read_vec_at((k * BLOCK_SIZE) as usize, (from.block + done) * BLOCK_SIZE)?;
+                    dst.write_at(&buf, (to.block + done) * BLOCK_SIZE)?;
+                    done += k;
+                }
+                dst.sync()
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+        } else {
+            Err("an agent did not acknowledge the no-write state".to_string())
+        };
+        if let Err(e) = copied {
+            // Give the space back and the agents their tables as they were.
+            let mut scratch = Vec::new();
+            meta.free(to, n, &mut scratch)?;
+            let mut writes = Vec::new();
+            for m in &mappers {
+                writes.push(Self::edit_table(&mut meta, m.vdisk, m.span(), |_| Ok(()))?);
+            }
+            let seq = self.queue(&mut meta, writes, |_| Ok(()));
+            self.journal.wait(seq).await?;
+            for m in &mappers {
+                let (b, e) = m.span();
+                let update = self.range_update(&meta, m.vdisk, b, e, true);
+                self.push(m.vdisk, None, Command::Update(update)).await;
+            }
+            return Err(ControlError::Storage(format!(
+                "copying {} blocks from {}: {e}",
+                n,
+                meta.container_name(from.container)
+            )));
+        }
+        // Step 4: switch every table, moving the shared-block counts with the data.
+        let mut writes = Vec::new();
+        for m in &mappers {
+            let w = Self::edit_table(&mut meta, m.vdisk, m.span(), |t| {
+                for &(b, e, p, state) in &m.pieces {
+                    t.set(b, e, Some(to.offset(p - from.block)), state)?;
+                }
+                Ok(())
+            })?;
+            writes.push(w);
+        }
+        for m in &mappers {
+            for &(b, e, p, _) in &m.pieces {
+                meta.release(&[(from.offset(p - from.block), e - b)]);
+                meta.share(&[(to.offset(p - from.block), e - b)]);
+            }
+        }
+        // Each new block got one reference per mapper; the first one is not "extra".
+        meta.shared.release(to, n);
+        if meta.shared.shared_in(from, n) > 0 {
+            warn!(
+                "a moved run is still counted as shared: some table outside its lineage maps it; run tabula check"
+            );
+        }
+        let old = vec![(from, n)];
+        let stored = old.clone();
+        let seq = self.queue(&mut meta, writes, move |t| {
+            write_deltas(t, &deltas)?;
+            t.put_zeroing_runs(&stored)
+        });
+        self.journal.wait(seq).await?;
+        meta.mark_zeroing(&old);
+        *job.hint.lock() = Some(to.offset(n));
+        let mut all = true;
+        for m in &mappers {
+            let (b, e) = m.span();
+            let update = self.range_update(&meta, m.vdisk, b, e, true);
+            all &= self.push(m.vdisk, None, Command::Update(update)).await;
+        }
+        if all {
+            self.zero_and_free(&mut meta, old).await?;
+        }
+        Ok(Some(n))
+    }
+
+    /// Forgets an empty container (drained, nothing left to zero, nothing pinned to it).
+    pub async fn remove_container(&self, name: &str) -> Result<(), ControlError> {
+        let mut meta = self.meta.lock().await;
+        let id = Self::container_id(&meta, name)?;
+        let view = self.container_view(&meta, id);
+        if view.used > 0 || view.zeroing > 0 {
+            return Err(ControlError::Invalid(format!(
+                "container '{name}' still holds {} of data{}: drain it first (tabula container drain {name})",
+                tabula_core::format_size(view.used + view.zeroing),
+                if view.zeroing > 0 {
+                    " or freed space being zeroed"
+                } else {
+                    ""
+                }
+            )));
+        }
+        if let Some(v) = meta.vdisks.values().find(|v| v.rec.container == Some(id.0)) {
+            return Err(ControlError::Invalid(format!(
+                "vdisk '{}' is pinned to container '{name}': migrate it elsewhere first",
+                v.rec.name
+            )));
+        }
+        if meta.deferred.iter().any(|d| d.1.container == id) {
+            return Err(ControlError::Retry {
+                after_ms: 1000,
+                reason: format!("freed space in '{name}' is waiting to be zeroed"),
+            });
+        }
+        self.commit(move |t| t.delete_container(id)).await?;
+        meta.containers.remove(&id);
+        meta.pool.remove(id);
+        self.moves.lock().remove(&format!("drain:{name}"));
+        self.check_low_space(&meta);
+        info!(container = name, "container removed");
+        Ok(())
+    }
+}
+
+/// Moves by key, for the controller.
+pub(super) type Moves = parking_lot::Mutex<BTreeMap<String, Arc<MoveJob>>>;

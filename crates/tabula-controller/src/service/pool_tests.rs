@@ -1,0 +1,273 @@
+//! Pool tests: placement across containers, pinning, container failure and recovery, live
+//! drain and migration (with snapshots sharing the moved space), and removal.
+
+use std::os::unix::fs::FileExt;
+
+use tabula_api::{ControlPlane, FaultOp};
+
+use super::tests::{MIB, assert_consistent, fault, setup};
+use super::*;
+
+/// The container and physical byte offset of every mapped MiB of `name`, by virtual offset.
+async fn placement(ctl: &Controller, name: &str) -> Vec<(u64, String, u64)> {
+    let mut out = Vec::new();
+    for e in ctl.map_view(name).await.unwrap().entries {
+        let (Some(c), Some(p)) = (e.container, e.physical_offset) else {
+            continue;
+        };
+        for i in (0..e.length).step_by(MIB as usize) {
+            out.push((e.offset + i, c.clone(), p + i));
+        }
+    }
+    out
+}
+
+async fn add_file(ctl: &Controller, dir: &Path, name: &str, size: u64) -> PathBuf {
+    let path = dir.join(format!("{name}.img"));
+    ctl.add_container(name, path.to_str().unwrap(), Some(size))
+        .await
+        .unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_space_goes_by_free_space_and_a_pinned_vdisk_stays_in_its_container() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 32 * MIB).await;
+    add_file(&ctl, dir.path(), "big", 128 * MIB).await;
+    let v = ctl
+        .create_vdisk("vd", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
+    // A sequential stream: the first segment goes where most space is free, and the rest
+    // follows it contiguously.
+    for s in 0..4 {
+        ctl.fault(fault(v.id, FaultOp::Write, s, s + 1))
+            .await
+            .unwrap();
+    }
+    let p = placement(&ctl, "vd").await;
+    assert!(p.iter().all(|(_, c, _)| c == "big"), "{p:?}");
+    let pinned = ctl
+        .create_vdisk("pinned", 64 * MIB, None, None, Some("default"))
+        .await
+        .unwrap();
+    for s in [0, 5, 9] {
+        ctl.fault(fault(pinned.id, FaultOp::Write, s, s + 1))
+            .await
+            .unwrap();
+    }
+    let p = placement(&ctl, "pinned").await;
+    assert_eq!(p.len(), 3);
+    assert!(p.iter().all(|(_, c, _)| c == "default"), "{p:?}");
+    // A pinned vdisk whose container is full gets ENOSPC although the pool has room.
+    let e = ctl
+        .fault(fault(pinned.id, FaultOp::Write, 0, 40))
+        .await
+        .unwrap_err();
+    assert_eq!(e, ControlError::NoSpace);
+    assert!(
+        ctl.create_vdisk("x", MIB, None, None, Some("nope"))
+            .await
+            .is_err()
+    );
+    assert_consistent(&ctl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn low_space_is_reported_and_cleared_by_a_new_container() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 16 * MIB).await;
+    let v = ctl
+        .create_vdisk("vd", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
+    assert!(!ctl.status().await.low_space);
+    ctl.fault(fault(v.id, FaultOp::Write, 0, 15)).await.unwrap();
+    let st = ctl.status().await;
+    assert!(st.low_space, "1 MiB of 16 free is under 10%");
+    assert!(st.containers[0].low_space);
+    add_file(&ctl, dir.path(), "more", 64 * MIB).await;
+    assert!(!ctl.status().await.low_space);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_container_takes_no_new_space_and_recovers_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 64 * MIB).await;
+    let other = add_file(&ctl, dir.path(), "other", 32 * MIB).await;
+    let id = ContainerId(ctl.container_by_name("other").await.unwrap().id);
+    // An agent's report about a container the controller reaches: a path down from that
+    // agent only.
+    ctl.report_container("a", id, Some("connection reset".into()))
+        .await
+        .unwrap();
+    let c = ctl.container_by_name("other").await.unwrap();
+    assert_eq!(c.state, "ok");
+    assert_eq!(c.unreachable_from, vec!["a: connection reset".to_string()]);
+    ctl.report_container("a", id, None).await.unwrap();
+    assert!(
+        ctl.container_by_name("other")
+            .await
+            .unwrap()
+            .unreachable_from
+            .is_empty()
+    );
+    // Now the controller cannot read it either (truncated under it): failed.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&other)
+        .unwrap();
+    f.set_len(0).unwrap();
+    ctl.report_container("a", id, Some("EIO".into()))
+        .await
+        .unwrap();
+    let c = ctl.container_by_name("other").await.unwrap();
+    assert_eq!(c.state, "failed", "{c:?}");
+    assert!(c.error.unwrap().contains("EIO"));
+    // Nothing new is allocated there while it is failed.
+    let v = ctl
+        .create_vdisk("vd", 8 * MIB, None, None, None)
+        .await
+        .unwrap();
+    ctl.fault(fault(v.id, FaultOp::Write, 0, 8)).await.unwrap();
+    assert!(
+        placement(&ctl, "vd")
+            .await
+            .iter()
+            .all(|(_, c, _)| c == "default")
+    );
+    // It answers again: the probe clears the state without any restart.
+    f.set_len(32 * MIB).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ctl.container_by_name("other").await.unwrap().state != "ok" {
+        assert!(Instant::now() < deadline, "never recovered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_consistent(&ctl).await;
+}
+
+/// Writes a recognisable block at each mapped entry's physical place, by its virtual offset.
+fn stamp(path: &Path, entries: &[(u64, String, u64)], container: &str) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    for (off, c, phys) in entries {
+        if c == container {
+            f.write_all_at(&off.to_le_bytes().repeat(512), *phys)
+                .unwrap();
+        }
+    }
+}
+
+fn read_stamp(dir: &Path, container: &str, phys: u64) -> u64 {
+    let f = std::fs::File::open(dir.join(format!("{container}.img"))).unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, phys).unwrap();
+    u64::from_le_bytes(b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_moves_every_table_that_maps_the_space_and_the_container_can_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 64 * MIB).await;
+    let v = ctl
+        .create_vdisk("vd", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
+    ctl.fault(fault(v.id, FaultOp::Write, 0, 6)).await.unwrap();
+    let default = dir.path().join("containers/default.img");
+    stamp(&default, &placement(&ctl, "vd").await, "default");
+    ctl.create_snapshot("vd", "s1").await.unwrap();
+    ctl.clone_vdisk("vd@s1", "cl", None).await.unwrap();
+    add_file(&ctl, dir.path(), "b", 64 * MIB).await;
+    let m = ctl.drain_container("default").await.unwrap();
+    assert_eq!(m.total, 6 * MIB);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let done = loop {
+        let m = ctl
+            .list_moves()
+            .into_iter()
+            .find(|m| m.subject == "default")
+            .unwrap();
+        if m.state != "running" {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "drain did not finish: {m:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(done.state, "done", "{done:?}");
+    assert_eq!(done.moved, 6 * MIB);
+    // The vdisk, its snapshot and the clone all map the same moved data, read back from
+    // its new place, and the space is still shared once (not copied three times).
+    for name in ["vd", "vd@s1", "cl"] {
+        let p = placement(&ctl, name).await;
+        assert_eq!(p.len(), 6, "{name}: {p:?}");
+        for (off, c, phys) in &p {
+            assert_eq!(c, "b", "{name}");
+            assert_eq!(read_stamp(dir.path(), "b", *phys), *off, "{name} at {off}");
+        }
+    }
+    let st = ctl.status().await;
+    assert_eq!(st.allocated, 6 * MIB);
+    let d = ctl.container_by_name("default").await.unwrap();
+    assert_eq!((d.state.as_str(), d.used), ("draining", 0));
+    assert_consistent(&ctl).await;
+    // Nothing new goes to a drained container.
+    ctl.fault(fault(v.id, FaultOp::Write, 10, 12))
+        .await
+        .unwrap();
+    assert!(placement(&ctl, "vd").await.iter().all(|(_, c, _)| c == "b"));
+    ctl.remove_container("default").await.unwrap();
+    assert_eq!(ctl.list_containers().await.len(), 1);
+    assert_consistent(&ctl).await;
+    // The removal is durable.
+    drop(ctl);
+    let ctl = Controller::open(ControllerConfig::new(dir.path()))
+        .await
+        .unwrap();
+    assert_eq!(ctl.list_containers().await.len(), 1);
+    assert_consistent(&ctl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_moves_a_vdisk_and_pins_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 64 * MIB).await;
+    let v = ctl
+        .create_vdisk("vd", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
+    ctl.fault(fault(v.id, FaultOp::Write, 0, 4)).await.unwrap();
+    stamp(
+        &dir.path().join("containers/default.img"),
+        &placement(&ctl, "vd").await,
+        "default",
+    );
+    add_file(&ctl, dir.path(), "fast", 32 * MIB).await;
+    // Not a container that cannot take space; not a container that is not there.
+    assert!(ctl.migrate_vdisk("vd", "nope").await.is_err());
+    ctl.migrate_vdisk("vd", "fast").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ctl.list_moves()[0].state == "running" {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ctl.list_moves()[0].state, "done");
+    let p = placement(&ctl, "vd").await;
+    assert_eq!(p.len(), 4);
+    for (off, c, phys) in &p {
+        assert_eq!(c, "fast");
+        assert_eq!(read_stamp(dir.path(), "fast", *phys), *off);
+    }
+    // Pinned: new space comes from "fast" although "default" has more room.
+    ctl.fault(fault(v.id, FaultOp::Write, 8, 9)).await.unwrap();
+    assert!(
+        placement(&ctl, "vd")
+            .await
+            .iter()
+            .all(|(_, c, _)| c == "fast")
+    );
+    // A container a vdisk is pinned to cannot be drained or removed.
+    assert!(ctl.drain_container("fast").await.is_err());
+    assert!(ctl.remove_container("fast").await.is_err());
+    assert_consistent(&ctl).await;
+}
