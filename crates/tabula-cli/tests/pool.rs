@@ -295,3 +295,89 @@ fn a_pool_of_several_containers_is_full_only_when_all_are() {
     c.disconnect();
     s.stop_and_check();
 }
+
+#[test]
+fn a_hung_remote_container_fails_io_after_the_timeout_never_hangs() {
+    if !have("qemu-nbd") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let q = NbdServer::start(Kind::QemuNbd, &tmp.path().join("q.img"), 64 * MIB);
+    let mut s = Server::start_args("16M", &["--container-timeout", TIMEOUT]);
+    s.cli(&["container", "add", "q", "--uri", &q.uri()]);
+    s.cli(&["vdisk", "create", "vd", "--size", "16M", "--container", "q"]);
+    let mut c = Client::connect(s.nbd_port, "vd").unwrap();
+    c.write(0, &stamp_block(1, 1), true).unwrap();
+    // Frozen: its connections stay open and nothing answers.
+    q.sigstop();
+    let t = Instant::now();
+    let r = c.read(0, 4096);
+    let took = t.elapsed();
+    assert!(matches!(r, Err(NbdErr::Errno(EIO))), "{r:?}");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
+        "a hung container must fail I/O after the 2 s timeout: {took:?}"
+    );
+    eprintln!("hung container to host error: {} ms", took.as_millis());
+    wait_state(&s, "q", "failed", Duration::from_secs(15));
+    q.sigcont();
+    wait_state(&s, "q", "ok", Duration::from_secs(15));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.read(0, 4096) {
+            Ok(d) => {
+                assert_eq!(d, stamp_block(1, 1));
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "I/O did not resume: {e:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.disconnect();
+    s.stop_and_check();
+}
+
+#[test]
+fn agents_in_other_processes_see_a_container_fail_and_recover() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cl = common::cluster::Cluster::start("64M", &["n1", "n2"]);
+    let mut r = NbdServer::start(Kind::Tabula, &tmp.path().join("r.img"), 64 * MIB);
+    cl.controller
+        .cli(&["container", "add", "r", "--uri", &r.uri()]);
+    cl.controller
+        .cli(&["vdisk", "create", "vd", "--size", "16M", "--container", "r"]);
+    let mut c1 = cl.agent("n1").client("vd");
+    let mut c2 = cl.agent("n2").client("vd");
+    c1.write(0, &stamp_block(7, 1), true).unwrap();
+    assert_eq!(c2.read(0, 4096).unwrap(), stamp_block(7, 1));
+    let c = cl.controller.json(&["container", "show", "r"]);
+    assert_eq!(c["agents"].as_array().unwrap().len(), 2, "{c}");
+    r.kill9();
+    assert!(matches!(c1.read(0, 4096), Err(NbdErr::Errno(EIO))));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cl.controller.json(&["container", "show", "r"])["state"] != "failed" {
+        assert!(Instant::now() < deadline, "never marked failed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // n2 was told: its I/O fails at once.
+    let t = Instant::now();
+    assert!(matches!(c2.read(0, 4096), Err(NbdErr::Errno(EIO))));
+    assert!(t.elapsed() < Duration::from_secs(1));
+    r.spawn();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for c in [&mut c1, &mut c2] {
+        loop {
+            match c.read(0, 4096) {
+                Ok(d) => {
+                    assert_eq!(d, stamp_block(7, 1));
+                    break;
+                }
+                Err(e) => assert!(Instant::now() < deadline, "I/O did not resume: {e:?}"),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    c1.disconnect();
+    c2.disconnect();
+    cl.stop_and_check();
+}

@@ -118,6 +118,24 @@ impl NbdServer {
         }
     }
 
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let st = Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill -{sig} {pid}");
+    }
+
+    /// Freezes the server: connections stay open and nothing answers (a hung device).
+    pub fn sigstop(&self) {
+        self.signal("STOP");
+    }
+
+    pub fn sigcont(&self) {
+        self.signal("CONT");
+    }
+
     /// kill -9 and reap.
     pub fn kill9(&mut self) {
         if let Some(c) = self.child.take() {
@@ -128,6 +146,12 @@ impl NbdServer {
 
 impl Drop for NbdServer {
     fn drop(&mut self) {
+        if self.child.is_some() {
+            // A stopped process must be continued to die promptly under some kernels.
+            let _ = Command::new("kill")
+                .args(["-CONT", &self.child.as_ref().unwrap().id().to_string()])
+                .status();
+        }
         self.kill9();
     }
 }
