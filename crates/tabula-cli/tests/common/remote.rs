@@ -146,10 +146,10 @@ impl NbdServer {
 
 impl Drop for NbdServer {
     fn drop(&mut self) {
-        if self.child.is_some() {
+        if let Some(c) = &self.child {
             // A stopped process must be continued to die promptly under some kernels.
             let _ = Command::new("kill")
-                .args(["-CONT", &self.child.as_ref().unwrap().id().to_string()])
+                .args(["-CONT", &c.id().to_string()])
                 .status();
         }
         self.kill9();
