@@ -1484,3 +1484,136 @@ fn controller_stops_promptly_while_an_agent_is_cut_off() {
     }
     common::check_data_dir(&nc.controller.data_dir);
 }
+
+/// A process killed (by process id) when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A remote container on the controller's host (its own address, 10.231.0.2) that one agent's
+/// host alone cannot reach: that agent's I/O fails and it reports the container, but the
+/// controller reaches it, so it records a path down from that agent, not a failed container;
+/// the other agent goes on; when the path heals, the agent's probe finds it and I/O resumes.
+#[test]
+fn a_path_down_from_one_agent_is_told_apart_from_a_failed_container() {
+    if !netns_usable() || !have("qemu-io") {
+        return;
+    }
+    let t0 = Instant::now();
+    let nc = NetCluster::start("p", 2, "64M");
+    sh(&[
+        "ip",
+        "-n",
+        &nc.ctl_ns,
+        "addr",
+        "add",
+        "10.231.0.2/24",
+        "dev",
+        "br0",
+    ]);
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("r.img");
+    let log = std::fs::File::create(tmp.path().join("serve.log")).unwrap();
+    let _server = Killed(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &nc.ctl_ns,
+                common::BIN,
+                "container",
+                "serve",
+            ])
+            .arg(&file)
+            .args(["--size", "64M", "--listen", "10.231.0.2:10810"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let uri = "nbd://10.231.0.2:10810/disk0";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !nc
+        .controller
+        .try_cli(&["container", "add", "r", "--uri", uri])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "container serve never came up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nc.controller
+        .cli(&["vdisk", "create", "vd", "--size", "16M", "--container", "r"]);
+    nc.qio(0, "vd", &["write -P 0x5a 0 64k"]);
+    nc.qio(1, "vd", &["read -P 0x5a 0 64k"]);
+    // host-0's connections to 10.231.0.2 now end on its own loopback: refused.
+    let cut = |on: bool| {
+        sh(&[
+            "ip",
+            "-n",
+            &nc.agent_ns[0],
+            "addr",
+            if on { "add" } else { "del" },
+            "10.231.0.2/32",
+            "dev",
+            "lo",
+        ]);
+    };
+    cut(true);
+    let (text, _) = nc.try_qio(0, "vd", &["read -P 0x5a 0 64k"]);
+    assert!(
+        text.contains("failed") || text.contains("error"),
+        "host-0 cannot reach the container, its read must fail:\n{text}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let c = loop {
+        let c = nc.controller.json(&["container", "show", "r"]);
+        if c["unreachable_from"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+        {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "no path down recorded: {c}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(c["state"], "ok", "the controller reaches it: {c}");
+    assert!(
+        c["unreachable_from"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("host-0"),
+        "{c}"
+    );
+    assert_eq!(c["agents"], serde_json::json!(["host-1"]), "{c}");
+    // host-1 never noticed.
+    nc.qio(1, "vd", &["read -P 0x5a 0 64k", "write -P 0x6b 64k 64k"]);
+    cut(false);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (text, ok) = nc.try_qio(0, "vd", &["read -P 0x6b 64k 64k"]);
+        if ok && !text.contains("failed") && !text.contains("error") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "host-0 never resumed:\n{text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !nc.controller.json(&["container", "show", "r"])["unreachable_from"]
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the path stayed recorded as down"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nc.finish("path-down test", t0);
+}
