@@ -38,8 +38,14 @@ if [ "$FUZZ_SECONDS" != 0 ]; then
     # cargo-fuzz needs unstable compiler flags; RUSTC_BOOTSTRAP lets the stable toolchain
     # accept them, so no nightly toolchain has to be downloaded.
     for target in $(cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz list); do
-        (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" -- \
-            -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 2>&1 | tail -n 2)
+        log="/tmp/tabula-fuzz-$target.log"
+        if ! (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" -- \
+            -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048) >"$log" 2>&1; then
+            echo "fuzz target $target failed (build or crash); the end of its log:"
+            tail -n 60 "$log"
+            exit 1
+        fi
+        echo "$target: $(tail -n 1 "$log")"
     done
 fi
 passed=$(grep -o '[0-9]* passed' /tmp/tabula-test.log | awk '{s+=$1} END {print s+0}')

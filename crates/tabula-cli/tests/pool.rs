@@ -34,6 +34,21 @@ fn wait_state(s: &Server, name: &str, state: &str, limit: Duration) -> serde_jso
     }
 }
 
+/// Reads block 0 until it succeeds (I/O resumed), then checks it holds `want`.
+fn read_when_back(c: &mut Client, want: &[u8], limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        match c.read(0, 4096) {
+            Ok(d) => {
+                assert_eq!(d, want);
+                return;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "I/O did not resume: {e:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn a_dead_remote_container_fails_io_within_the_bound_and_io_resumes_when_it_returns() {
     if !have("fio") || !have("qemu-nbd") {
@@ -103,6 +118,8 @@ fn a_dead_remote_container_fails_io_within_the_bound_and_io_resumes_when_it_retu
     let va = fio::spawn(&va_job, Duration::from_secs(120));
     std::thread::sleep(Duration::from_secs(2));
     let mut probe = Client::connect(s.nbd_port, "va").unwrap();
+    // (fio's load writes at 32M and up: block 0 keeps what the fill wrote)
+    let first = probe.read(0, 4096).unwrap();
     let killed = Instant::now();
     a.kill9();
     // A host's read of the dead container's data fails, within the bound, not hangs.
@@ -146,11 +163,7 @@ fn a_dead_remote_container_fails_io_within_the_bound_and_io_resumes_when_it_retu
     // It comes back: the state clears and I/O resumes, nothing restarted.
     a.spawn();
     wait_state(&s, "shelfa", "ok", Duration::from_secs(15));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while probe.read(0, 4096).is_err() {
-        assert!(Instant::now() < deadline, "I/O did not resume");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    read_when_back(&mut probe, &first, Duration::from_secs(10));
     probe.disconnect();
     let verify = fio::verify_only(&fill);
     let out = fio::spawn(&verify, Duration::from_secs(120))
@@ -322,17 +335,7 @@ fn a_hung_remote_container_fails_io_after_the_timeout_never_hangs() {
     wait_state(&s, "q", "failed", Duration::from_secs(15));
     q.sigcont();
     wait_state(&s, "q", "ok", Duration::from_secs(15));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match c.read(0, 4096) {
-            Ok(d) => {
-                assert_eq!(d, stamp_block(1, 1));
-                break;
-            }
-            Err(e) => assert!(Instant::now() < deadline, "I/O did not resume: {e:?}"),
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    read_when_back(&mut c, &stamp_block(1, 1), Duration::from_secs(10));
     c.disconnect();
     s.stop_and_check();
 }
@@ -364,18 +367,8 @@ fn agents_in_other_processes_see_a_container_fail_and_recover() {
     assert!(matches!(c2.read(0, 4096), Err(NbdErr::Errno(EIO))));
     assert!(t.elapsed() < Duration::from_secs(1));
     r.spawn();
-    let deadline = Instant::now() + Duration::from_secs(15);
     for c in [&mut c1, &mut c2] {
-        loop {
-            match c.read(0, 4096) {
-                Ok(d) => {
-                    assert_eq!(d, stamp_block(7, 1));
-                    break;
-                }
-                Err(e) => assert!(Instant::now() < deadline, "I/O did not resume: {e:?}"),
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        read_when_back(c, &stamp_block(7, 1), Duration::from_secs(15));
     }
     c1.disconnect();
     c2.disconnect();

@@ -147,6 +147,24 @@ async fn a_failed_container_takes_no_new_space_and_recovers_by_itself() {
     assert_consistent(&ctl).await;
 }
 
+/// Waits for the move of `subject` to end, and checks it ended well.
+async fn finished(ctl: &Controller, subject: &str) -> tabula_api::admin::MoveView {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = ctl
+            .list_moves()
+            .into_iter()
+            .find(|m| m.subject == subject)
+            .unwrap();
+        if m.state != "running" {
+            assert_eq!(m.state, "done", "{m:?}");
+            return m;
+        }
+        assert!(Instant::now() < deadline, "move did not finish: {m:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Writes a recognisable block at each mapped entry's physical place, by its virtual offset.
 fn stamp(path: &Path, entries: &[(u64, String, u64)], container: &str) {
     let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
@@ -181,20 +199,7 @@ async fn drain_moves_every_table_that_maps_the_space_and_the_container_can_go() 
     add_file(&ctl, dir.path(), "b", 64 * MIB).await;
     let m = ctl.drain_container("default").await.unwrap();
     assert_eq!(m.total, 6 * MIB);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let done = loop {
-        let m = ctl
-            .list_moves()
-            .into_iter()
-            .find(|m| m.subject == "default")
-            .unwrap();
-        if m.state != "running" {
-            break m;
-        }
-        assert!(Instant::now() < deadline, "drain did not finish: {m:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(done.state, "done", "{done:?}");
+    let done = finished(&ctl, "default").await;
     assert_eq!(done.moved, 6 * MIB);
     // The vdisk, its snapshot and the clone all map the same moved data, read back from
     // its new place, and the space is still shared once (not copied three times).
@@ -246,12 +251,7 @@ async fn migrate_moves_a_vdisk_and_pins_it() {
     // Not a container that cannot take space; not a container that is not there.
     assert!(ctl.migrate_vdisk("vd", "nope").await.is_err());
     ctl.migrate_vdisk("vd", "fast").await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while ctl.list_moves()[0].state == "running" {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(ctl.list_moves()[0].state, "done");
+    finished(&ctl, "vd").await;
     let p = placement(&ctl, "vd").await;
     assert_eq!(p.len(), 4);
     for (off, c, phys) in &p {
