@@ -85,6 +85,10 @@ async fn open_controller(
             "TABULA_TEST_COW_SWITCH_PAUSE_MS",
             &mut c.test_pauses.cow_switch,
         ),
+        (
+            "TABULA_TEST_MOVE_SWITCH_PAUSE_MS",
+            &mut c.test_pauses.move_switch,
+        ),
     ] {
         if let Ok(ms) = std::env::var(var) {
             let ms: u64 = ms

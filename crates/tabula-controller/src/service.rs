@@ -85,6 +85,8 @@ pub struct TestPauses {
     pub snapshot_commit: Option<Duration>,
     /// After an agent reported a copy-on-write copy, before the tables are switched.
     pub cow_switch: Option<Duration>,
+    /// After a move step copied its run, before the tables are switched.
+    pub move_switch: Option<Duration>,
 }
 
 impl ControllerConfig {
@@ -612,6 +614,21 @@ impl Controller {
         };
         for id in failed {
             ctl.spawn_recovery(id);
+        }
+        // A drain the last run did not finish goes on (a cancelled one is no longer marked).
+        let draining: Vec<String> = {
+            let meta = ctl.meta.lock().await;
+            meta.containers
+                .values()
+                .filter(|c| c.rec.draining)
+                .map(|c| c.rec.name.clone())
+                .collect()
+        };
+        for name in draining {
+            match ctl.drain_container(&name).await {
+                Ok(_) => info!(container = name, "resuming the drain"),
+                Err(e) => warn!(container = name, error = %e, "cannot resume the drain"),
+            }
         }
         Ok(ctl)
     }

@@ -417,6 +417,14 @@ impl Controller {
             })
             .filter(|m| !m.pieces.is_empty())
             .collect();
+        // The new run belongs to no table until the switch, and the copy makes it hold
+        // data: reserve it durably (as copies-on-write do), so that a crash before the
+        // switch has it zeroed at the next start rather than handed out with old data.
+        let seq = self.journal.push(Box::new(move |t| {
+            write_deltas(t, &deltas)?;
+            t.put_cow(to, n)
+        }));
+        self.journal.wait(seq).await?;
         // Step 2: writes to the run fault (and wait for this lock) from here on.
         let mut acked = true;
         for m in &mappers {
@@ -455,25 +463,36 @@ impl Controller {
             Err("an agent did not acknowledge the no-write state".to_string())
         };
         if let Err(e) = copied {
-            // Give the space back and the agents their tables as they were.
-            let mut scratch = Vec::new();
-            meta.free(to, n, &mut scratch)?;
+            // Give the agents their tables as they were, and the new run (part copied)
+            // back to the pool through zeroing.
             let mut writes = Vec::new();
             for m in &mappers {
                 writes.push(Self::edit_table(&mut meta, m.vdisk, m.span(), |_| Ok(()))?);
             }
-            let seq = self.queue(&mut meta, writes, |_| Ok(()));
+            let partial = vec![(to, n)];
+            let stored = partial.clone();
+            let seq = self.queue(&mut meta, writes, move |t| {
+                t.delete_cow(to)?;
+                t.put_zeroing_runs(&stored)
+            });
             self.journal.wait(seq).await?;
+            meta.mark_zeroing(&partial);
             for m in &mappers {
                 let (b, e) = m.span();
                 let update = self.range_update(&meta, m.vdisk, b, e, true);
                 self.push(m.vdisk, None, Command::Update(update)).await;
+            }
+            if let Err(z) = self.zero_and_free(&mut meta, partial).await {
+                warn!(error = %z, "zeroing the run of a failed move step");
             }
             return Err(ControlError::Storage(format!(
                 "copying {} blocks from {}: {e}",
                 n,
                 meta.container_name(from.container)
             )));
+        }
+        if let Some(p) = self.cfg.test_pauses.move_switch {
+            tokio::time::sleep(p).await;
         }
         // Step 4: switch every table, moving the shared-block counts with the data.
         let mut writes = Vec::new();
@@ -502,7 +521,7 @@ impl Controller {
         let old = vec![(from, n)];
         let stored = old.clone();
         let seq = self.queue(&mut meta, writes, move |t| {
-            write_deltas(t, &deltas)?;
+            t.delete_cow(to)?;
             t.put_zeroing_runs(&stored)
         });
         self.journal.wait(seq).await?;
