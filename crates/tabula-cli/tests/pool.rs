@@ -179,17 +179,31 @@ fn a_live_drain_under_fio_verify_with_a_snapshot_moves_everything() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let mut s = Server::start("1G");
+    // Each step waits 30 ms between its copy and its switch: a wider window for a write to
+    // race the copy (one that landed on the old run then would be lost).
+    let mut s = Server::start_env("1G", &[("TABULA_TEST_MOVE_SWITCH_PAUSE_MS", "30")]);
+    // A vdisk without snapshots, drained first (lowest id): its runs are writable in place
+    // while they are copied.
+    s.cli(&["vdisk", "create", "plain", "--size", "64M"]);
+    let plain_fill = fio::args(
+        &s.url("plain"),
+        "plain",
+        &["--rw=write", "--bs=1M", "--size=64M", "--iodepth=4"],
+    );
+    let out = fio::spawn(&plain_fill, Duration::from_secs(120))
+        .wait_with_output()
+        .unwrap();
+    fio::check(out, &plain_fill, Some(64 * MIB), 64 * MIB);
     s.cli(&["vdisk", "create", "vd", "--size", "256M"]);
     let fill = fio::args(
         &s.url("vd"),
         "fill",
-        &["--rw=write", "--bs=1M", "--size=96M", "--iodepth=4"],
+        &["--rw=write", "--bs=1M", "--size=192M", "--iodepth=4"],
     );
     let out = fio::spawn(&fill, Duration::from_secs(120))
         .wait_with_output()
         .unwrap();
-    fio::check(out, &fill, Some(96 * MIB), 96 * MIB);
+    fio::check(out, &fill, Some(192 * MIB), 192 * MIB);
     s.cli(&["snapshot", "create", "vd", "s1"]);
     // Everything so far is in the default container; the drain moves it to a remote one.
     let remote = NbdServer::start(Kind::Tabula, &tmp.path().join("r.img"), 1 << 30);
@@ -209,12 +223,52 @@ fn a_live_drain_under_fio_verify_with_a_snapshot_moves_everything() {
     );
     let running = fio::spawn(&load, Duration::from_secs(180));
     std::thread::sleep(Duration::from_secs(1));
-    let out = s.cli(&["container", "drain", "default"]);
-    assert!(out.contains("drained"), "{out}");
-    let c = s.json(&["container", "show", "default"]);
-    assert_eq!(c["used"], 0, "{c}");
+    // And one writer as fast as it can, started with the drain, so that writes race the
+    // copies of the runs they land in.
+    let burst = fio::args(
+        &s.url("vd"),
+        "burst",
+        &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--offset=128M",
+            "--size=32M",
+            "--iodepth=16",
+        ],
+    );
+    let plain_burst = fio::args(
+        &s.url("plain"),
+        "plain-burst",
+        &["--rw=randwrite", "--bs=4k", "--size=64M", "--iodepth=16"],
+    );
+    let out = s.cli(&["container", "drain", "default", "--no-wait"]);
+    assert!(out.contains("draining"), "{out}");
+    let bursting = fio::spawn(&burst, Duration::from_secs(180));
+    let plain_bursting = fio::spawn(&plain_burst, Duration::from_secs(180));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let c = loop {
+        let c = s.json(&["container", "show", "default"]);
+        if c["drain"]["state"] != "running" {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "drain did not finish: {c}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let d = &c["drain"];
     assert_eq!(d["state"], "done", "{c}");
+    assert_eq!(c["used"], 0, "{c}");
+    fio::check(
+        bursting.wait_with_output().unwrap(),
+        &burst,
+        Some(32 * MIB),
+        32 * MIB,
+    );
+    fio::check(
+        plain_bursting.wait_with_output().unwrap(),
+        &plain_burst,
+        Some(64 * MIB),
+        64 * MIB,
+    );
     eprintln!(
         "drain under fio: {} MiB in {} ms: {:.1} MiB/s",
         d["moved"].as_u64().unwrap() / MIB,
@@ -237,7 +291,7 @@ fn a_live_drain_under_fio_verify_with_a_snapshot_moves_everything() {
     let out = fio::spawn(&snap, Duration::from_secs(120))
         .wait_with_output()
         .unwrap();
-    fio::check(out, &snap, None, 96 * MIB);
+    fio::check(out, &snap, None, 192 * MIB);
     let head = fio::args(
         &s.url("vd"),
         "fill",

@@ -36,6 +36,7 @@ use tracing::{info, warn};
 use crate::agents::{Agents, Delivery, lease_margin};
 use crate::journal::Journal;
 use crate::store::{Store, StoreError, Txn, VdiskRecord};
+use moves::Moving;
 use pool::ContainerMeta;
 
 pub const DB_FILE: &str = "tabula.redb";
@@ -152,6 +153,8 @@ struct Meta {
     shared: SharedBlocks,
     /// Copy-on-write in progress, by (vdisk, segment).
     cows: BTreeMap<(VdiskId, u64), PendingCow>,
+    /// Runs a drain or migration is copying.
+    moving: Vec<Moving>,
 }
 
 /// A segment being copied by an agent before its first write after a snapshot or clone.
@@ -374,6 +377,14 @@ impl TableWrite {
     fn apply(&self, t: &mut Txn<'_>) -> Result<(), StoreError> {
         t.replace_entries(self.vdisk, self.lo, self.hi, &self.entries)?;
         t.put_vdisk(self.vdisk, &self.rec)
+    }
+}
+
+/// A write or unmap of a run a drain or migration is copying waits for its switch.
+fn moving_retry() -> ControlError {
+    ControlError::Retry {
+        after_ms: 5,
+        reason: "the data is being moved to another container".into(),
     }
 }
 
@@ -985,7 +996,7 @@ impl Controller {
             segment_blocks: v.rec.segment_blocks,
             generation: Generation(v.rec.generation),
             read_only: v.rec.read_only,
-            entries: v.table.entries().collect(),
+            entries: meta.no_write_overlay(id, v.table.entries().collect()),
         }
     }
 
@@ -1168,6 +1179,9 @@ impl Controller {
                 "segments {}..{} lie outside vdisk {} ({nsegs} segments)",
                 f.segments.0, f.segments.1, v.rec.name
             )));
+        }
+        if meta.maps_moving(&v.table.entries_in(s0 * seg, (s1 * seg).min(size))) {
+            return Err(moving_retry());
         }
         // What each segment needs: space, a flip of unshared `new` entries to `normal`, or a
         // copy-on-write.
@@ -1449,7 +1463,7 @@ impl Controller {
             vdisk,
             generation: Generation(v.rec.generation),
             range: (b, e),
-            entries: v.table.entries_in(b, e),
+            entries: meta.no_write_overlay(vdisk, v.table.entries_in(b, e)),
             change,
             copies: Vec::new(),
         }
@@ -1470,6 +1484,9 @@ impl Controller {
         }
         if v.rec.read_only {
             return Err(read_only(&v.rec.name));
+        }
+        if meta.maps_moving(&v.table.entries_in(b, e)) {
+            return Err(moving_retry());
         }
         let cut: Vec<(Phys, u64)> = v
             .table

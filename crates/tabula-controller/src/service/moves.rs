@@ -117,7 +117,28 @@ impl MoveJob {
     }
 }
 
+/// What a step decided under the lock, for the copy and the switch.
+struct StepPlan {
+    from: Phys,
+    to: Phys,
+    n: u64,
+    lineage: u64,
+    mappers: Vec<Mapper>,
+    src: Arc<tabula_container::Container>,
+    dst: Arc<tabula_container::Container>,
+    /// Journal ticket of the new run's reservation.
+    reserved: u64,
+    /// Whether every agent acknowledged the no-write state.
+    acked: bool,
+}
+
+/// Whether two physical runs share a block.
+fn overlaps(a: (Phys, u64), b: (Phys, u64)) -> bool {
+    a.0.container == b.0.container && a.0.block < b.0.block + b.1 && b.0.block < a.0.block + a.1
+}
+
 /// One table's part in a step: the virtual ranges that map the old run.
+#[derive(Debug, PartialEq, Eq)]
 struct Mapper {
     vdisk: VdiskId,
     /// (virtual begin, virtual end, first physical block, state)
@@ -361,6 +382,130 @@ impl Controller {
 
     /// Moves one run. Returns the blocks moved, or `None` when nothing is left to move.
     async fn move_step(&self, job: &MoveJob) -> Result<Option<u64>, ControlError> {
+        let Some(plan) = self.plan_step(job).await? else {
+            return Ok(None);
+        };
+        // Step 3, without the metadata lock: faults elsewhere go on; a write to the run (or
+        // its trim) is told to retry until the switch.
+        let copied = match self.journal.wait(plan.reserved).await {
+            Err(e) => Err(e.to_string()),
+            Ok(()) if !plan.acked => {
+                Err("an agent did not acknowledge the no-write state".to_string())
+            }
+            Ok(()) => {
+                let (src, dst, from, to, n) = (
+                    plan.src.clone(),
+                    plan.dst.clone(),
+                    plan.from,
+                    plan.to,
+                    plan.n,
+                );
+                tokio::task::spawn_blocking(move || {
+                    const CHUNK: u64 = 256; // blocks (1 MiB)
+                    let mut done = 0;
+                    while done < n {
+                        let k = CHUNK.min(n - done);
+                        let buf = src.read_vec_at(
+                            (k * BLOCK_SIZE) as usize,
+                            (from.block + done) * BLOCK_SIZE,
+                        )?;
+                        dst.write_at(&buf, (to.block + done) * BLOCK_SIZE)?;
+                        done += k;
+                    }
+                    dst.sync()
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+            }
+        };
+        if let Some(p) = self.cfg.test_pauses.move_switch {
+            tokio::time::sleep(p).await;
+        }
+        let mut meta = self.meta.lock().await;
+        meta.moving.retain(|m| m.run != (plan.from, plan.n));
+        // Anything that changed a table mapping the run meanwhile (a copy-on-write, a
+        // snapshot, a delete) makes this copy stale: undo and let the next step look again.
+        let now = Self::mappers(&meta, plan.lineage, plan.from, plan.n);
+        let outcome = match copied {
+            Err(e) => Err(ControlError::Storage(format!(
+                "copying {} blocks from {}: {e}",
+                plan.n,
+                meta.container_name(plan.from.container)
+            ))),
+            Ok(()) if now != plan.mappers => Err(ControlError::Retry {
+                after_ms: 0,
+                reason: "the run changed while it was copied".into(),
+            }),
+            Ok(()) => Ok(()),
+        };
+        if let Err(e) = outcome {
+            self.undo_step(&mut meta, &plan).await?;
+            return Err(e);
+        }
+        let (from, to, n) = (plan.from, plan.to, plan.n);
+        // Step 4: switch every table, moving the shared-block counts with the data.
+        let mut writes = Vec::new();
+        for m in &plan.mappers {
+            let w = Self::edit_table(&mut meta, m.vdisk, m.span(), |t| {
+                for &(b, e, p, state) in &m.pieces {
+                    t.set(b, e, Some(to.offset(p - from.block)), state)?;
+                }
+                Ok(())
+            })?;
+            writes.push(w);
+        }
+        for m in &plan.mappers {
+            for &(b, e, p, _) in &m.pieces {
+                meta.release(&[(from.offset(p - from.block), e - b)]);
+                meta.share(&[(to.offset(p - from.block), e - b)]);
+            }
+        }
+        // Each new block got one reference per mapper; the first one is not "extra".
+        meta.shared.release(to, n);
+        if meta.shared.shared_in(from, n) > 0 {
+            warn!(
+                "a moved run is still counted as shared: some table outside its lineage maps it; run tabula check"
+            );
+        }
+        let old = vec![(from, n)];
+        let stored = old.clone();
+        let seq = self.queue(&mut meta, writes, move |t| {
+            t.delete_cow(to)?;
+            t.put_zeroing_runs(&stored)
+        });
+        self.journal.wait(seq).await?;
+        meta.mark_zeroing(&old);
+        *job.hint.lock() = Some(to.offset(n));
+        let mut all = true;
+        for m in &plan.mappers {
+            let (b, e) = m.span();
+            let update = self.range_update(&meta, m.vdisk, b, e, true);
+            all &= self.push(m.vdisk, None, Command::Update(update)).await;
+        }
+        if all {
+            self.zero_and_free(&mut meta, old).await?;
+        }
+        Ok(Some(n))
+    }
+
+    /// Every table of `lineage` that maps any of `[at, at+n)`, with the pieces that do.
+    fn mappers(meta: &Meta, lineage: u64, at: Phys, n: u64) -> Vec<Mapper> {
+        meta.vdisks
+            .iter()
+            .filter(|(_, v)| v.rec.lineage == lineage)
+            .map(|(&id, v)| Mapper {
+                vdisk: id,
+                pieces: pieces_mapping(&v.table, at, n),
+            })
+            .filter(|m| !m.pieces.is_empty())
+            .collect()
+    }
+
+    /// Steps 1 and 2, under the metadata lock: picks the run, reserves the new one (its
+    /// journal ticket is returned, not waited for), makes the run no-write on every agent and
+    /// registers it as moving. `None` when nothing is left to move.
+    async fn plan_step(&self, job: &MoveJob) -> Result<Option<StepPlan>, ControlError> {
         let mut meta = self.meta.lock().await;
         let Some((vdisk, from, want)) = Self::next_run(&meta, job) else {
             // Copies-on-write into a drained container finish first (they become mapped).
@@ -374,6 +519,12 @@ impl Controller {
             }
             return Ok(None);
         };
+        if meta.moving.iter().any(|m| overlaps(m.run, (from, want))) {
+            return Err(ControlError::Retry {
+                after_ms: 20,
+                reason: "another move is moving this run".into(),
+            });
+        }
         let src = meta
             .containers
             .get(&from.container)
@@ -407,136 +558,78 @@ impl Controller {
             .expect("allocatable containers are reachable");
         // Every table of the lineage may share the run (snapshots, clones).
         let lineage = meta.vdisks[&vdisk].rec.lineage;
-        let mappers: Vec<Mapper> = meta
-            .vdisks
-            .iter()
-            .filter(|(_, v)| v.rec.lineage == lineage)
-            .map(|(&id, v)| Mapper {
-                vdisk: id,
-                pieces: pieces_mapping(&v.table, from, n),
-            })
-            .filter(|m| !m.pieces.is_empty())
-            .collect();
+        let mappers = Self::mappers(&meta, lineage, from, n);
         // The new run belongs to no table until the switch, and the copy makes it hold
         // data: reserve it durably (as copies-on-write do), so that a crash before the
         // switch has it zeroed at the next start rather than handed out with old data.
-        let seq = self.journal.push(Box::new(move |t| {
+        let reserved = self.journal.push(Box::new(move |t| {
             write_deltas(t, &deltas)?;
             t.put_cow(to, n)
         }));
-        self.journal.wait(seq).await?;
-        // Step 2: writes to the run fault (and wait for this lock) from here on.
+        // Step 2: from here on a write to the run faults, and the fault is told to retry
+        // until the switch. Answers and tables sent meanwhile show the run no-write too.
+        let spans: Vec<(VdiskId, (u64, u64))> = mappers
+            .iter()
+            .filter(|m| !meta.vdisks[&m.vdisk].rec.read_only)
+            .map(|m| (m.vdisk, m.span()))
+            .collect();
+        meta.moving.push(super::Moving {
+            run: (from, n),
+            spans: spans.clone(),
+        });
         let mut acked = true;
-        for m in &mappers {
-            let v = meta.vdisks.get_mut(&m.vdisk).expect("listed");
-            if v.rec.read_only {
-                continue;
-            }
+        for (id, span) in spans {
+            let v = meta.vdisks.get_mut(&id).expect("listed");
             v.rec.generation += 1;
             let cmd = Command::SetState {
-                vdisk: m.vdisk,
+                vdisk: id,
                 generation: tabula_core::Generation(v.rec.generation),
-                range: m.span(),
+                range: span,
                 state: State::NoWrite,
             };
-            acked &= self.push(m.vdisk, None, cmd).await;
+            acked &= self.push(id, None, cmd).await;
         }
-        // Step 3: copy and make it durable.
-        let copied = if acked {
-            let (src, dst) = (src.clone(), dst.clone());
-            tokio::task::spawn_blocking(move || {
-                const CHUNK: u64 = 256; // blocks (1 MiB)
-                let mut done = 0;
-                while done < n {
-                    let k = CHUNK.min(n - done);
-                    let buf = src
-                        .read_vec_at((k * BLOCK_SIZE) as usize, (from.block + done) * BLOCK_SIZE)?;
-                    dst.write_at(&buf, (to.block + done) * BLOCK_SIZE)?;
-                    done += k;
-                }
-                dst.sync()
-            })
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()))
-        } else {
-            Err("an agent did not acknowledge the no-write state".to_string())
-        };
-        if let Err(e) = copied {
-            // Give the agents their tables as they were, and the new run (part copied)
-            // back to the pool through zeroing.
-            let mut writes = Vec::new();
-            for m in &mappers {
-                writes.push(Self::edit_table(&mut meta, m.vdisk, m.span(), |_| Ok(()))?);
-            }
-            let partial = vec![(to, n)];
-            let stored = partial.clone();
-            let seq = self.queue(&mut meta, writes, move |t| {
-                t.delete_cow(to)?;
-                t.put_zeroing_runs(&stored)
-            });
-            self.journal.wait(seq).await?;
-            meta.mark_zeroing(&partial);
-            for m in &mappers {
-                let (b, e) = m.span();
-                let update = self.range_update(&meta, m.vdisk, b, e, true);
-                self.push(m.vdisk, None, Command::Update(update)).await;
-            }
-            if let Err(z) = self.zero_and_free(&mut meta, partial).await {
-                warn!(error = %z, "zeroing the run of a failed move step");
-            }
-            return Err(ControlError::Storage(format!(
-                "copying {} blocks from {}: {e}",
-                n,
-                meta.container_name(from.container)
-            )));
-        }
-        if let Some(p) = self.cfg.test_pauses.move_switch {
-            tokio::time::sleep(p).await;
-        }
-        // Step 4: switch every table, moving the shared-block counts with the data.
+        Ok(Some(StepPlan {
+            from,
+            to,
+            n,
+            lineage,
+            mappers,
+            src,
+            dst,
+            reserved,
+            acked,
+        }))
+    }
+
+    /// A step that cannot switch: the agents get their tables as they were, and the new run
+    /// (perhaps partly written) goes back to the pool through zeroing.
+    async fn undo_step(&self, meta: &mut Meta, plan: &StepPlan) -> Result<(), ControlError> {
         let mut writes = Vec::new();
-        for m in &mappers {
-            let w = Self::edit_table(&mut meta, m.vdisk, m.span(), |t| {
-                for &(b, e, p, state) in &m.pieces {
-                    t.set(b, e, Some(to.offset(p - from.block)), state)?;
-                }
-                Ok(())
-            })?;
-            writes.push(w);
-        }
-        for m in &mappers {
-            for &(b, e, p, _) in &m.pieces {
-                meta.release(&[(from.offset(p - from.block), e - b)]);
-                meta.share(&[(to.offset(p - from.block), e - b)]);
+        let mut restored = Vec::new();
+        for m in &plan.mappers {
+            if let Ok(w) = Self::edit_table(meta, m.vdisk, m.span(), |_| Ok(())) {
+                writes.push(w);
+                restored.push((m.vdisk, m.span()));
             }
         }
-        // Each new block got one reference per mapper; the first one is not "extra".
-        meta.shared.release(to, n);
-        if meta.shared.shared_in(from, n) > 0 {
-            warn!(
-                "a moved run is still counted as shared: some table outside its lineage maps it; run tabula check"
-            );
-        }
-        let old = vec![(from, n)];
-        let stored = old.clone();
-        let seq = self.queue(&mut meta, writes, move |t| {
+        let to = plan.to;
+        let partial = vec![(to, plan.n)];
+        let stored = partial.clone();
+        let seq = self.queue(meta, writes, move |t| {
             t.delete_cow(to)?;
             t.put_zeroing_runs(&stored)
         });
         self.journal.wait(seq).await?;
-        meta.mark_zeroing(&old);
-        *job.hint.lock() = Some(to.offset(n));
-        let mut all = true;
-        for m in &mappers {
-            let (b, e) = m.span();
-            let update = self.range_update(&meta, m.vdisk, b, e, true);
-            all &= self.push(m.vdisk, None, Command::Update(update)).await;
+        meta.mark_zeroing(&partial);
+        for (id, (b, e)) in restored {
+            let update = self.range_update(meta, id, b, e, true);
+            self.push(id, None, Command::Update(update)).await;
         }
-        if all {
-            self.zero_and_free(&mut meta, old).await?;
+        if let Err(z) = self.zero_and_free(meta, partial).await {
+            warn!(error = %z, "zeroing the run of an undone move step");
         }
-        Ok(Some(n))
+        Ok(())
     }
 
     /// Forgets an empty container (drained, nothing left to zero, nothing pinned to it).
@@ -579,3 +672,132 @@ impl Controller {
 
 /// Moves by key, for the controller.
 pub(super) type Moves = parking_lot::Mutex<BTreeMap<String, Arc<MoveJob>>>;
+
+/// A run being moved: between its no-write state and its switch, writes to it are told to
+/// retry, and whatever the controller sends agents shows its virtual spans no-write.
+pub(super) struct Moving {
+    pub(super) run: (Phys, u64),
+    /// The writable tables' virtual spans that map it.
+    pub(super) spans: Vec<(VdiskId, (u64, u64))>,
+}
+
+impl Meta {
+    /// Whether any of these entries maps into a run being moved.
+    pub(super) fn maps_moving(&self, entries: &[Entry]) -> bool {
+        !self.moving.is_empty()
+            && entries.iter().any(|x| {
+                x.target
+                    .is_some_and(|t| self.moving.iter().any(|m| overlaps(m.run, (t, x.len()))))
+            })
+    }
+
+    /// `entries` of `vdisk` as agents must see them while moves copy: mapped entries inside a
+    /// moving span are no-write (as the `SetState` that began the step made them).
+    pub(super) fn no_write_overlay(&self, vdisk: VdiskId, entries: Vec<Entry>) -> Vec<Entry> {
+        let spans: Vec<(u64, u64)> = self
+            .moving
+            .iter()
+            .flat_map(|m| m.spans.iter())
+            .filter(|(v, _)| *v == vdisk)
+            .map(|(_, s)| *s)
+            .collect();
+        if spans.is_empty() {
+            return entries;
+        }
+        let mut out: Vec<Entry> = Vec::with_capacity(entries.len() + 2 * spans.len());
+        for x in entries {
+            // Cut the entry at every span edge inside it.
+            let mut cuts: Vec<u64> = spans
+                .iter()
+                .flat_map(|&(b, e)| [b, e])
+                .filter(|&c| c > x.begin && c < x.end)
+                .collect();
+            cuts.sort_unstable();
+            cuts.dedup();
+            let mut begin = x.begin;
+            for end in cuts.into_iter().chain(std::iter::once(x.end)) {
+                let inside = spans.iter().any(|&(b, e)| b <= begin && end <= e);
+                let piece = Entry {
+                    begin,
+                    end,
+                    target: x.target.map(|t| t.offset(begin - x.begin)),
+                    state: if inside && x.target.is_some() {
+                        State::NoWrite
+                    } else {
+                        x.state
+                    },
+                };
+                match out.last_mut() {
+                    Some(last) if last.merges_with(&piece) => last.end = piece.end,
+                    _ => out.push(piece),
+                }
+                begin = end;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_overlay_makes_exactly_the_moving_spans_no_write() {
+        let c = ContainerId(1);
+        let at = |block| {
+            Some(Phys {
+                container: c,
+                block,
+            })
+        };
+        let mut meta = Meta::default();
+        meta.moving.push(Moving {
+            run: (at(100).unwrap(), 10),
+            spans: vec![(VdiskId(1), (5, 15))],
+        });
+        let entries = vec![
+            Entry {
+                begin: 0,
+                end: 10,
+                target: at(95),
+                state: State::Normal,
+            },
+            Entry {
+                begin: 10,
+                end: 20,
+                target: at(200),
+                state: State::New,
+            },
+            Entry {
+                begin: 20,
+                end: 30,
+                target: None,
+                state: State::Zero,
+            },
+        ];
+        let got = meta.no_write_overlay(VdiskId(1), entries.clone());
+        let want: Vec<(u64, u64, State)> = vec![
+            (0, 5, State::Normal),
+            (5, 15, State::NoWrite),
+            (15, 20, State::New),
+            (20, 30, State::Zero),
+        ];
+        let got_short: Vec<(u64, u64, State)> =
+            got.iter().map(|x| (x.begin, x.end, x.state)).collect();
+        // (5..10 and 10..15 are not contiguous physically, so they stay two entries.)
+        assert_eq!(got_short.len(), 5, "{got:?}");
+        assert_eq!(got[1].target, at(100));
+        assert_eq!(got[2].target, at(200));
+        for (b, e, st) in want {
+            for x in &got {
+                if x.begin >= b && x.end <= e {
+                    assert_eq!(x.state, st, "{x:?}");
+                }
+            }
+        }
+        assert_eq!(meta.no_write_overlay(VdiskId(2), entries.clone()), entries);
+        assert!(meta.maps_moving(&entries[..1]));
+        assert!(!meta.maps_moving(&entries[1..]));
+    }
+}
