@@ -42,9 +42,11 @@ use pool::ContainerMeta;
 pub const DB_FILE: &str = "tabula.redb";
 pub const DEFAULT_SEGMENT_SIZE: u64 = 1 << 20;
 const MAX_NAME: usize = 128;
-/// How far each table's generation moves at a start: beyond the one generation a snapshot
-/// or rollback may have shown agents before a crash kept it from the store.
-const GENERATION_SKIP_AT_START: u64 = 2;
+/// How far each table's generation moves at a start: beyond every generation a previous run
+/// may have shown agents without storing it (a snapshot or rollback shows its next one before
+/// the commit; each running move step shows one for its no-write state). Far more than
+/// can be in flight at once, and still 2^44 restarts from overflowing.
+const GENERATION_SKIP_AT_START: u64 = 1 << 20;
 /// Above this many runs, sharing and releasing rebuild the reference counts in one pass.
 const BULK_RUNS: usize = 1024;
 /// How long a fault waits for the metadata lock before it is told to retry.
@@ -213,6 +215,8 @@ impl Meta {
             .get_mut(at.container)
             .ok_or_else(|| ControlError::Storage(format!("container {} vanished", at.container)))?;
         let old = m.touching(at.block, at.block + n);
+        self.freed_while_moving(at, n);
+        let m = self.pool.get_mut(at.container).expect("looked up");
         m.free_run(at.container, at.block, n)
             .map_err(|e| ControlError::Storage(e.to_string()))?;
         deltas.push(FreeDelta {
@@ -227,6 +231,7 @@ impl Meta {
     fn mark_zeroing(&mut self, runs: &[(Phys, u64)]) {
         for &(p, l) in runs {
             self.zeroing.insert((p.container, p.block), l);
+            self.freed_while_moving(p, l);
         }
     }
 
@@ -636,7 +641,7 @@ impl Controller {
                 .collect()
         };
         for name in draining {
-            match ctl.drain_container(&name).await {
+            match ctl.start_drain(&name, true).await {
                 Ok(_) => info!(container = name, "resuming the drain"),
                 Err(e) => warn!(container = name, error = %e, "cannot resume the drain"),
             }
@@ -1123,10 +1128,12 @@ impl Controller {
             Ok::<_, ControlError>(())
         })();
         if let Err(e) = punched {
-            // Still recorded as zeroing: try the whole batch again later.
+            // Still recorded as zeroing: the whole batch is tried again later. The change
+            // that freed the space is committed, so whoever freed it has succeeded.
+            warn!(error = %e, runs = runs.len(), "zeroing freed space failed; it is tried again later");
             meta.deferred
                 .extend(runs.into_iter().map(|(p, l)| (retry_at, p, l)));
-            return Err(e);
+            return Ok(());
         }
         let mut deltas = Vec::new();
         for &(p, l) in &runs {
@@ -1284,26 +1291,19 @@ impl Controller {
         // Allocate: required segments must all succeed; read-ahead is best effort.
         let mut deltas = Vec::new();
         let mut got: Vec<(u64, u64, Phys)> = Vec::new(); // (begin block, len, target)
-        let mut hint = prev_target.map(|t| t.offset(1));
-        let scope = meta.scope(f.vdisk);
+        let mut place = Placement {
+            seg,
+            hint: prev_target.map(|t| t.offset(1)),
+            scope: meta.scope(f.vdisk),
+        };
         for (a, b) in contiguous_runs(&need) {
             let end = (b * seg).min(size);
-            if fill(
-                meta,
-                seg,
-                a * seg,
-                end,
-                &mut hint,
-                scope,
-                &mut deltas,
-                &mut got,
-            )? < end
-            {
+            if fill(meta, &mut place, (a * seg, end), &mut deltas, &mut got)? < end {
                 return Err(self.no_space(meta, &got));
             }
         }
         for &(b, e) in &gaps {
-            let Some((at, n)) = meta.alloc(1, e - b, e - b, None, scope, &mut deltas) else {
+            let Some((at, n)) = meta.alloc(1, e - b, e - b, None, place.scope, &mut deltas) else {
                 return Err(self.no_space(meta, &got));
             };
             got.push((b, n, at));
@@ -1320,16 +1320,7 @@ impl Controller {
         };
         if let (Some(&a), Some(&b)) = (optional.first(), optional.last()) {
             let end = ((b + 1) * seg).min(size);
-            let reached = fill(
-                meta,
-                seg,
-                a * seg,
-                end,
-                &mut hint,
-                scope,
-                &mut deltas,
-                &mut got,
-            )?;
+            let reached = fill(meta, &mut place, (a * seg, end), &mut deltas, &mut got)?;
             hi = hi.max(reached.div_ceil(seg));
         }
         self.out_of_space.store(false, Ordering::Relaxed);
@@ -1520,24 +1511,29 @@ impl Controller {
     }
 }
 
+/// Where a vdisk's new space goes: whole segments, in its pinned container if it has one,
+/// each run continuing physically after the last one placed.
+struct Placement {
+    seg: u64,
+    hint: Option<Phys>,
+    scope: Option<ContainerId>,
+}
+
 /// Allocates space for virtual blocks `[pos, end)` in whole segments, as far as the pool
-/// allows, preferring to continue physically after `hint`. Records what it took in `got`
-/// and returns how far it got. (The last segment of a vdisk may be partial: the unused
-/// tail of its allocation goes straight back.)
-#[allow(clippy::too_many_arguments)]
+/// allows, as `place` says. Records what it took in `got` and returns how far it got. (The
+/// last segment of a vdisk may be partial: the unused tail of its allocation goes straight
+/// back.)
 fn fill(
     meta: &mut Meta,
-    seg: u64,
-    mut pos: u64,
-    end: u64,
-    hint: &mut Option<Phys>,
-    scope: Option<ContainerId>,
+    place: &mut Placement,
+    (mut pos, end): (u64, u64),
     deltas: &mut Vec<FreeDelta>,
     got: &mut Vec<(u64, u64, Phys)>,
 ) -> Result<u64, ControlError> {
+    let seg = place.seg;
     while pos < end {
         let want = (end - pos).div_ceil(seg) * seg;
-        let Some((at, n)) = meta.alloc(seg, seg, want, *hint, scope, deltas) else {
+        let Some((at, n)) = meta.alloc(seg, seg, want, place.hint, place.scope, deltas) else {
             break;
         };
         let used = n.min(end - pos);
@@ -1545,7 +1541,7 @@ fn fill(
             meta.free(at.offset(used), n - used, deltas)?;
         }
         got.push((pos, used, at));
-        *hint = Some(at.offset(used));
+        place.hint = Some(at.offset(used));
         pos += used;
     }
     Ok(pos)

@@ -24,7 +24,8 @@ use tabula_core::{Entry, Phys, SharedBlocks, State, VdiskId};
 use tracing::{debug, info};
 
 use super::{
-    Controller, CowPolicy, FreeDelta, Meta, PendingCow, TableWrite, fill, give_back, write_deltas,
+    Controller, CowPolicy, FreeDelta, Meta, PendingCow, Placement, TableWrite, fill, give_back,
+    write_deltas,
 };
 use crate::agents::lease_margin;
 use crate::store::{StoreError, Txn};
@@ -128,11 +129,14 @@ impl Controller {
             })
             .collect();
         let mut got: Vec<(u64, u64, Phys)> = Vec::new();
-        let mut hint = None;
-        let scope = meta.scope(vdisk);
+        let mut place = Placement {
+            seg,
+            hint: None,
+            scope: meta.scope(vdisk),
+        };
         for &(_, b, e, _) in &plans {
             let before = got.len();
-            let reached = fill(meta, seg, b, e, &mut hint, scope, deltas, &mut got)?;
+            let reached = fill(meta, &mut place, (b, e), deltas, &mut got)?;
             if reached < e || got.len() != before + 1 {
                 return Err(self.no_space(meta, &got));
             }

@@ -30,6 +30,7 @@ use tabula_api::{Command, ControlError};
 use tabula_core::{BLOCK_SIZE, ContainerId, Entry, MappingTable, Phys, State, VdiskId};
 use tracing::{info, warn};
 
+use super::snapshot::lineage;
 use super::{Controller, Meta, write_deltas};
 
 /// The most blocks one step moves (4 MiB): writes to them wait for one step.
@@ -174,14 +175,26 @@ impl Controller {
     /// Starts draining a container: nothing new is allocated in it, and everything it holds
     /// is moved to the rest of the pool while vdisks stay online.
     pub async fn drain_container(&self, name: &str) -> Result<MoveView, ControlError> {
+        self.start_drain(name, false).await
+    }
+
+    /// Starts a drain, or goes on with one the last run did not finish (`resume`: its
+    /// container may be down for now; the drain waits for it).
+    pub(super) async fn start_drain(
+        &self,
+        name: &str,
+        resume: bool,
+    ) -> Result<MoveView, ControlError> {
         let key = format!("drain:{name}");
+        self.finish_cancelled(&key).await;
+        let mut meta = self.meta.lock().await;
+        // Checked under the lock, so two requests at once start one drain.
         if let Some(j) = self.moves.lock().get(&key).filter(|j| j.running()) {
             return Ok(j.view());
         }
-        let mut meta = self.meta.lock().await;
         let id = Self::container_id(&meta, name)?;
         let c = &meta.containers[&id];
-        if c.reachable().is_none() {
+        if !resume && c.reachable().is_none() {
             return Err(ControlError::Invalid(format!(
                 "container '{name}' does not answer, so its data cannot be read to move it; wait until it answers again"
             )));
@@ -194,7 +207,6 @@ impl Controller {
         }
         let total = self.container_view(&meta, id).used;
         self.set_draining(&mut meta, id, true).await?;
-        drop(meta);
         let job = Arc::new(MoveJob::new(
             MoveKind::Drain(id),
             name.to_string(),
@@ -203,6 +215,22 @@ impl Controller {
         ));
         info!(container = name, bytes = total, "drain started");
         Ok(self.start_move(key, job))
+    }
+
+    /// Waits (a few seconds at most) for a cancelled move to finish its last step, so that
+    /// starting it again starts a new one rather than finding the old one still running.
+    async fn finish_cancelled(&self, key: &str) {
+        for _ in 0..500 {
+            let busy = self
+                .moves
+                .lock()
+                .get(key)
+                .is_some_and(|j| j.running() && j.cancel.load(Ordering::Relaxed));
+            if !busy {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Cancels a drain: what was moved stays moved, and the container takes new space again.
@@ -240,13 +268,13 @@ impl Controller {
     /// space comes from there too.
     pub async fn migrate_vdisk(&self, name: &str, to: &str) -> Result<MoveView, ControlError> {
         let key = format!("migrate:{name}");
+        let mut meta = self.meta.lock().await;
         if let Some(j) = self.moves.lock().get(&key).filter(|j| j.running()) {
             return Err(ControlError::Exists(format!(
                 "vdisk '{name}' is already being migrated to {}",
                 j.target.clone().unwrap_or_default()
             )));
         }
-        let mut meta = self.meta.lock().await;
         let vid = meta.by_name(name)?;
         let cid = Self::container_id(&meta, to)?;
         let v = &meta.vdisks[&vid];
@@ -271,7 +299,6 @@ impl Controller {
         let stored = rec.clone();
         self.commit(move |t| t.put_vdisk(vid, &stored)).await?;
         meta.vdisks.get_mut(&vid).expect("looked up").rec = rec;
-        drop(meta);
         let job = Arc::new(MoveJob::new(
             MoveKind::Migrate {
                 vdisk: vid,
@@ -423,6 +450,10 @@ impl Controller {
             tokio::time::sleep(p).await;
         }
         let mut meta = self.meta.lock().await;
+        let stale = meta
+            .moving
+            .iter()
+            .any(|m| m.run == (plan.from, plan.n) && m.stale);
         meta.moving.retain(|m| m.run != (plan.from, plan.n));
         // Anything that changed a table mapping the run meanwhile (a copy-on-write, a
         // snapshot, a delete) makes this copy stale: undo and let the next step look again.
@@ -433,11 +464,11 @@ impl Controller {
                 plan.n,
                 meta.container_name(plan.from.container)
             ))),
-            Ok(()) if now != plan.mappers => Err(ControlError::Retry {
+            Ok(()) if stale || now != plan.mappers => Err(ControlError::Retry {
                 after_ms: 0,
                 reason: "the run changed while it was copied".into(),
             }),
-            Ok(()) => Ok(()),
+            Ok(()) => Self::only_lineage_maps(&meta, &plan),
         };
         if let Err(e) = outcome {
             self.undo_step(&mut meta, &plan).await?;
@@ -463,11 +494,6 @@ impl Controller {
         }
         // Each new block got one reference per mapper; the first one is not "extra".
         meta.shared.release(to, n);
-        if meta.shared.shared_in(from, n) > 0 {
-            warn!(
-                "a moved run is still counted as shared: some table outside its lineage maps it; run tabula check"
-            );
-        }
         let old = vec![(from, n)];
         let stored = old.clone();
         let seq = self.queue(&mut meta, writes, move |t| {
@@ -489,11 +515,39 @@ impl Controller {
         Ok(Some(n))
     }
 
+    /// Checks that the tables of the lineage hold every reference to the run: the switch
+    /// moves only theirs, and frees the old run. A table outside the lineage mapping it
+    /// (which `tabula check` would report) would be left pointing at freed space, so the
+    /// move stops instead.
+    fn only_lineage_maps(meta: &Meta, plan: &StepPlan) -> Result<(), ControlError> {
+        let mut refs = vec![0u32; plan.n as usize];
+        for m in &plan.mappers {
+            for &(b, e, p, _) in &m.pieces {
+                let i = (p - plan.from.block) as usize;
+                for r in &mut refs[i..i + (e - b) as usize] {
+                    *r += 1;
+                }
+            }
+        }
+        for (i, &r) in refs.iter().enumerate() {
+            let at = plan.from.offset(i as u64);
+            if r == 0 || meta.shared.extra(at) + 1 != r {
+                return Err(ControlError::Invalid(format!(
+                    "block {} of container {} is referenced {} times but its vdisk's tables map it {r} times; run tabula check",
+                    at.block,
+                    meta.container_name(at.container),
+                    meta.shared.extra(at) + 1,
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Every table of `lineage` that maps any of `[at, at+n)`, with the pieces that do.
     fn mappers(meta: &Meta, lineage: u64, at: Phys, n: u64) -> Vec<Mapper> {
         meta.vdisks
             .iter()
-            .filter(|(_, v)| v.rec.lineage == lineage)
+            .filter(|(id, v)| super::snapshot::lineage(**id, &v.rec) == lineage)
             .map(|(&id, v)| Mapper {
                 vdisk: id,
                 pieces: pieces_mapping(&v.table, at, n),
@@ -506,6 +560,15 @@ impl Controller {
     /// journal ticket is returned, not waited for), makes the run no-write on every agent and
     /// registers it as moving. `None` when nothing is left to move.
     async fn plan_step(&self, job: &MoveJob) -> Result<Option<StepPlan>, ControlError> {
+        // During the restart grace, agents from before the restart may still be writing
+        // without having registered again: they would not get the no-write state.
+        let wait = self.grace_until.saturating_duration_since(Instant::now());
+        if !wait.is_zero() {
+            return Err(ControlError::Retry {
+                after_ms: wait.as_millis() as u64 + 1,
+                reason: "waiting for the restart grace to end".into(),
+            });
+        }
         let mut meta = self.meta.lock().await;
         let Some((vdisk, from, want)) = Self::next_run(&meta, job) else {
             // Copies-on-write into a drained container finish first (they become mapped).
@@ -525,16 +588,25 @@ impl Controller {
                 reason: "another move is moving this run".into(),
             });
         }
-        let src = meta
+        let Some(src) = meta
             .containers
             .get(&from.container)
             .and_then(|c| c.reachable().cloned())
-            .ok_or_else(|| {
-                ControlError::Storage(format!(
-                    "container {} does not answer: its data cannot be moved now",
-                    meta.container_name(from.container)
-                ))
-            })?;
+        else {
+            let reason = format!(
+                "container {} does not answer: its data cannot be moved now",
+                meta.container_name(from.container)
+            );
+            // A drain waits for its container to answer again (it is probed every second);
+            // a migration reading from elsewhere fails and can be started again.
+            return Err(match job.kind {
+                MoveKind::Drain(_) => ControlError::Retry {
+                    after_ms: 1000,
+                    reason,
+                },
+                MoveKind::Migrate { .. } => ControlError::Storage(reason),
+            });
+        };
         let scope = match job.kind {
             MoveKind::Drain(_) => None,
             MoveKind::Migrate { to, .. } => Some(to),
@@ -557,7 +629,7 @@ impl Controller {
             .cloned()
             .expect("allocatable containers are reachable");
         // Every table of the lineage may share the run (snapshots, clones).
-        let lineage = meta.vdisks[&vdisk].rec.lineage;
+        let lineage = lineage(vdisk, &meta.vdisks[&vdisk].rec);
         let mappers = Self::mappers(&meta, lineage, from, n);
         // The new run belongs to no table until the switch, and the copy makes it hold
         // data: reserve it durably (as copies-on-write do), so that a crash before the
@@ -568,14 +640,17 @@ impl Controller {
         }));
         // Step 2: from here on a write to the run faults, and the fault is told to retry
         // until the switch. Answers and tables sent meanwhile show the run no-write too.
+        // Only the pieces that map the run: a gap between them may be written (or allocated)
+        // meanwhile, and must not be shown no-write.
         let spans: Vec<(VdiskId, (u64, u64))> = mappers
             .iter()
             .filter(|m| !meta.vdisks[&m.vdisk].rec.read_only)
-            .map(|m| (m.vdisk, m.span()))
+            .flat_map(|m| m.pieces.iter().map(|p| (m.vdisk, (p.0, p.1))))
             .collect();
         meta.moving.push(super::Moving {
             run: (from, n),
             spans: spans.clone(),
+            stale: false,
         });
         let mut acked = true;
         for (id, span) in spans {
@@ -679,9 +754,22 @@ pub(super) struct Moving {
     pub(super) run: (Phys, u64),
     /// The writable tables' virtual spans that map it.
     pub(super) spans: Vec<(VdiskId, (u64, u64))>,
+    /// Some of the run was freed meanwhile (a rollback, shrink or delete): it may even have
+    /// been allocated again at the same place, so the tables can look unchanged while the
+    /// copy is not what they map. The step is undone.
+    pub(super) stale: bool,
 }
 
 impl Meta {
+    /// Space of `[at, at+n)` was freed: a move copying any of it must not switch.
+    pub(super) fn freed_while_moving(&mut self, at: Phys, n: u64) {
+        for m in &mut self.moving {
+            if overlaps(m.run, (at, n)) {
+                m.stale = true;
+            }
+        }
+    }
+
     /// Whether any of these entries maps into a run being moved.
     pub(super) fn maps_moving(&self, entries: &[Entry]) -> bool {
         !self.moving.is_empty()
@@ -755,6 +843,7 @@ mod tests {
         meta.moving.push(Moving {
             run: (at(100).unwrap(), 10),
             spans: vec![(VdiskId(1), (5, 15))],
+            stale: false,
         });
         let entries = vec![
             Entry {

@@ -271,3 +271,111 @@ async fn migrate_moves_a_vdisk_and_pins_it() {
     assert!(ctl.remove_container("fast").await.is_err());
     assert_consistent(&ctl).await;
 }
+
+/// The move of `subject`, as `list_moves` shows it now.
+fn move_of(ctl: &Controller, subject: &str) -> tabula_api::admin::MoveView {
+    ctl.list_moves()
+        .into_iter()
+        .find(|m| m.subject == subject)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_moves_nothing_during_the_restart_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 64 * MIB).await;
+    let v = ctl
+        .create_vdisk("vd", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
+    ctl.fault(fault(v.id, FaultOp::Write, 0, 4)).await.unwrap();
+    add_file(&ctl, dir.path(), "b", 64 * MIB).await;
+    drop(ctl);
+    // Agents from before the restart may still write without having registered again:
+    // they would miss the no-write state, so nothing moves until the grace is over.
+    let ctl = Controller::open(super::tests::leased(dir.path(), 600, true))
+        .await
+        .unwrap();
+    let grace_ends = ctl.grace_until;
+    ctl.drain_container("default").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(Instant::now() < grace_ends, "the test machine was too slow");
+    assert_eq!(move_of(&ctl, "default").moved, 0);
+    let done = finished(&ctl, "default").await;
+    assert_eq!(done.moved, 4 * MIB);
+    assert_consistent(&ctl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_moves_snapshots_of_a_vdisk_stored_without_a_lineage() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 64 * MIB).await;
+    let v = ctl
+        .create_vdisk("vd", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
+    ctl.fault(fault(v.id, FaultOp::Write, 0, 3)).await.unwrap();
+    // As a store from schema 1 loads it: no lineage recorded. A snapshot taken since
+    // records the vdisk's id as its lineage.
+    ctl.meta
+        .lock()
+        .await
+        .vdisks
+        .get_mut(&VdiskId(v.id))
+        .unwrap()
+        .rec
+        .lineage = 0;
+    ctl.create_snapshot("vd", "s1").await.unwrap();
+    stamp(
+        &dir.path().join("containers/default.img"),
+        &placement(&ctl, "vd").await,
+        "default",
+    );
+    add_file(&ctl, dir.path(), "b", 64 * MIB).await;
+    ctl.drain_container("default").await.unwrap();
+    finished(&ctl, "default").await;
+    for name in ["vd", "vd@s1"] {
+        let p = placement(&ctl, name).await;
+        assert_eq!(p.len(), 3, "{name}: {p:?}");
+        for (off, c, phys) in &p {
+            assert_eq!(c, "b", "{name}");
+            assert_eq!(read_stamp(dir.path(), "b", *phys), *off, "{name} at {off}");
+        }
+    }
+    assert_consistent(&ctl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_stops_rather_than_free_space_a_table_outside_the_lineage_maps() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 64 * MIB).await;
+    let v = ctl
+        .create_vdisk("vd", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
+    ctl.fault(fault(v.id, FaultOp::Write, 0, 1)).await.unwrap();
+    let before = placement(&ctl, "vd").await;
+    // A reference no table of the lineage accounts for (what a foreign mapper adds).
+    {
+        let mut meta = ctl.meta.lock().await;
+        let t = meta.vdisks[&VdiskId(v.id)].table.entries().next().unwrap();
+        meta.shared.share(t.target.unwrap(), t.len());
+    }
+    add_file(&ctl, dir.path(), "b", 64 * MIB).await;
+    ctl.drain_container("default").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let m = loop {
+        let m = move_of(&ctl, "default");
+        if m.state != "running" {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "{m:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(m.state, "failed", "{m:?}");
+    assert!(m.error.unwrap().contains("tabula check"));
+    // Nothing switched, and the space copied into went back to the pool.
+    assert_eq!(placement(&ctl, "vd").await, before);
+    let b = ctl.container_by_name("b").await.unwrap();
+    assert_eq!(b.used, 0);
+}

@@ -44,7 +44,9 @@ fn with_state(t: &MappingTable, state: State) -> Result<MappingTable, ControlErr
 /// integration tests, with their small tables, the other.
 const PARALLEL_FLIP_ENTRIES: usize = if cfg!(test) { 0 } else { 4096 };
 
-fn lineage(id: VdiskId, rec: &VdiskRecord) -> u64 {
+/// The lineage a table belongs to (stores from schema 1 recorded none: a table is then its
+/// own lineage's root).
+pub(super) fn lineage(id: VdiskId, rec: &VdiskRecord) -> u64 {
     if rec.lineage == 0 { id.0 } else { rec.lineage }
 }
 

@@ -38,7 +38,7 @@ impl AgentPort for SilentAgent {
     }
 }
 
-fn leased(dir: &Path, lease_ms: u64, grace: bool) -> ControllerConfig {
+pub(super) fn leased(dir: &Path, lease_ms: u64, grace: bool) -> ControllerConfig {
     let mut cfg = ControllerConfig::new(dir);
     cfg.lease = Duration::from_millis(lease_ms);
     cfg.restart_grace = grace;
