@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tabula_api::{AgentPort, AgentReport, Command, ControlError, ControlPlane, TableSnapshot};
-use tabula_container::{Container, ContainerOptions, Location};
+use tabula_container::{Container, ContainerOptions, Location, Prober};
 use tabula_core::{ContainerId, VdiskId};
 use tabula_nbd::server::{Export, ExportProvider, OpenError};
 use tracing::{debug, info, warn};
@@ -61,9 +61,48 @@ pub(crate) struct OpenContainer {
     path_down: AtomicBool,
     /// Why it is down, for the host's error message.
     reason: parking_lot::Mutex<String>,
+    /// A probe failed while writes were not yet flushed: its flush may have taken the error
+    /// that says they were lost, so the host's next flush fails with this instead.
+    unflushed_lost: parking_lot::Mutex<Option<String>>,
+}
+
+impl AsRef<Container> for OpenContainer {
+    fn as_ref(&self) -> &Container {
+        &self.file
+    }
 }
 
 impl OpenContainer {
+    /// `failed`: why the controller says nobody can reach it, if it does.
+    pub(crate) fn new(
+        id: ContainerId,
+        name: String,
+        file: Container,
+        failed: Option<String>,
+    ) -> OpenContainer {
+        OpenContainer {
+            id,
+            name,
+            file,
+            dirty: AtomicBool::new(false),
+            failed: AtomicBool::new(failed.is_some()),
+            path_down: AtomicBool::new(false),
+            reason: parking_lot::Mutex::new(failed.unwrap_or_default()),
+            unflushed_lost: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// Applies the controller's word on whether it is failed. True if that changed.
+    fn set_failed(&self, failed: Option<&str>) -> bool {
+        match failed {
+            Some(reason) => {
+                *self.reason.lock() = reason.to_string();
+                !self.failed.swap(true, Ordering::AcqRel)
+            }
+            None => self.failed.swap(false, Ordering::AcqRel),
+        }
+    }
+
     /// Fails at once if the container is known to be down: the host gets its error now,
     /// not after another timeout.
     pub(crate) fn check_up(&self) -> Result<(), String> {
@@ -183,6 +222,8 @@ impl Shared {
             return Ok(c.clone());
         }
         let loc = self.control.container(id).await?;
+        // The controller's current word, newer than anything in `failed` so far.
+        self.set_failed(id, loc.failed.as_deref());
         let name = loc.name.clone();
         let opts = ContainerOptions {
             io_timeout: self.cfg.container_timeout,
@@ -216,36 +257,56 @@ impl Shared {
             }
         };
         let failed = self.failed.lock().get(&id).cloned();
-        let c = Arc::new(OpenContainer {
-            id,
-            name,
-            file,
-            dirty: AtomicBool::new(false),
-            failed: AtomicBool::new(failed.is_some()),
-            path_down: AtomicBool::new(false),
-            reason: parking_lot::Mutex::new(failed.unwrap_or_default()),
-        });
-        Ok(self.containers.lock().entry(id).or_insert(c).clone())
+        let c = Arc::new(OpenContainer::new(id, name, file, failed));
+        let c = self.containers.lock().entry(id).or_insert(c).clone();
+        // News that came while it was opened found nothing to mark: apply it now.
+        let failed = self.failed.lock().get(&id).cloned();
+        c.set_failed(failed.as_deref());
+        Ok(c)
     }
 
-    /// The controller's news about a container.
-    fn set_failed(&self, id: ContainerId, failed: bool, reason: &str) {
-        if failed {
-            warn!(container = %id, reason, "controller reports the container failed");
-            self.failed.lock().insert(id, reason.to_string());
-        } else {
-            info!(container = %id, "controller reports the container answers again");
-            self.failed.lock().remove(&id);
+    /// The controller's word about a container: why it is failed, or `None` if it answers.
+    fn set_failed(&self, id: ContainerId, failed: Option<&str>) {
+        let changed = {
+            let mut map = self.failed.lock();
+            match failed {
+                Some(reason) => map.insert(id, reason.to_string()).is_none(),
+                None => map.remove(&id).is_some(),
+            }
+        };
+        if changed {
+            match failed {
+                Some(reason) => {
+                    warn!(container = %id, reason, "controller reports the container failed")
+                }
+                None => info!(container = %id, "controller reports the container answers again"),
+            }
         }
         if let Some(c) = self.cached_container(id) {
-            if failed {
-                *c.reason.lock() = reason.to_string();
-                c.failed.store(true, Ordering::Release);
-            } else {
+            if c.set_failed(failed) && failed.is_none() {
                 // Our own path gets another chance too: if it is still down, the next I/O
                 // says so again.
                 c.path_down.store(false, Ordering::Release);
-                c.failed.store(false, Ordering::Release);
+            }
+        }
+    }
+
+    /// Asks the controller again about every container this agent knows of (open, or
+    /// reported failed): news sent while it was away never arrived.
+    async fn refresh_health(&self) {
+        let mut ids: Vec<ContainerId> = self.failed.lock().keys().copied().collect();
+        ids.extend(self.containers.lock().keys().copied());
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            match self.control.container(id).await {
+                Ok(loc) => self.set_failed(id, loc.failed.as_deref()),
+                Err(ControlError::NotFound(_)) => {
+                    self.failed.lock().remove(&id);
+                }
+                Err(e) => {
+                    warn!(container = %id, error = %e, "could not ask the controller about a container; its state here may be stale until it next reports it")
+                }
             }
         }
     }
@@ -275,24 +336,24 @@ impl Shared {
             if let Err(e) = control.report_container(&agent, c.id, Some(error)).await {
                 debug!(container = c.name, error = %e, "could not report a container fault");
             }
+            // One probe at a time: a hung one is waited for again, not joined by another.
+            let mut prober = Prober::default();
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 if me.strong_count() == 0 || !c.path_down.load(Ordering::Acquire) {
                     return;
                 }
-                let probe = c.clone();
-                let answered = tokio::time::timeout(
-                    timeout,
-                    tokio::task::spawn_blocking(move || {
-                        probe.file.read_vec_at(tabula_core::BLOCK_SIZE as usize, 0)
-                    }),
-                )
-                .await;
-                if matches!(answered, Ok(Ok(Ok(_)))) {
-                    c.path_down.store(false, Ordering::Release);
-                    info!(container = c.name, "container answers again");
-                    let _ = control.report_container(&agent, c.id, None).await;
-                    return;
+                match prober.probe(&c, timeout).await {
+                    Ok(()) => {
+                        c.path_down.store(false, Ordering::Release);
+                        info!(container = c.name, "container answers again");
+                        let _ = control.report_container(&agent, c.id, None).await;
+                        return;
+                    }
+                    Err(e) if c.dirty.load(Ordering::Acquire) => {
+                        c.unflushed_lost.lock().get_or_insert(e);
+                    }
+                    Err(_) => {}
                 }
             }
         });
@@ -309,6 +370,12 @@ impl Shared {
             .collect();
         for c in dirty {
             c.check_up().map_err(std::io::Error::other)?;
+            if let Some(e) = c.unflushed_lost.lock().take() {
+                return Err(std::io::Error::other(format!(
+                    "container {}: writes not yet flushed may have been lost while it did not answer ({e}); check the data written since the last successful flush",
+                    c.name
+                )));
+            }
             // Clear first: a write that lands during the sync sets it again.
             c.dirty.store(false, Ordering::Release);
             let c2 = c.clone();
@@ -384,6 +451,11 @@ impl Agent {
 
     pub fn name(&self) -> &str {
         &self.shared.cfg.name
+    }
+
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// The volume for an export name, attaching to the vdisk on first use.
@@ -570,7 +642,9 @@ impl AgentPort for Agent {
                 container,
                 failed,
                 ref reason,
-            } => self.shared.set_failed(container, failed, reason),
+            } => self
+                .shared
+                .set_failed(container, failed.then_some(reason.as_str())),
             ref cmd => {
                 let vdisk = cmd.vdisk().expect("every other command is about a vdisk");
                 if let Some(vol) = self.volume_for(vdisk, cmd, false) {
@@ -609,10 +683,14 @@ impl AgentPort for Agent {
         // changed tables without this agent while it was away.
         self.shared.epoch.fetch_add(1, Ordering::AcqRel);
         self.shared.changed.notify_waiters();
-        for vol in self.all_volumes() {
-            if let Err(e) = self.shared.resync(&vol).await {
-                warn!(vdisk = vol.name(), error = %e, "resync after reconnecting failed; I/O will retry it");
+        let resync = async {
+            for vol in self.all_volumes() {
+                if let Err(e) = self.shared.resync(&vol).await {
+                    warn!(vdisk = vol.name(), error = %e, "resync after reconnecting failed; I/O will retry it");
+                }
             }
-        }
+        };
+        // Container news sent meanwhile was lost too.
+        tokio::join!(resync, self.shared.refresh_health());
     }
 }

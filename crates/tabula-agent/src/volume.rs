@@ -6,7 +6,8 @@
 //!
 //! The gate is what makes freeing safe: a table command installs the new entries and then
 //! takes the gate for writing once, which waits for every I/O that could have looked up the
-//! superseded entries.
+//! superseded entries. An I/O that times out keeps its share of the gate until it really
+//! completes (see `run_io`).
 //!
 //! Before an I/O looks at the table, the volume must be *usable*: the agent's lease is valid,
 //! the copy was synchronised in the current session, and no `Block` holds it. Otherwise the
@@ -14,8 +15,8 @@
 //! agent's fault wait.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tabula_api::{ControlError, CowCopy, Fault, FaultOp, RangeUpdate, TableSnapshot};
@@ -102,7 +103,9 @@ pub struct Volume {
     segment_blocks: u64,
     read_only: bool,
     table: parking_lot::RwLock<TableCopy>,
-    gate: tokio::sync::RwLock<()>,
+    /// Held for reading by every I/O (owned guards: a guard goes with its I/O to the
+    /// blocking pool), for writing by a table command waiting for them.
+    gate: Arc<tokio::sync::RwLock<()>>,
     detached: AtomicBool,
     /// The agent session this copy was last synchronised in (0: needs a resync).
     pub(crate) synced_epoch: AtomicU64,
@@ -133,7 +136,7 @@ impl Volume {
             segment_blocks: snap.segment_blocks,
             read_only: snap.read_only,
             table: parking_lot::RwLock::new(TableCopy::new(snap.generation, table)),
-            gate: tokio::sync::RwLock::new(()),
+            gate: Arc::new(tokio::sync::RwLock::new(())),
             detached: AtomicBool::new(false),
             synced_epoch: AtomicU64::new(0),
             blocked: parking_lot::Mutex::new(None),
@@ -314,6 +317,11 @@ impl Volume {
         drop(self.gate.write().await);
     }
 
+    /// Takes the gate for one I/O.
+    async fn enter(&self) -> Gate {
+        self.gate.clone().read_owned().await
+    }
+
     pub fn detach(&self) {
         self.detached.store(true, Ordering::Release);
     }
@@ -381,6 +389,9 @@ fn io_err(context: &str, e: std::io::Error) -> IoError {
 /// would stall the worker that also drives the NBD sockets (sequential 1M 20% slower).
 const INLINE_IO_MAX: usize = 64 << 10;
 
+/// One I/O's share of the volume's gate.
+type Gate = tokio::sync::OwnedRwLockReadGuard<()>;
+
 /// An I/O error from one container.
 struct OpFailed(Arc<OpenContainer>, std::io::Error);
 
@@ -389,52 +400,101 @@ fn on(c: &Arc<OpenContainer>) -> impl FnOnce(std::io::Error) -> OpFailed + '_ {
     move |e| OpFailed(c.clone(), e)
 }
 
-/// Runs blocking I/O against `containers`. It fails at once if one of them is known to be
-/// down. Small I/O to local files runs inline; the rest runs on the blocking pool, bounded
-/// by the container timeout (a device or server that stops answering must not hang the
-/// host). A failure or timeout is a container fault: the host gets EIO and the container is
-/// reported (see `Shared::container_fault`).
-async fn run_io<T: Send + 'static>(
+/// What an I/O works on: `run_io` checks the containers it touches before it moves it to
+/// the thread that does the I/O.
+trait IoData: Send + 'static {
+    /// Every container touched (repeats allowed).
+    fn containers(&self) -> impl Iterator<Item = &Arc<OpenContainer>>;
+}
+
+impl IoData for Vec<PhysOp> {
+    fn containers(&self) -> impl Iterator<Item = &Arc<OpenContainer>> {
+        self.iter().map(|op| &op.container)
+    }
+}
+
+/// A sync of one container.
+impl IoData for Arc<OpenContainer> {
+    fn containers(&self) -> impl Iterator<Item = &Arc<OpenContainer>> {
+        std::iter::once(self)
+    }
+}
+
+impl IoData for Vec<CopyStep> {
+    fn containers(&self) -> impl Iterator<Item = &Arc<OpenContainer>> {
+        self.iter().flat_map(|s| [&s.from, &s.to])
+    }
+}
+
+/// Runs blocking I/O `f` on `data` under `gate`, and hands the gate back with the result.
+/// It fails at once if a container of `data` is known to be down. Small I/O to local files
+/// runs inline; the rest runs on the blocking pool, bounded by the container timeout counted
+/// from when it starts running there (a device or server that stops answering must not hang
+/// the host; time queued behind other blocking work is not its fault).
+///
+/// The gate goes with `f`: an I/O that timed out keeps holding it until it really completes,
+/// so a table command cannot free (and reuse) the space it may still write. A failure or
+/// timeout is a container fault: the host gets EIO and the container is reported (see
+/// `Shared::container_fault`).
+async fn run_io<D: IoData, T: Send + 'static>(
     shared: &Arc<Shared>,
     what: &str,
-    containers: &[Arc<OpenContainer>],
+    gate: Gate,
+    data: D,
     bytes: usize,
-    f: impl FnOnce() -> Result<T, OpFailed> + Send + 'static,
-) -> Result<T, IoError> {
-    for c in containers {
+    f: impl FnOnce(D) -> Result<T, OpFailed> + Send + 'static,
+) -> Result<(T, Gate), IoError> {
+    // Whom a timeout blames: which container hung is unknown when there are several, so a
+    // remote one is suspected (local I/O rarely hangs). The id only: the Arc is looked up
+    // if it comes to that.
+    let mut suspect: Option<(ContainerId, bool)> = None;
+    for c in data.containers() {
         c.check_up().map_err(|m| IoError {
             errno: Errno::Io,
             message: format!("{what}: {m}"),
         })?;
+        let remote = c.file.is_remote();
+        if suspect.is_none_or(|(_, r)| remote && !r) {
+            suspect = Some((c.id, remote));
+        }
     }
-    let remote = containers.iter().any(|c| c.file.is_remote());
+    let remote = suspect.is_some_and(|(_, r)| r);
     let result = if bytes <= INLINE_IO_MAX && !remote {
-        f()
+        f(data).map(|t| (t, gate))
     } else {
-        match tokio::time::timeout(shared.cfg.container_timeout, tokio::task::spawn_blocking(f))
-            .await
-        {
-            Ok(joined) => joined.map_err(|e| IoError {
-                errno: Errno::Io,
-                message: format!("{what}: {e}"),
-            })?,
-            Err(_) => {
-                // Which container hung is unknown when there are several: suspect the
-                // remote one (local I/O rarely hangs).
-                let c = containers
-                    .iter()
-                    .find(|c| c.file.is_remote())
-                    .unwrap_or(&containers[0]);
-                Err(OpFailed(
-                    c.clone(),
-                    std::io::Error::new(
+        let started = Arc::new(OnceLock::new());
+        let start = started.clone();
+        // If nobody waits for it any more, the output (and with it the gate) is dropped
+        // when the closure returns.
+        let mut task = tokio::task::spawn_blocking(move || {
+            let _ = start.set(Instant::now());
+            f(data).map(|t| (t, gate))
+        });
+        let limit = shared.cfg.container_timeout;
+        let mut wait = limit;
+        loop {
+            match tokio::time::timeout(wait, &mut task).await {
+                Ok(joined) => {
+                    break joined.map_err(|e| IoError {
+                        errno: Errno::Io,
+                        message: format!("{what}: {e}"),
+                    })?;
+                }
+                Err(_) => {
+                    let ran = started.get().map_or(Duration::ZERO, Instant::elapsed);
+                    if ran < limit {
+                        wait = limit - ran;
+                        continue;
+                    }
+                    let e = std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
-                        format!(
-                            "no answer within {} ms",
-                            shared.cfg.container_timeout.as_millis()
-                        ),
-                    ),
-                ))
+                        format!("no answer within {} ms", limit.as_millis()),
+                    );
+                    let Some(c) = suspect.and_then(|(id, _)| shared.cached_container(id)) else {
+                        return Err(io_err(what, e));
+                    };
+                    break Err(OpFailed(c, e));
+                }
             }
         }
     };
@@ -447,17 +507,6 @@ async fn run_io<T: Send + 'static>(
     })
 }
 
-/// The distinct containers of `ops`.
-fn containers_of(ops: &[PhysOp]) -> Vec<Arc<OpenContainer>> {
-    let mut out: Vec<Arc<OpenContainer>> = Vec::new();
-    for op in ops {
-        if !out.iter().any(|c| Arc::ptr_eq(c, &op.container)) {
-            out.push(op.container.clone());
-        }
-    }
-    out
-}
-
 /// One physical operation of an I/O.
 struct PhysOp {
     container: Arc<OpenContainer>,
@@ -466,6 +515,15 @@ struct PhysOp {
     /// Offset in the request buffer.
     buf_off: usize,
     len: usize,
+}
+
+/// One piece of a copy-on-write copy: `len` bytes from `from` at `src` to `to` at `dst`.
+struct CopyStep {
+    from: Arc<OpenContainer>,
+    src: u64,
+    to: Arc<OpenContainer>,
+    dst: u64,
+    len: u64,
 }
 
 /// The NBD face of a volume.
@@ -617,11 +675,10 @@ impl VolumeExport {
         }
         for _ in 0..self.shared.cfg.max_fault_retries {
             self.ready().await?;
-            let guard = self.vol.gate.read().await;
+            let guard = self.vol.enter().await;
             if !self.usable_now() {
                 continue;
             }
-            // (source container, source offset, target container, target offset, len)
             let mut plan = Vec::new();
             for c in copies {
                 let base = c.segment * self.vol.segment_blocks;
@@ -642,39 +699,38 @@ impl VolumeExport {
                     let Some(from) = self.shared.cached_container(t.container) else {
                         continue;
                     };
-                    plan.push((
+                    plan.push(CopyStep {
                         from,
-                        t.block * BLOCK_SIZE,
+                        src: t.block * BLOCK_SIZE,
                         to,
-                        (c.to.block + x.begin - base) * BLOCK_SIZE,
-                        x.len() * BLOCK_SIZE,
-                    ));
-                }
-            }
-            let bytes: u64 = plan.iter().map(|p| p.4).sum();
-            let mut involved: Vec<Arc<OpenContainer>> = Vec::new();
-            for (from, _, to, _, _) in &plan {
-                for c in [from, to] {
-                    if !involved.iter().any(|x| Arc::ptr_eq(x, c)) {
-                        involved.push(c.clone());
-                    }
+                        dst: (c.to.block + x.begin - base) * BLOCK_SIZE,
+                        len: x.len() * BLOCK_SIZE,
+                    });
                 }
             }
             if plan.is_empty() {
                 drop(guard);
                 return Ok(());
             }
-            let shared = self.shared.clone();
-            run_io(
-                &shared,
+            let bytes: u64 = plan.iter().map(|p| p.len).sum();
+            let ((), guard) = run_io(
+                &self.shared,
                 "copy-on-write copy of a shared segment",
-                &involved,
+                guard,
+                plan,
                 usize::MAX,
-                move || {
+                move |plan| {
                     const CHUNK: u64 = 1 << 20;
                     let mut buf = vec![0u8; CHUNK.min(bytes) as usize];
-                    let mut targets: Vec<Arc<OpenContainer>> = Vec::new();
-                    for (from, src, to, dst, len) in &plan {
+                    let mut targets: Vec<&Arc<OpenContainer>> = Vec::new();
+                    for CopyStep {
+                        from,
+                        src,
+                        to,
+                        dst,
+                        len,
+                    } in &plan
+                    {
                         let mut done = 0;
                         while done < *len {
                             let n = CHUNK.min(len - done) as usize;
@@ -685,11 +741,11 @@ impl VolumeExport {
                             done += n as u64;
                         }
                         if !targets.iter().any(|t| Arc::ptr_eq(t, to)) {
-                            targets.push(to.clone());
+                            targets.push(to);
                         }
                     }
                     // The controller maps the copy only once it is durable.
-                    for t in &targets {
+                    for t in targets {
                         t.file.sync().map_err(on(t))?;
                     }
                     Ok(())
@@ -802,15 +858,11 @@ impl VolumeExport {
 
     /// Ensures every block of `[off, off+len)` is writable, faulting as needed, and returns
     /// with the gate held and the physical operations resolved.
-    async fn writable(
-        &self,
-        off: u64,
-        len: u64,
-    ) -> Result<(tokio::sync::RwLockReadGuard<'_, ()>, Vec<PhysOp>), IoError> {
+    async fn writable(&self, off: u64, len: u64) -> Result<(Gate, Vec<PhysOp>), IoError> {
         for _ in 0..self.shared.cfg.max_fault_retries {
             self.check_io(off, len, true)?;
             self.ready().await?;
-            let guard = self.vol.gate.read().await;
+            let guard = self.vol.enter().await;
             if !self.usable_now() {
                 continue;
             }
@@ -853,15 +905,26 @@ impl VolumeExport {
         Err(self.too_many_faults(off))
     }
 
-    async fn sync_ops(&self, ops: &[PhysOp]) -> Result<(), IoError> {
-        for c in containers_of(ops) {
-            let one = [c.clone()];
-            run_io(&self.shared, "sync", &one, usize::MAX, move || {
-                c.file.sync().map_err(on(&c))
-            })
+    /// Makes the writes of `ops` durable (FUA), still under the I/O's gate.
+    async fn sync_ops(&self, mut gate: Gate, ops: &[PhysOp]) -> Result<Gate, IoError> {
+        for (i, op) in ops.iter().enumerate() {
+            if ops[..i]
+                .iter()
+                .any(|o| Arc::ptr_eq(&o.container, &op.container))
+            {
+                continue;
+            }
+            ((), gate) = run_io(
+                &self.shared,
+                "sync",
+                gate,
+                op.container.clone(),
+                usize::MAX,
+                |c| c.file.sync().map_err(on(&c)),
+            )
             .await?;
         }
-        Ok(())
+        Ok(gate)
     }
 
     /// Unmaps the whole segments inside `[off, off+len)` through the controller. The last
@@ -911,7 +974,7 @@ impl Export for VolumeExport {
         for _ in 0..self.shared.cfg.max_fault_retries {
             self.check_io(offset, len64, false)?;
             self.ready().await?;
-            let guard = self.vol.gate.read().await;
+            let guard = self.vol.enter().await;
             if !self.usable_now() {
                 continue;
             }
@@ -947,13 +1010,13 @@ impl Export for VolumeExport {
             if let Some(delay) = self.shared.cfg.read_delay {
                 tokio::time::sleep(delay).await;
             }
-            let involved = containers_of(&ops);
-            let buf = run_io(
+            let (buf, guard) = run_io(
                 &self.shared,
                 "read from container",
-                &involved,
+                guard,
+                ops,
                 len as usize,
-                move || {
+                move |ops| {
                     if let [op] = ops.as_slice() {
                         if op.len == len as usize {
                             // One mapped run: read straight into an unzeroed buffer.
@@ -983,13 +1046,13 @@ impl Export for VolumeExport {
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), IoError> {
         let (guard, ops) = self.writable(offset, data.len() as u64).await?;
-        let involved = containers_of(&ops);
-        let ops = run_io(
+        let (ops, mut guard) = run_io(
             &self.shared,
             "write to container",
-            &involved,
+            guard,
+            ops,
             data.len(),
-            move || {
+            move |ops| {
                 for op in &ops {
                     op.container.dirty.store(true, Ordering::Release);
                     op.container
@@ -1002,7 +1065,7 @@ impl Export for VolumeExport {
         )
         .await?;
         if fua {
-            self.sync_ops(&ops).await?;
+            guard = self.sync_ops(guard, &ops).await?;
         }
         drop(guard);
         Ok(())
@@ -1036,7 +1099,7 @@ impl Export for VolumeExport {
         }
         let (guard, fresh) = loop {
             self.ready().await?;
-            let guard = self.vol.gate.read().await;
+            let guard = self.vol.enter().await;
             if !self.usable_now() {
                 continue;
             }
@@ -1066,13 +1129,13 @@ impl Export for VolumeExport {
                 }
             }
         };
-        let involved = containers_of(&fresh);
-        let fresh = run_io(
+        let (fresh, mut guard) = run_io(
             &self.shared,
             "zero container range",
-            &involved,
+            guard,
+            fresh,
             usize::MAX,
-            move || {
+            move |fresh| {
                 for op in &fresh {
                     op.container.dirty.store(true, Ordering::Release);
                     op.container
@@ -1085,7 +1148,7 @@ impl Export for VolumeExport {
         )
         .await?;
         if flags.fua {
-            self.sync_ops(&fresh).await?;
+            guard = self.sync_ops(guard, &fresh).await?;
         }
         drop(guard);
         Ok(())
@@ -1110,3 +1173,6 @@ impl Export for VolumeExport {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests;

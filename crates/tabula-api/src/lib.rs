@@ -45,6 +45,10 @@ pub struct ContainerLocation {
     /// `tabula_container::Location`.
     pub path: String,
     pub size_bytes: u64,
+    /// Why nobody can reach it, while it is failed (`None`: it answers). An agent that was
+    /// away when `Command::ContainerHealth` went out learns the state from here.
+    #[serde(default)]
+    pub failed: Option<String>,
 }
 
 /// A full copy of one vdisk's table, as sent when an agent attaches.

@@ -11,7 +11,9 @@
 //! durable I/O live in one place:
 //! - a write is durable after [`Container::sync`] returns (fdatasync, or NBD flush);
 //! - [`Container::zero`] deallocates (punches a hole, or NBD write-zeroes) where it can, so
-//!   freed space reads as zeros and costs nothing, and writes zeros where it cannot.
+//!   freed space reads as zeros and costs nothing, and writes zeros where it cannot;
+//! - a container answers if [`Container::probe`] (first block read, then flush) succeeds;
+//!   `Prober` (feature `tokio`) runs it on tokio's blocking pool under a timeout.
 //!
 //! Remote I/O blocks for up to [`ContainerOptions::io_timeout`] (more when a failed request
 //! is retried on a new connection); [`Container::is_remote`] tells callers to keep it off
@@ -23,6 +25,11 @@ mod nbd;
 
 #[cfg(feature = "export")]
 pub mod export;
+// Tests use it too (tokio is a dev-dependency).
+#[cfg(any(test, feature = "tokio"))]
+mod probe;
+#[cfg(any(test, feature = "tokio"))]
+pub use probe::{Prober, probe_within};
 
 use std::fmt;
 use std::io;
@@ -185,6 +192,13 @@ impl fmt::Debug for Container {
     }
 }
 
+/// Lets helpers such as the probes take a container or anything that holds one.
+impl AsRef<Container> for Container {
+    fn as_ref(&self) -> &Container {
+        self
+    }
+}
+
 impl Container {
     fn local(path: &Path, local: Local) -> Container {
         Container {
@@ -323,6 +337,22 @@ impl Container {
             Backend::Local(l) => l.sync(),
             Backend::Nbd(r) => r.sync(),
         }
+    }
+
+    /// Checks that the container answers: reads its first block, then flushes, so a device
+    /// that fails writes or flushes is not taken for healthy because reads still work.
+    ///
+    /// The flush consumes a pending write-back error (and an NBD container's note of lost
+    /// writes): a caller that probes the handle it writes through must itself make sure its
+    /// next flush fails if the probe did.
+    pub fn probe(&self) -> io::Result<()> {
+        // Every container holds at least one 4 KiB block; one that no longer does (a file
+        // truncated under it) is not healthy either.
+        const FIRST_BLOCK: usize = 4096;
+        self.read_vec_at(FIRST_BLOCK, 0)
+            .map_err(|e| io::Error::new(e.kind(), format!("reading the first block: {e}")))?;
+        self.sync()
+            .map_err(|e| io::Error::new(e.kind(), format!("flushing: {e}")))
     }
 
     /// Makes `[offset, offset+len)` read as zeros and durable.

@@ -3,7 +3,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tabula_nbd::server::mem::{MemExport, StaticProvider};
-use tabula_nbd::server::{self, ExportInfo, ListenAddr, ServerConfig};
+use tabula_nbd::server::{
+    self, Errno, ExportInfo, IoError, ListenAddr, ServerConfig, StatusExtent, ZeroFlags,
+};
 
 use super::*;
 
@@ -214,7 +216,7 @@ struct MemServer {
 }
 
 impl MemServer {
-    fn start(port: u16, export: Arc<MemExport>) -> MemServer {
+    fn start(port: u16, export: Arc<dyn server::Export>) -> MemServer {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -371,4 +373,120 @@ fn nbd_container_survives_a_restart_between_calls() {
     // The pooled connection is stale; the call retries on a new one and succeeds.
     assert_eq!(c.read_vec_at(3, 0).unwrap(), b"one");
     c.sync().unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Probes
+// ---------------------------------------------------------------------------
+
+/// An in-memory export that can fail every flush and hold every read until released.
+struct Faulty {
+    inner: MemExport,
+    fail_flush: bool,
+    /// Reads wait for a permit: none until `release`.
+    open: tokio::sync::Semaphore,
+    reads: std::sync::atomic::AtomicU32,
+}
+
+impl Faulty {
+    fn new(fail_flush: bool, hold_reads: bool) -> Arc<Faulty> {
+        Arc::new(Faulty {
+            inner: MemExport::new(ExportInfo::new(1 << 20)),
+            fail_flush,
+            open: tokio::sync::Semaphore::new(if hold_reads { 0 } else { 1 }),
+            reads: Default::default(),
+        })
+    }
+
+    fn release(&self) {
+        self.open.add_permits(1);
+    }
+}
+
+#[async_trait::async_trait]
+impl server::Export for Faulty {
+    fn info(&self) -> ExportInfo {
+        self.inner.info()
+    }
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, IoError> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        drop(self.open.acquire().await);
+        self.inner.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), IoError> {
+        self.inner.write(offset, data, fua).await
+    }
+    async fn flush(&self) -> Result<(), IoError> {
+        if self.fail_flush {
+            return Err(IoError::new(Errno::Io, "injected flush failure"));
+        }
+        self.inner.flush().await
+    }
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
+        self.inner.trim(offset, len, fua).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
+        self.inner.write_zeroes(offset, len, flags).await
+    }
+    async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<StatusExtent>, IoError> {
+        self.inner.block_status(offset, len).await
+    }
+}
+
+#[test]
+fn a_container_that_fails_flushes_is_not_healthy() {
+    let srv = MemServer::start(0, Faulty::new(true, false));
+    let c = Container::open_location(&srv.location(), 0, &timeout_opts(2000)).unwrap();
+    // Reads alone would call it healthy.
+    c.read_vec_at(4096, 0).unwrap();
+    let e = c.probe().unwrap_err();
+    assert!(e.to_string().contains("flushing"), "{e}");
+
+    let ok = MemServer::start(0, Faulty::new(false, false));
+    let c = Container::open_location(&ok.location(), 0, &timeout_opts(2000)).unwrap();
+    c.probe().unwrap();
+}
+
+#[test]
+fn a_file_truncated_under_its_container_is_not_healthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.img");
+    let c = Container::create(&p, 1 << 20).unwrap();
+    c.probe().unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let e = c.probe().unwrap_err();
+    assert!(e.to_string().contains("reading the first block"), "{e}");
+}
+
+#[test]
+fn a_hung_probe_is_waited_for_not_started_again() {
+    let export = Faulty::new(false, true);
+    let srv = MemServer::start(0, export.clone());
+    let c = Arc::new(Container::open_location(&srv.location(), 0, &timeout_opts(10_000)).unwrap());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut prober = Prober::default();
+        let t = Duration::from_millis(100);
+        for _ in 0..3 {
+            let e = prober.probe(&c, t).await.unwrap_err();
+            assert!(e.contains("no answer"), "{e}");
+            assert!(prober.is_pending());
+        }
+        assert_eq!(
+            export.reads.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one probe at a time"
+        );
+        export.release();
+        prober.probe(&c, Duration::from_secs(5)).await.unwrap();
+        assert!(!prober.is_pending());
+        // The next probe is a new one.
+        prober.probe(&c, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(export.reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+    });
 }

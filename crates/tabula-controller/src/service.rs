@@ -1623,6 +1623,10 @@ impl ControlPlane for Controller {
             name: c.rec.name.clone(),
             path: c.rec.path.clone(),
             size_bytes: c.rec.size_blocks * BLOCK_SIZE,
+            failed: match &c.health {
+                pool::Health::Failed { reason, .. } => Some(reason.clone()),
+                pool::Health::Ok => None,
+            },
         })
     }
 

@@ -372,6 +372,7 @@ pub fn location_to_pb(l: &ContainerLocation) -> pb::ContainerLocation {
         name: l.name.clone(),
         path: l.path.clone(),
         size_bytes: l.size_bytes,
+        failed: l.failed.clone(),
     }
 }
 
@@ -381,6 +382,7 @@ pub fn location_from_pb(l: pb::ContainerLocation) -> ContainerLocation {
         name: l.name,
         path: l.path,
         size_bytes: l.size_bytes,
+        failed: l.failed,
     }
 }
 
@@ -484,6 +486,20 @@ mod tests {
         bad = cow_to_pb(&cow_sample());
         bad.to = None;
         assert!(cow_from_pb(&bad).is_err(), "a copy to nowhere");
+    }
+
+    #[test]
+    fn container_locations_round_trip_with_their_health() {
+        for failed in [None, Some("no answer within 5000 ms".to_string())] {
+            let l = ContainerLocation {
+                id: ContainerId(3),
+                name: "c3".into(),
+                path: "nbd://10.0.0.5/disk0".into(),
+                size_bytes: 1 << 30,
+                failed,
+            };
+            assert_eq!(location_from_pb(location_to_pb(&l)), l);
+        }
     }
 
     #[test]

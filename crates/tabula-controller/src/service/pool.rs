@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tabula_api::Command;
 use tabula_api::ControlError;
 use tabula_api::admin::ContainerView;
-use tabula_container::{Container, ContainerOptions, Location};
+use tabula_container::{Container, ContainerOptions, Location, Prober, probe_within};
 use tabula_core::{BLOCK_SIZE, ContainerId, FreeMap, format_size};
 use tracing::{info, warn};
 
@@ -101,18 +101,6 @@ pub(super) async fn open_location(
         Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
         Ok(Err(e)) => Err(e.to_string()),
         Ok(Ok(r)) => r.map_err(|e| tabula_api::error_chain(&e)),
-    }
-}
-
-/// Reads the container's first block, bounded by `timeout`.
-async fn probe(c: &Arc<Container>, timeout: Duration) -> Result<(), String> {
-    let c = c.clone();
-    let task = tokio::task::spawn_blocking(move || c.read_vec_at(BLOCK_SIZE as usize, 0));
-    match tokio::time::timeout(timeout, task).await {
-        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
-        Ok(Err(e)) => Err(e.to_string()),
-        Ok(Ok(Err(e))) => Err(e.to_string()),
-        Ok(Ok(Ok(_))) => Ok(()),
     }
 }
 
@@ -371,7 +359,7 @@ impl Controller {
             }
         };
         let probed = match &file {
-            Some(f) => probe(f, self.cfg.container_timeout).await,
+            Some(f) => probe_within(f, self.cfg.container_timeout).await,
             None => Err("not open".to_string()),
         };
         match probed {
@@ -429,10 +417,12 @@ impl Controller {
     pub(super) fn spawn_recovery(&self, id: ContainerId) {
         let me = self.me.clone();
         tokio::spawn(async move {
+            // One probe at a time: a hung one is waited for again, not joined by another.
+            let mut prober = Prober::default();
             loop {
                 tokio::time::sleep(PROBE_INTERVAL).await;
                 let Some(ctl) = me.upgrade() else { return };
-                if ctl.try_recover(id).await {
+                if ctl.try_recover(id, &mut prober).await {
                     return;
                 }
             }
@@ -440,7 +430,7 @@ impl Controller {
     }
 
     /// One probe of a failed container; true once it is no longer failed.
-    async fn try_recover(&self, id: ContainerId) -> bool {
+    async fn try_recover(&self, id: ContainerId, prober: &mut Prober) -> bool {
         let (location, size, file) = {
             let meta = self.meta.lock().await;
             let Some(c) = meta.containers.get(&id) else {
@@ -463,7 +453,7 @@ impl Controller {
                 Err(_) => return false,
             },
         };
-        if probe(&file, timeout).await.is_err() {
+        if prober.probe(&file, timeout).await.is_err() {
             return false;
         }
         {
