@@ -80,48 +80,48 @@ impl Direct {
         }
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if is_aligned(buf) {
-            return self.file.read_exact_at(buf, offset);
-        }
+    /// Runs `step(bounce, done)` over `len` bytes in bounce-buffer pieces; each step moves
+    /// one piece between the caller's buffer and the bounce buffer and does its I/O.
+    fn bounced(
+        &self,
+        len: usize,
+        mut step: impl FnMut(&mut [u8], usize) -> io::Result<()>,
+    ) -> io::Result<()> {
         let mut bounce = self.take_bounce();
         let mut done = 0;
         let r = loop {
-            if done == buf.len() {
+            if done == len {
                 break Ok(());
             }
-            let n = (buf.len() - done).min(BOUNCE_MAX);
-            let b = bounce.get(n);
-            if let Err(e) = self.file.read_exact_at(b, offset + done as u64) {
+            let n = (len - done).min(BOUNCE_MAX);
+            if let Err(e) = step(bounce.get(n), done) {
                 break Err(e);
             }
-            buf[done..done + n].copy_from_slice(b);
             done += n;
         };
         self.give_bounce(bounce);
         r
     }
 
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if is_aligned(buf) {
+            return self.file.read_exact_at(buf, offset);
+        }
+        self.bounced(buf.len(), |b, done| {
+            self.file.read_exact_at(b, offset + done as u64)?;
+            buf[done..done + b.len()].copy_from_slice(b);
+            Ok(())
+        })
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         if is_aligned(buf) {
             return self.file.write_all_at(buf, offset);
         }
-        let mut bounce = self.take_bounce();
-        let mut done = 0;
-        let r = loop {
-            if done == buf.len() {
-                break Ok(());
-            }
-            let n = (buf.len() - done).min(BOUNCE_MAX);
-            let b = bounce.get(n);
-            b.copy_from_slice(&buf[done..done + n]);
-            if let Err(e) = self.file.write_all_at(b, offset + done as u64) {
-                break Err(e);
-            }
-            done += n;
-        };
-        self.give_bounce(bounce);
-        r
+        self.bounced(buf.len(), |b, done| {
+            b.copy_from_slice(&buf[done..done + b.len()]);
+            self.file.write_all_at(b, offset + done as u64)
+        })
     }
 }
 
