@@ -20,7 +20,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tabula_api::{ControlError, CowCopy, Fault, FaultOp, RangeUpdate, TableSnapshot};
-use tabula_core::{BLOCK_SIZE, ContainerId, Generation, MappingTable, Piece, State, VdiskId};
+use tabula_core::{BLOCK_SIZE, ContainerId, Generation, Piece, SegmentTable, State, VdiskId};
 use tabula_nbd::consts::{NBD_STATE_HOLE, NBD_STATE_ZERO};
 use tabula_nbd::server::{Errno, Export, ExportInfo, IoError, StatusExtent, ZeroFlags};
 
@@ -33,7 +33,7 @@ struct TableCopy {
     generation: Generation,
     /// Generation of the last pushed command, the only kind that can remove mappings.
     unmap_generation: Generation,
-    table: MappingTable,
+    table: SegmentTable,
     /// Every change up to this generation has been received.
     contiguous: u64,
     /// Changes received beyond a missing one, and since when one has been missing.
@@ -42,7 +42,7 @@ struct TableCopy {
 }
 
 impl TableCopy {
-    fn new(generation: Generation, table: MappingTable) -> TableCopy {
+    fn new(generation: Generation, table: SegmentTable) -> TableCopy {
         TableCopy {
             generation,
             unmap_generation: generation,
@@ -116,20 +116,28 @@ pub struct Volume {
     block_set: AtomicBool,
     /// One resynchronisation at a time.
     pub(crate) resync_lock: tokio::sync::Mutex<()>,
-    /// One copy-on-write fault at a time: two writes to one shared segment must not both
-    /// copy into the new segment while the first already writes there.
-    cow_lock: tokio::sync::Mutex<()>,
+    /// Copy-on-write faults of one segment go one at a time: two writes to one shared
+    /// segment must not both copy into the new segment while the first already writes
+    /// there. Segments share [`COW_STRIPES`] locks, so faults on other segments go on.
+    cow_locks: Box<[tokio::sync::Mutex<()>]>,
 }
+
+/// Locks for copy-on-write faults, by segment modulo this.
+const COW_STRIPES: u64 = 64;
 
 impl Volume {
     pub fn from_snapshot(snap: TableSnapshot) -> Result<Volume, String> {
-        let table = MappingTable::from_entries(snap.size_bytes / BLOCK_SIZE, snap.entries)
-            .map_err(|e| {
-                format!(
-                    "table of {} from the controller is malformed: {e}",
-                    snap.name
-                )
-            })?;
+        let table = SegmentTable::from_entries(
+            snap.size_bytes / BLOCK_SIZE,
+            snap.segment_blocks,
+            snap.entries,
+        )
+        .map_err(|e| {
+            format!(
+                "table of {} from the controller is malformed: {e}",
+                snap.name
+            )
+        })?;
         Ok(Volume {
             id: snap.vdisk,
             name: snap.name,
@@ -142,8 +150,24 @@ impl Volume {
             blocked: parking_lot::Mutex::new(None),
             block_set: AtomicBool::new(false),
             resync_lock: tokio::sync::Mutex::new(()),
-            cow_lock: tokio::sync::Mutex::new(()),
+            cow_locks: (0..COW_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         })
+    }
+
+    /// Locks copy-on-write faults of segments `[s0, s1)` (in stripe order, so two faults
+    /// never wait for each other's stripes crosswise).
+    async fn lock_cow(&self, (s0, s1): (u64, u64)) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        let mut stripes: Vec<u64> = (s0..s1.min(s0 + COW_STRIPES))
+            .map(|s| s % COW_STRIPES)
+            .collect();
+        stripes.sort_unstable();
+        let mut guards = Vec::with_capacity(stripes.len());
+        for i in stripes {
+            guards.push(self.cow_locks[i as usize].lock().await);
+        }
+        guards
     }
 
     pub fn id(&self) -> VdiskId {
@@ -271,7 +295,7 @@ impl Volume {
         }
     }
 
-    fn replace_range(table: &mut MappingTable, u: &RangeUpdate) {
+    fn replace_range(table: &mut SegmentTable, u: &RangeUpdate) {
         let (b, e) = (u.range.0.min(table.size()), u.range.1.min(table.size()));
         if b < e {
             let _ = table.remove(b, e);
@@ -285,9 +309,12 @@ impl Volume {
 
     /// Replaces the whole copy, unless it is newer, and says how the two compared.
     pub fn replace(&self, snap: &TableSnapshot) -> Result<Replaced, String> {
-        let table =
-            MappingTable::from_entries(snap.size_bytes / BLOCK_SIZE, snap.entries.iter().copied())
-                .map_err(|e| format!("replacement table of {} is malformed: {e}", snap.name))?;
+        let table = SegmentTable::from_entries(
+            snap.size_bytes / BLOCK_SIZE,
+            snap.segment_blocks,
+            snap.entries.iter().copied(),
+        )
+        .map_err(|e| format!("replacement table of {} is malformed: {e}", snap.name))?;
         let mut t = self.table.write();
         if snap.generation < t.generation {
             return Ok(Replaced::Stale);
@@ -722,7 +749,6 @@ impl VolumeExport {
                 move |plan| {
                     const CHUNK: u64 = 1 << 20;
                     let mut buf = vec![0u8; CHUNK.min(bytes) as usize];
-                    let mut targets: Vec<&Arc<OpenContainer>> = Vec::new();
                     for CopyStep {
                         from,
                         src,
@@ -737,16 +763,13 @@ impl VolumeExport {
                             from.file
                                 .read_at(&mut buf[..n], src + done)
                                 .map_err(on(from))?;
-                            to.file.write_at(&buf[..n], dst + done).map_err(on(to))?;
+                            // The controller maps the copy only once it is durable; only
+                            // the copy is flushed, not every write cached in the container.
+                            to.file
+                                .write_at_durable(&buf[..n], dst + done)
+                                .map_err(on(to))?;
                             done += n as u64;
                         }
-                        if !targets.iter().any(|t| Arc::ptr_eq(t, to)) {
-                            targets.push(to);
-                        }
-                    }
-                    // The controller maps the copy only once it is durable.
-                    for t in targets {
-                        t.file.sync().map_err(on(t))?;
                     }
                     Ok(())
                 },
@@ -892,15 +915,15 @@ impl VolumeExport {
                     ),
                 });
             }
-            // Copy-on-write faults one at a time (see `cow_lock`); the next one finds the
-            // segment writable or faults for it afresh.
+            // Copy-on-write faults of a segment one at a time (see `cow_locks`); the next
+            // one finds the segment writable or faults for it afresh.
+            let segs = self.fault_segments(&bad);
             let _cow = if bad.iter().any(|p| p.state == State::New) {
-                Some(self.vol.cow_lock.lock().await)
+                Some(self.vol.lock_cow(segs).await)
             } else {
                 None
             };
-            self.fault(FaultOp::Write, bad[0].state, self.fault_segments(&bad))
-                .await?;
+            self.fault(FaultOp::Write, bad[0].state, segs).await?;
         }
         Err(self.too_many_faults(off))
     }
@@ -1046,7 +1069,7 @@ impl Export for VolumeExport {
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), IoError> {
         let (guard, ops) = self.writable(offset, data.len() as u64).await?;
-        let (ops, mut guard) = run_io(
+        let (ops, guard) = run_io(
             &self.shared,
             "write to container",
             guard,
@@ -1054,20 +1077,21 @@ impl Export for VolumeExport {
             data.len(),
             move |ops| {
                 for op in &ops {
-                    op.container.dirty.store(true, Ordering::Release);
-                    op.container
-                        .file
-                        .write_at(&data[op.buf_off..op.buf_off + op.len], op.at)
-                        .map_err(on(&op.container))?;
+                    let buf = &data[op.buf_off..op.buf_off + op.len];
+                    // FUA: this write alone is made durable, not everything cached.
+                    if fua {
+                        op.container.file.write_at_durable(buf, op.at)
+                    } else {
+                        op.container.dirty.store(true, Ordering::Release);
+                        op.container.file.write_at(buf, op.at)
+                    }
+                    .map_err(on(&op.container))?;
                 }
                 Ok(ops)
             },
         )
         .await?;
-        if fua {
-            guard = self.sync_ops(guard, &ops).await?;
-        }
-        drop(guard);
+        drop((ops, guard));
         Ok(())
     }
 
@@ -1112,13 +1136,9 @@ impl Export for VolumeExport {
                 .collect();
             if !shared.is_empty() {
                 drop(guard);
-                let _cow = self.vol.cow_lock.lock().await;
-                self.fault(
-                    FaultOp::Write,
-                    shared[0].state,
-                    self.fault_segments(&shared),
-                )
-                .await?;
+                let segs = self.fault_segments(&shared);
+                let _cow = self.vol.lock_cow(segs).await;
+                self.fault(FaultOp::Write, shared[0].state, segs).await?;
                 continue;
             }
             match self.resolve_ops(&pieces, offset, len64) {

@@ -331,6 +331,16 @@ impl Container {
         }
     }
 
+    /// Writes `buf` at `offset` and makes just that write durable (`RWF_DSYNC` locally, FUA
+    /// remotely) without flushing the rest of the container's cached writes, as a full
+    /// `sync` would.
+    pub fn write_at_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        match &self.backend {
+            Backend::Local(l) => l.write_at_durable(buf, offset),
+            Backend::Nbd(r) => r.write_at_durable(buf, offset),
+        }
+    }
+
     /// Makes every completed write durable.
     pub fn sync(&self) -> io::Result<()> {
         match &self.backend {

@@ -243,6 +243,31 @@ impl Local {
         self.file.sync_data()
     }
 
+    pub(crate) fn write_at_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.direct_for(offset, buf.len()).is_some() {
+            // Direct writes go through their own (maybe bounced) path; flushing the device's
+            // cache after them is what makes them durable.
+            self.write_at(buf, offset)?;
+            return self.sync();
+        }
+        // RWF_DSYNC: the kernel writes back and flushes just this range (with the metadata
+        // needed to read it back), like O_DSYNC for this one write.
+        let mut done = 0;
+        while done < buf.len() {
+            let n = rustix::io::pwritev2(
+                &self.file,
+                &[io::IoSlice::new(&buf[done..])],
+                offset + done as u64,
+                rustix::io::ReadWriteFlags::DSYNC,
+            )?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
     pub(crate) fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
         if fallocate(&self.file, punch, offset, len).is_ok() {

@@ -294,6 +294,10 @@ impl Remote {
         self.run(true, |c| c.write(offset, buf, false))
     }
 
+    pub(crate) fn write_at_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.run(true, |c| c.write(offset, buf, true))
+    }
+
     pub(crate) fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.write_zeroes {
             return self.run(true, |c| c.write_zeroes(offset, len, false));

@@ -11,11 +11,13 @@ pub mod alloc;
 pub mod check;
 pub mod ids;
 pub mod refs;
+pub mod segtable;
 pub mod table;
 pub mod units;
 
 pub use alloc::{FreeMap, Pool};
 pub use ids::{ContainerId, Generation, VdiskId};
 pub use refs::{SharedBlocks, SharedRun};
+pub use segtable::SegmentTable;
 pub use table::{Entry, MappingTable, Phys, Piece, State};
 pub use units::{BLOCK_SIZE, format_size, parse_size};
