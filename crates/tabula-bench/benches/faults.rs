@@ -13,7 +13,7 @@
 //! The data directory is a temporary directory (TMPDIR, else /tmp; the commits fsync, so its
 //! file system matters). Read-ahead allocation is off, so every fault allocates one segment.
 //!
-//!   cargo bench -p tabula-bench --bench faults            # ~15 s
+//!   cargo bench -p tabula-bench --bench faults            # ~10 s
 //!   cargo bench -p tabula-bench --bench faults -- --quick # a few seconds
 
 use std::sync::Arc;
