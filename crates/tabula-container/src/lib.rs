@@ -39,6 +39,7 @@ use std::time::Duration;
 
 pub use tabula_nbd::client::{ClientError, NbdAddr, NbdUri, NbdUriError};
 
+pub use local::AlignedBuf;
 use local::Local;
 use nbd::Remote;
 

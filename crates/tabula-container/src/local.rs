@@ -1,11 +1,16 @@
-//! Local containers: a regular file, or a block device with an `O_DIRECT` side door.
+//! Local containers: a regular file, or a block device, each with an `O_DIRECT` side door.
 //!
-//! Block devices get a second descriptor opened with `O_DIRECT` when the device accepts it.
-//! Reads and writes whose offset and length are multiples of the logical block size use it
-//! (no double caching in the page cache); others use the buffered descriptor. The kernel
-//! keeps the two coherent (a direct read writes back dirty cached pages of its range first,
-//! a direct write invalidates them), and `fdatasync` on the buffered descriptor flushes the
-//! device's write cache, which covers direct writes too.
+//! Both get a second descriptor opened with `O_DIRECT` when the file system or device
+//! accepts it. On block devices, reads and writes whose offset and length are multiples of
+//! the logical block size use it (no double caching in the page cache); others use the
+//! buffered descriptor. Regular files keep the page cache for ordinary I/O (hosts read back
+//! what they wrote from memory) and use the direct descriptor only for writes that must be
+//! durable at once (copy-on-write copies, FUA): `RWF_DSYNC` on a direct write costs a FUA
+//! or one device flush, where on a buffered one it also copies into the page cache and
+//! writes it back, about five times slower for 1 MiB here (`bench/` notes in BENCHMARKS.md).
+//! The kernel keeps the two descriptors coherent (a direct read writes back dirty cached
+//! pages of its range first, a direct write invalidates them), and `fdatasync` on the
+//! buffered descriptor flushes the device's write cache, which covers direct writes too.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -21,15 +26,15 @@ use crate::{ContainerError, write_zeros_with};
 const ALIGN: usize = 4096;
 /// Largest bounce buffer; bigger transfers go through it in pieces.
 const BOUNCE_MAX: usize = 1 << 20;
+/// Largest buffered write in one call (see `Local::write_at`).
+const FOLIO_MAX: u64 = 64 << 10;
 /// Bounce buffers kept for reuse.
 const BOUNCE_POOL: usize = 16;
 
 pub(crate) struct Local {
     file: File,
-    block: Option<BlockDevice>,
-}
-
-struct BlockDevice {
+    /// Whether this is a block device (its size is its end, not its metadata length).
+    block_device: bool,
     direct: Option<Direct>,
 }
 
@@ -41,20 +46,28 @@ struct Direct {
 }
 
 /// A page-aligned byte buffer without `unsafe`: an over-allocated Vec used from its first
-/// aligned address.
-struct AlignedBuf {
+/// aligned address. Direct I/O takes it without a bounce copy.
+pub struct AlignedBuf {
     v: Vec<u8>,
     start: usize,
+    len: usize,
 }
 
 impl AlignedBuf {
-    fn new() -> AlignedBuf {
-        let v = vec![0u8; BOUNCE_MAX + ALIGN];
+    /// A zeroed buffer of `len` bytes whose first byte is page-aligned.
+    pub fn new(len: usize) -> AlignedBuf {
+        let v = vec![0u8; len + ALIGN];
         let start = (ALIGN - v.as_ptr() as usize % ALIGN) % ALIGN;
-        AlignedBuf { v, start }
+        AlignedBuf { v, start, len }
     }
 
-    fn get(&mut self, len: usize) -> &mut [u8] {
+    /// The first `len` bytes (at most the buffer's length).
+    pub fn get(&mut self, len: usize) -> &mut [u8] {
+        assert!(
+            len <= self.len,
+            "{len} bytes asked of a {}-byte buffer",
+            self.len
+        );
         &mut self.v[self.start..self.start + len]
     }
 }
@@ -70,7 +83,7 @@ impl Direct {
 
     fn take_bounce(&self) -> AlignedBuf {
         let pooled = self.bounce.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        pooled.unwrap_or_else(AlignedBuf::new)
+        pooled.unwrap_or_else(|| AlignedBuf::new(BOUNCE_MAX))
     }
 
     fn give_bounce(&self, b: AlignedBuf) {
@@ -123,6 +136,36 @@ impl Direct {
             self.file.write_all_at(b, offset + done as u64)
         })
     }
+
+    /// A direct write with `RWF_DSYNC`: durable when it returns (with the metadata needed
+    /// to read it back, for a write into a hole).
+    fn write_durable_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if is_aligned(buf) {
+            return pwrite_dsync(&self.file, buf, offset);
+        }
+        self.bounced(buf.len(), |b, done| {
+            b.copy_from_slice(&buf[done..done + b.len()]);
+            pwrite_dsync(&self.file, b, offset + done as u64)
+        })
+    }
+}
+
+/// `pwritev2(RWF_DSYNC)` of all of `buf`, like an `O_DSYNC` write.
+fn pwrite_dsync(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = rustix::io::pwritev2(
+            file,
+            &[io::IoSlice::new(&buf[done..])],
+            offset + done as u64,
+            rustix::io::ReadWriteFlags::DSYNC,
+        )?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        done += n;
+    }
+    Ok(())
 }
 
 impl Local {
@@ -140,40 +183,51 @@ impl Local {
             .open(path)
             .map_err(err)?;
         let ft = file.metadata().map_err(err)?.file_type();
-        if ft.is_file() {
-            let len = file.metadata().map_err(err)?.len();
-            return Ok((Local { file, block: None }, len));
-        }
-        if !ft.is_block_device() {
+        let block_device = if ft.is_file() {
+            false
+        } else if ft.is_block_device() {
+            true
+        } else {
             return Err(ContainerError::NotStorage {
                 path: path.to_path_buf(),
             });
-        }
-        // A block device's metadata says 0 bytes; its end is its size.
-        let len = (&file).seek(SeekFrom::End(0)).map_err(err)?;
-        let direct = open_direct(path, &file, len);
+        };
+        let len = if block_device {
+            // A block device's metadata says 0 bytes; its end is its size.
+            (&file).seek(SeekFrom::End(0)).map_err(err)?
+        } else {
+            file.metadata().map_err(err)?.len()
+        };
+        let direct = open_direct(path, &file, len, block_device);
         let local = Local {
             file,
-            block: Some(BlockDevice { direct }),
+            block_device,
+            direct,
         };
         Ok((local, len))
     }
 
     pub(crate) fn is_block_device(&self) -> bool {
-        self.block.is_some()
+        self.block_device
     }
 
     /// Whether aligned I/O bypasses the page cache (for tests and messages).
     #[cfg(test)]
     pub(crate) fn uses_direct_io(&self) -> bool {
-        matches!(&self.block, Some(BlockDevice { direct: Some(_) }))
+        self.block_device && self.direct.is_some()
     }
 
+    /// Whether durable writes go through the direct descriptor (for tests).
+    #[cfg(test)]
+    pub(crate) fn has_direct_side_door(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// The direct descriptor for ordinary aligned I/O: block devices only.
     fn direct_for(&self, offset: u64, len: usize) -> Option<&Direct> {
-        match &self.block {
-            Some(BlockDevice { direct: Some(d) }) if d.fits(offset, len) => Some(d),
-            _ => None,
-        }
+        self.direct
+            .as_ref()
+            .filter(|d| self.block_device && d.fits(offset, len))
     }
 
     pub(crate) fn grow(&self, size: u64) -> io::Result<()> {
@@ -182,9 +236,10 @@ impl Local {
     }
 
     pub(crate) fn len(&self) -> io::Result<u64> {
-        match self.block {
-            Some(_) => (&self.file).seek(SeekFrom::End(0)),
-            None => Ok(self.file.metadata()?.len()),
+        if self.block_device {
+            (&self.file).seek(SeekFrom::End(0))
+        } else {
+            Ok(self.file.metadata()?.len())
         }
     }
 
@@ -236,36 +291,36 @@ impl Local {
                 r => return r,
             }
         }
-        self.file.write_all_at(buf, offset)
+        // In pieces that end on FOLIO_MAX boundaries: the page cache makes a folio as large
+        // as the write that creates it, and a later 4 KiB write into a 1 MiB folio walks
+        // all 256 of its buffer heads (ext4_block_write_begin: a third of the CPU of random
+        // 4K writes after a sequential fill, in the profile in BENCHMARKS.md).
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let n = ((FOLIO_MAX - pos % FOLIO_MAX) as usize).min(buf.len() - done);
+            self.file.write_all_at(&buf[done..done + n], pos)?;
+            done += n;
+        }
+        Ok(())
     }
 
     pub(crate) fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
     }
 
+    /// Writes `buf` and makes it durable before returning, without flushing the rest of
+    /// the container's cached writes: a direct `RWF_DSYNC` write where the side door takes
+    /// it, else a buffered one (the kernel writes back and flushes just this range).
     pub(crate) fn write_at_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if self.direct_for(offset, buf.len()).is_some() {
-            // Direct writes go through their own (maybe bounced) path; flushing the device's
-            // cache after them is what makes them durable.
-            self.write_at(buf, offset)?;
-            return self.sync();
-        }
-        // RWF_DSYNC: the kernel writes back and flushes just this range (with the metadata
-        // needed to read it back), like O_DSYNC for this one write.
-        let mut done = 0;
-        while done < buf.len() {
-            let n = rustix::io::pwritev2(
-                &self.file,
-                &[io::IoSlice::new(&buf[done..])],
-                offset + done as u64,
-                rustix::io::ReadWriteFlags::DSYNC,
-            )?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
+        if let Some(d) = self.direct.as_ref().filter(|d| d.fits(offset, buf.len())) {
+            match d.write_durable_at(buf, offset) {
+                // EINVAL: the file system refused this direct I/O after all.
+                Err(e) if e.kind() == io::ErrorKind::InvalidInput => {}
+                r => return r,
             }
-            done += n;
         }
-        Ok(())
+        pwrite_dsync(&self.file, buf, offset)
     }
 
     pub(crate) fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -275,7 +330,7 @@ impl Local {
         }
         // A block device that cannot discard-and-zero may still zero efficiently (write
         // zeroes offload); files whose file system punches no holes just get zeros written.
-        if self.block.is_some() {
+        if self.block_device {
             let zero = FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE;
             if fallocate(&self.file, zero, offset, len).is_ok() {
                 return Ok(());
@@ -285,18 +340,24 @@ impl Local {
     }
 }
 
-/// Opens the `O_DIRECT` descriptor of a block device and checks that it really works (some
-/// devices accept the flag and then refuse the I/O); `None` means buffered I/O only.
-fn open_direct(path: &Path, buffered: &File, size: u64) -> Option<Direct> {
+/// Opens the `O_DIRECT` descriptor of a block device or file and checks that it really
+/// works (some devices accept the flag and then refuse the I/O; tmpfs refuses the flag);
+/// `None` means buffered I/O only.
+fn open_direct(path: &Path, buffered: &File, size: u64, block_device: bool) -> Option<Direct> {
     let fd = rustix::fs::open(
         path,
         OFlags::RDWR | OFlags::DIRECT | OFlags::CLOEXEC,
         Mode::empty(),
     )
     .ok()?;
-    let block = rustix::fs::ioctl_blksszget(buffered)
-        .map(u64::from)
-        .unwrap_or(ALIGN as u64);
+    // Files: a page is a multiple of every file system's direct I/O alignment here.
+    let block = if block_device {
+        rustix::fs::ioctl_blksszget(buffered)
+            .map(u64::from)
+            .unwrap_or(ALIGN as u64)
+    } else {
+        ALIGN as u64
+    };
     if block == 0 || !block.is_power_of_two() || block > ALIGN as u64 {
         return None;
     }
