@@ -1088,6 +1088,7 @@ impl Export for VolumeExport {
                     }
                     .map_err(on(&op.container))?;
                 }
+                tabula_nbd::bufpool::give(data);
                 Ok(ops)
             },
         )

@@ -262,7 +262,7 @@ impl Local {
             self.read_at(&mut buf, offset)?;
             return Ok(buf);
         }
-        let mut buf: Vec<u8> = Vec::with_capacity(len);
+        let mut buf: Vec<u8> = tabula_nbd::bufpool::take(len);
         // `spare_capacity` reads into all the spare room; it must be exactly `len` so no byte
         // beyond the requested range is read. `with_capacity` gives exactly that for bytes,
         // but fall back to a zeroed buffer should an allocator ever round up.

@@ -1,6 +1,7 @@
 //! tabula-nbd: the NBD (Network Block Device) protocol for tabula.
 //!
 //! * [`consts`]: every protocol constant, named as in the NBD spec.
+//! * [`bufpool`]: large I/O buffers reused between requests.
 //! * [`codec`]: sans-I/O parsers and encoders plus request validation; no
 //!   async runtime needed, so it is what the fuzz targets exercise.
 //! * [`server`] (feature `server`, on by default): a tokio server speaking
@@ -13,6 +14,7 @@
 //! little-endian conversions from slipping in.
 #![deny(clippy::host_endian_bytes, clippy::little_endian_bytes)]
 
+pub mod bufpool;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod codec;

@@ -520,7 +520,7 @@ where
 /// Reads a write's payload into a fresh buffer without zeroing it first (`read_buf` fills
 /// the spare capacity), which saves a full pass over every written byte.
 async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, len: usize) -> std::io::Result<Vec<u8>> {
-    let mut data = Vec::with_capacity(len);
+    let mut data = crate::bufpool::take(len);
     while data.len() < len {
         let want = (len - data.len()) as u64;
         if (&mut *rd).take(want).read_buf(&mut data).await? == 0 {
@@ -561,6 +561,7 @@ async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, r: Reply) -> std::io::Res
     w.write_all(&r.head).await?;
     if let Some(data) = r.data {
         w.write_all(&data).await?;
+        crate::bufpool::give(data);
     }
     Ok(())
 }
