@@ -46,7 +46,7 @@ mod tests {
     #[test]
     fn buffers_come_back_empty_with_their_exact_capacity() {
         // A size no other test uses, so that parallel tests do not interfere.
-        let len = (MIN_POOLED + 12345) as usize;
+        let len = MIN_POOLED + 12345;
         let mut b = take(len);
         assert_eq!(b.capacity(), len);
         b.extend_from_slice(&[7u8; 100]);
