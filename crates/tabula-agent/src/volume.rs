@@ -767,7 +767,7 @@ impl VolumeExport {
                             // The controller maps the copy only once it is durable; only
                             // the copy is flushed, not every write cached in the container.
                             to.file
-                                .write_at_durable(buf.get(n), dst + done)
+                                .write_fresh_durable(buf.get(n), dst + done)
                                 .map_err(on(to))?;
                             done += n as u64;
                         }

@@ -342,6 +342,15 @@ impl Container {
         }
     }
 
+    /// `write_at_durable` for a range nothing else reads or writes until it returns (a
+    /// copy into space just allocated for it): local files may bypass the page cache.
+    pub fn write_fresh_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        match &self.backend {
+            Backend::Local(l) => l.write_fresh_durable(buf, offset),
+            Backend::Nbd(r) => r.write_at_durable(buf, offset),
+        }
+    }
+
     /// Makes every completed write durable.
     pub fn sync(&self) -> io::Result<()> {
         match &self.backend {

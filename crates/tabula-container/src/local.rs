@@ -4,10 +4,10 @@
 //! accepts it. On block devices, reads and writes whose offset and length are multiples of
 //! the logical block size use it (no double caching in the page cache); others use the
 //! buffered descriptor. Regular files keep the page cache for ordinary I/O (hosts read back
-//! what they wrote from memory) and use the direct descriptor only for writes that must be
-//! durable at once (copy-on-write copies, FUA): `RWF_DSYNC` on a direct write costs a FUA
-//! or one device flush, where on a buffered one it also copies into the page cache and
-//! writes it back, about five times slower for 1 MiB here (`bench/` notes in BENCHMARKS.md).
+//! what they wrote from memory) and use the direct descriptor only for durable writes into
+//! space nobody else touches meanwhile (copy-on-write copies): `RWF_DSYNC` on a direct
+//! write costs a FUA or one device flush, where on a buffered one it also copies into the
+//! page cache and writes it back, about five times slower for 1 MiB here (BENCHMARKS.md).
 //! The kernel keeps the two descriptors coherent (a direct read writes back dirty cached
 //! pages of its range first, a direct write invalidates them), and `fdatasync` on the
 //! buffered descriptor flushes the device's write cache, which covers direct writes too.
@@ -310,9 +310,21 @@ impl Local {
     }
 
     /// Writes `buf` and makes it durable before returning, without flushing the rest of
-    /// the container's cached writes: a direct `RWF_DSYNC` write where the side door takes
-    /// it, else a buffered one (the kernel writes back and flushes just this range).
+    /// the container's cached writes. Files: a buffered `RWF_DSYNC` write (the kernel
+    /// writes back and flushes just this range), so that it never races the page cache
+    /// with a host's buffered writes to the same blocks; block devices: direct where
+    /// aligned, like all their I/O.
     pub(crate) fn write_at_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.block_device {
+            return self.write_fresh_durable(buf, offset);
+        }
+        pwrite_dsync(&self.file, buf, offset)
+    }
+
+    /// `write_at_durable` for a range that nothing else reads or writes until this
+    /// returns (a copy into space just allocated for it): a direct `RWF_DSYNC` write where
+    /// the side door takes it, about five times faster than a buffered one for 1 MiB.
+    pub(crate) fn write_fresh_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         if let Some(d) = self.direct.as_ref().filter(|d| d.fits(offset, buf.len())) {
             match d.write_durable_at(buf, offset) {
                 // EINVAL: the file system refused this direct I/O after all.

@@ -137,15 +137,16 @@ impl Drop for LoopDevice {
 }
 
 #[test]
-fn durable_writes_to_a_file_go_direct_and_stay_coherent_with_the_cache() {
+fn durable_writes_to_a_file_stay_coherent_with_the_cache() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("c.img");
     let c = Container::create(&p, 8 << 20).unwrap();
     let Backend::Local(local) = &c.backend else {
         unreachable!()
     };
-    // Ordinary I/O on files keeps the page cache; only durable writes take the side door
-    // (tmpfs refuses O_DIRECT: then they stay buffered, and this checks that path).
+    // Ordinary I/O on files keeps the page cache; only durable writes into fresh space
+    // take the side door (tmpfs refuses O_DIRECT: then they stay buffered, and this checks
+    // that path).
     assert!(!local.uses_direct_io());
     if !local.has_direct_side_door() {
         eprintln!(
@@ -157,16 +158,19 @@ fn durable_writes_to_a_file_go_direct_and_stay_coherent_with_the_cache() {
     c.write_at(&[1u8; 3 << 20], 1 << 20).unwrap();
     let mut aligned = AlignedBuf::new(1 << 20);
     aligned.get(1 << 20).fill(7);
-    c.write_at_durable(aligned.get(1 << 20), 2 << 20).unwrap();
+    c.write_fresh_durable(aligned.get(1 << 20), 2 << 20)
+        .unwrap();
     // Unaligned memory (bounced), unaligned offset and length (buffered).
     let odd: Vec<u8> = (0..8192u32).map(|i| (i * 13) as u8).collect();
-    c.write_at_durable(&odd[1..4097], 4 << 20).unwrap();
+    c.write_fresh_durable(&odd[1..4097], 4 << 20).unwrap();
+    c.write_at_durable(&odd[..4096], (4 << 20) + 4096).unwrap();
     c.write_at_durable(b"tail", (4 << 20) + 8190).unwrap();
     let back = c.read_vec_at((3 << 20) + 8194, 1 << 20).unwrap();
     assert!(back[..1 << 20].iter().all(|&b| b == 1));
     assert!(back[1 << 20..2 << 20].iter().all(|&b| b == 7));
     assert!(back[2 << 20..3 << 20].iter().all(|&b| b == 1));
     assert!(back[3 << 20..(3 << 20) + 4096] == odd[1..4097]);
+    assert!(back[(3 << 20) + 4096..(3 << 20) + 8190] == odd[..4094]);
     assert!(&back[(3 << 20) + 8190..] == b"tail");
     drop(c);
     // Durable without any sync: the bytes are in the file as another reader sees it.
