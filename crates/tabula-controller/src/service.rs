@@ -129,6 +129,29 @@ struct VdiskMeta {
     /// Journal ticket of the last change to this vdisk: nothing about it may be told to an
     /// agent before that ticket is durable.
     last_seq: u64,
+    streams: Streams,
+}
+
+/// Where the latest allocating faults of a vdisk ended, in segments. A fault that starts
+/// at one of these ends continues a sequential stream, and only such a fault allocates
+/// ahead: a random write that merely lands after a mapped segment would otherwise
+/// allocate up to `readahead_segments` more than it writes on a thin vdisk. Four ends
+/// follow four sequential writers at once.
+#[derive(Default)]
+struct Streams {
+    ends: [u64; 4],
+    next: usize,
+}
+
+impl Streams {
+    fn continues(&self, segment: u64) -> bool {
+        segment > 0 && self.ends.contains(&segment)
+    }
+
+    fn record(&mut self, end: u64) {
+        self.ends[self.next] = end;
+        self.next = (self.next + 1) % self.ends.len();
+    }
 }
 
 /// One change to a free map, replayed into the store in order.
@@ -527,6 +550,7 @@ impl Controller {
                     rec,
                     table,
                     last_seq: 0,
+                    streams: Streams::default(),
                 },
             );
         }
@@ -798,6 +822,7 @@ impl Controller {
                 rec,
                 last_seq: 0,
                 table: MappingTable::new(size / BLOCK_SIZE),
+                streams: Streams::default(),
             },
         );
         info!(vdisk = name, size = %format_size(size), "vdisk created");
@@ -1264,14 +1289,15 @@ impl Controller {
             return Ok((update, seq));
         }
         let v = &meta.vdisks[&f.vdisk];
-        // A fault right after a mapped segment continues a sequential stream: allocate ahead.
+        // A fault where an earlier one ended, right after a mapped segment, continues a
+        // sequential stream: allocate ahead (see `Streams`).
         let mut optional = Vec::new();
         let mut prev_target = None;
         if let (Some(&first), Some(&last)) = (need.first(), need.last()) {
             prev_target = (first > 0)
                 .then(|| v.table.lookup(first * seg - 1, first * seg)[0].target)
                 .flatten();
-            if prev_target.is_some() {
+            if prev_target.is_some() && v.streams.continues(first) {
                 let mut s = last + 1;
                 while s < nsegs && s <= last + readahead {
                     let p = v.table.lookup(s * seg, ((s + 1) * seg).min(size));
@@ -1325,6 +1351,11 @@ impl Controller {
         }
         self.out_of_space.store(false, Ordering::Relaxed);
         self.check_low_space(meta);
+        if !need.is_empty() {
+            if let Some(v) = meta.vdisks.get_mut(&f.vdisk) {
+                v.streams.record(hi);
+            }
+        }
         // Install in the table and persist the span that changed.
         let (b, e) = (lo * seg, (hi * seg).min(size));
         let result = self.commit_table_edit(

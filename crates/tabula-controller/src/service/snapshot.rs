@@ -63,6 +63,7 @@ impl Meta {
                 rec,
                 table,
                 last_seq: 0,
+                streams: Default::default(),
             },
         );
         TableWrite::whole(id, &self.vdisks[&id])

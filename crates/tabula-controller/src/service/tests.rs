@@ -245,6 +245,50 @@ async fn sequential_faults_allocate_ahead_contiguously() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_random_fault_after_a_mapped_segment_allocates_nothing_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 256 * MIB).await;
+    let v = ctl
+        .create_vdisk("vd", 64 * MIB, None, None, None)
+        .await
+        .unwrap();
+    // Scattered first writes, then a stream: 13 starts where the fault for 12 ended.
+    for s in [10, 40, 20, 12, 13] {
+        ctl.fault(fault(v.id, FaultOp::Write, s, s + 1))
+            .await
+            .unwrap();
+    }
+    assert!(
+        ctl.status().await.allocated > 5 * MIB,
+        "13 continued a stream and allocated ahead"
+    );
+    let before = ctl.status().await.allocated;
+    // Scattered faults allocate their own segment only.
+    for s in [30, 50, 5, 60, 25] {
+        ctl.fault(fault(v.id, FaultOp::Write, s, s + 1))
+            .await
+            .unwrap();
+    }
+    let mid = ctl.status().await.allocated;
+    assert_eq!(
+        mid - before,
+        5 * MIB,
+        "one segment each for scattered faults"
+    );
+    // 41 sits right after mapped 40, but the latest faults ended elsewhere: random, so
+    // nothing ahead (before `Streams`, 42..49 were allocated too).
+    ctl.fault(fault(v.id, FaultOp::Write, 41, 42))
+        .await
+        .unwrap();
+    assert_eq!(
+        ctl.status().await.allocated - mid,
+        MIB,
+        "nothing ahead of 41"
+    );
+    assert_consistent(&ctl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_space_fails_then_new_container_allows_writes() {
     let dir = tempfile::tempdir().unwrap();
     let ctl = setup(dir.path(), 4 * MIB).await;
