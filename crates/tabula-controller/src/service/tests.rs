@@ -226,14 +226,20 @@ async fn concurrent_faults_for_one_segment_allocate_once() {
     assert_consistent(&ctl).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sequential_faults_allocate_ahead_contiguously() {
-    let dir = tempfile::tempdir().unwrap();
-    let ctl = setup(dir.path(), 256 * MIB).await;
+/// A controller with a 256 MiB pool and a 64 MiB vdisk "vd" on it.
+async fn with_vdisk(dir: &Path) -> (Arc<Controller>, VdiskView) {
+    let ctl = setup(dir, 256 * MIB).await;
     let v = ctl
         .create_vdisk("vd", 64 * MIB, None, None, None)
         .await
         .unwrap();
+    (ctl, v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_faults_allocate_ahead_contiguously() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctl, v) = with_vdisk(dir.path()).await;
     ctl.fault(fault(v.id, FaultOp::Write, 0, 1)).await.unwrap();
     let u = ctl.fault(fault(v.id, FaultOp::Write, 1, 2)).await.unwrap();
     // The stream continues: more than the faulted segment, physically after segment 0.
@@ -247,11 +253,7 @@ async fn sequential_faults_allocate_ahead_contiguously() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_random_fault_after_a_mapped_segment_allocates_nothing_ahead() {
     let dir = tempfile::tempdir().unwrap();
-    let ctl = setup(dir.path(), 256 * MIB).await;
-    let v = ctl
-        .create_vdisk("vd", 64 * MIB, None, None, None)
-        .await
-        .unwrap();
+    let (ctl, v) = with_vdisk(dir.path()).await;
     // Scattered first writes, then a stream: 13 starts where the fault for 12 ended.
     for s in [10, 40, 20, 12, 13] {
         ctl.fault(fault(v.id, FaultOp::Write, s, s + 1))
