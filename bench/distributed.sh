@@ -50,7 +50,6 @@ start_controller() {
     echo "tabula controller failed to start:"; cat "$WORK/$name.log"; exit 1
 }
 
-stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 kib() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status"; }
 

@@ -9,6 +9,14 @@ cleanup() {
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+# stop PID: ends a process this script started, and forgets it.
+stop() {
+    local p=$1 keep=() q
+    kill "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+    for q in "${PIDS[@]}"; do [ "$q" = "$p" ] || keep+=("$q"); done
+    PIDS=("${keep[@]}")
+}
 trap 'exit 130' INT TERM
 
 DEADLINE=$((SECONDS + LIMIT))

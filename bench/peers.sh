@@ -81,14 +81,6 @@ mkdir -p "$WORK/fio"
 LOAD0="$(cut -d' ' -f1-3 /proc/loadavg)"
 TCK=$(getconf CLK_TCK)
 
-# stop PID: ends a process this script started, and forgets it.
-stop() {
-    local p=$1 keep=() q
-    kill "$p" 2>/dev/null || true
-    wait "$p" 2>/dev/null || true
-    for q in "${PIDS[@]}"; do [ "$q" = "$p" ] || keep+=("$q"); done
-    PIDS=("${keep[@]}")
-}
 # ticks PID...: their CPU time (utime + stime), in clock ticks.
 ticks() {
     local t=0 p v

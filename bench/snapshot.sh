@@ -56,14 +56,6 @@ RES="$WORK/results.tsv"
 # shellcheck source=bench/lib.sh
 source bench/lib.sh # (the script runs from the repository root)
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
-# stop PID: ends a process this script started, and forgets it.
-stop() {
-    local p=$1 keep=() q
-    kill "$p" 2>/dev/null || true
-    wait "$p" 2>/dev/null || true
-    for q in "${PIDS[@]}"; do [ "$q" = "$p" ] || keep+=("$q"); done
-    PIDS=("${keep[@]}")
-}
 rss_mib() { awk '$1 == "VmRSS:" {printf "%.0f", $2 / 1024}' "/proc/$1/status" 2>/dev/null || echo -; }
 bytes() { python3 -c 'import sys;n=sys.argv[1];u={"K":1<<10,"M":1<<20,"G":1<<30,"T":1<<40};print(int(n[:-1])*u[n[-1]] if n[-1] in u else int(n))' "$1"; }
 FW_BYTES=$(bytes "$FW_SIZE")
