@@ -137,6 +137,49 @@ impl Drop for LoopDevice {
 }
 
 #[test]
+fn a_direct_write_into_a_sparse_file_reserves_its_chunk_first() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.img");
+    let c = Container::create(&p, 200 << 20).unwrap();
+    let Backend::Local(local) = &c.backend else {
+        unreachable!()
+    };
+    if !local.has_direct_side_door() {
+        eprintln!("note: {} refused O_DIRECT; nothing to reserve", p.display());
+        return;
+    }
+    let allocated = || std::fs::metadata(&p).unwrap().blocks() * 512;
+    assert!(allocated() < 1 << 20, "a new container is sparse");
+    // A copy into the middle of the second chunk reserves all of it, and no more.
+    let mut buf = AlignedBuf::new(1 << 20);
+    buf.get(1 << 20).fill(9);
+    c.write_fresh_durable(buf.get(1 << 20), 100 << 20).unwrap();
+    assert!(local.is_reserved(64 << 20) && !local.is_reserved(0));
+    let after = allocated();
+    assert!(
+        (64 << 20..=65 << 20).contains(&after),
+        "{after} bytes allocated after one copy"
+    );
+    // Reserving wrote nothing: the rest of the chunk still reads as zeros.
+    let back = c.read_vec_at(64 << 20, 64 << 20).unwrap();
+    assert!(back[..36 << 20].iter().all(|&b| b == 0));
+    assert!(back[36 << 20..37 << 20].iter().all(|&b| b == 9));
+    assert!(back[37 << 20..].iter().all(|&b| b == 0));
+    // Freed space is a hole again, and reserved afresh by the next copy into it. The last
+    // chunk stops at the end of the file.
+    c.zero_range(64 << 20, 64 << 20).unwrap();
+    assert!(!local.is_reserved(64 << 20));
+    c.write_fresh_durable(buf.get(1 << 20), 199 << 20).unwrap();
+    assert!(local.is_reserved(199 << 20));
+    let tail = allocated();
+    assert!(
+        (8 << 20..=(9 << 20)).contains(&tail),
+        "{tail} bytes allocated: the last chunk, 192-256 MiB, reserved only up to the end of the file at 200 MiB"
+    );
+}
+
+#[test]
 fn durable_writes_to_a_file_stay_coherent_with_the_cache() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("c.img");

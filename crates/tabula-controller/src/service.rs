@@ -88,6 +88,9 @@ pub struct TestPauses {
     pub snapshot_commit: Option<Duration>,
     /// After an agent reported a copy-on-write copy, before the tables are switched.
     pub cow_switch: Option<Duration>,
+    /// After a copy-on-write switch is queued, while it waits for its commit with the
+    /// metadata unlocked.
+    pub cow_commit: Option<Duration>,
     /// After a move step copied its run, before the tables are switched.
     pub move_switch: Option<Duration>,
 }
@@ -1690,7 +1693,7 @@ impl ControlPlane for Controller {
                 Ok(update)
             }
             FaultOp::Trim | FaultOp::WriteZeroes => self.unmap_fault(&mut meta, &fault).await,
-            FaultOp::Copied => self.cow_done(&mut meta, &fault).await,
+            FaultOp::Copied => self.cow_done(meta, &fault).await,
             FaultOp::Read => {
                 let v = meta.vdisk(fault.vdisk)?;
                 let seg = v.rec.segment_blocks;

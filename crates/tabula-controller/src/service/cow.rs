@@ -178,9 +178,10 @@ impl Controller {
     /// The agent has copied: switch the tables (see the module comment).
     pub(super) async fn cow_done(
         &self,
-        meta: &mut Meta,
+        mut guard: tokio::sync::MutexGuard<'_, Meta>,
         f: &Fault,
     ) -> Result<RangeUpdate, ControlError> {
+        let meta = &mut *guard;
         if let Some(p) = self.cfg.test_pauses.cow_switch {
             tokio::time::sleep(p).await;
         }
@@ -255,10 +256,25 @@ impl Controller {
             }
             t.put_zeroing_runs(&stored)
         });
-        self.journal.wait(seq).await?;
         meta.mark_zeroing(&to_zero);
+        // Wait outside the lock, so that the switches of concurrent copies share one commit
+        // (waiting under it made every copy of a burst after a snapshot wait for its own
+        // fsync in turn). What others may see meanwhile is the switched table, and anything
+        // they do with it is journaled after this.
+        drop(guard);
+        if let Some(p) = self.cfg.test_pauses.cow_commit {
+            tokio::time::sleep(p).await;
+        }
+        self.journal.wait(seq).await?;
+        let mut guard = self.meta.lock().await;
+        let meta = &mut *guard;
         let mut acked = true;
         for (id, (b, e), skip_faulter) in pushes {
+            // A table deleted or shrunk meanwhile told its agents itself.
+            let Some(size) = meta.vdisks.get(&id).map(|v| v.table.size()) else {
+                continue;
+            };
+            let (b, e) = (b.min(size), e.min(size));
             let update = self.range_update(meta, id, b, e, true);
             let except = skip_faulter.then_some(f.agent.as_str());
             acked &= self.push(id, except, Command::Update(update)).await;

@@ -140,6 +140,45 @@ async fn a_stale_copy_is_dropped_and_its_space_freed() {
     assert_consistent(&ctl).await;
 }
 
+/// The switch waits for its commit without the metadata lock (so that concurrent copies
+/// share commits); a table it changed may be deleted meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sharer_deleted_while_a_switch_waits_for_its_commit_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ControllerConfig::new(dir.path());
+    cfg.test_pauses.cow_commit = Some(Duration::from_millis(300));
+    let ctl = Controller::open(cfg).await.unwrap();
+    ctl.ensure_default_container(64 * MIB).await.unwrap();
+    ctl.register_agent("a", Arc::new(NullAgent), Vec::new())
+        .await
+        .unwrap();
+    let id = snapshotted(&ctl, CowPolicy::CopyOut).await;
+    let free = ctl.status().await.free;
+    let u = ctl.fault(fault(id, FaultOp::Write, 0, 1)).await.unwrap();
+    let switch = {
+        let ctl = ctl.clone();
+        let f = copied(id, &u);
+        tokio::spawn(async move { ctl.fault(f).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !switch.is_finished(),
+        "the switch is waiting for its commit"
+    );
+    // Copy-out moved the snapshot to the copy; deleting the snapshot now frees the copy.
+    ctl.delete_snapshot("vd@s1").await.unwrap();
+    let done = switch.await.unwrap().unwrap();
+    let e = entry_at(&ctl, "vd", 0).await;
+    assert_eq!(e.state, State::Normal);
+    assert_eq!(done.entries[0].target, e.target);
+    assert_eq!(
+        ctl.status().await.free,
+        free,
+        "the copy the snapshot moved to went with it; the vdisk still maps the rest"
+    );
+    assert_consistent(&ctl).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unshared_new_segments_become_writable_without_a_copy() {
     let dir = tempfile::tempdir().unwrap();
