@@ -80,7 +80,10 @@ pub struct ServeArgs {
     /// Admin API address (HOST:PORT).
     #[arg(long, default_value = DEFAULT_API)]
     pub api_listen: String,
-    /// Size of the default container created on first start (a sparse file).
+    /// Size of the default container created on first start (a sparse file,
+    /// DATA_DIR/containers/default.img). A file already there that no store knows (left by
+    /// a first start that was killed, or put there by hand, e.g. preallocated) is used as it
+    /// is.
     #[arg(long, default_value = "64G", value_parser = size_arg)]
     pub container_size: u64,
     /// Agent name, shown in `tabula status`.
@@ -116,7 +119,10 @@ pub struct ControllerArgs {
     /// Address for the admin API and the agents' channel (HOST:PORT).
     #[arg(long, default_value = DEFAULT_API)]
     pub api_listen: String,
-    /// Size of the default container created on first start (a sparse file).
+    /// Size of the default container created on first start (a sparse file,
+    /// DATA_DIR/containers/default.img). A file already there that no store knows (left by
+    /// a first start that was killed, or put there by hand, e.g. preallocated) is used as it
+    /// is.
     #[arg(long, default_value = "64G", value_parser = size_arg)]
     pub container_size: u64,
     /// Agents' lease: an agent that has not renewed it for this long stops I/O, and the

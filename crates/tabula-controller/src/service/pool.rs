@@ -113,7 +113,26 @@ impl Controller {
         let dir = self.cfg.data_dir.join("containers");
         std::fs::create_dir_all(&dir).map_err(storage)?;
         let path = dir.join("default.img");
-        self.add_container("default", &path.to_string_lossy(), Some(size))
+        // A file here that the store does not know is left by a first start that died
+        // before its commit (or put here by hand): no table can map it, so it is taken as
+        // it is, unless it never got its size.
+        let existing = std::fs::metadata(&path).ok().map(|m| m.len());
+        let size = match existing {
+            Some(len) if len >= BLOCK_SIZE => {
+                info!(
+                    path = %path.display(),
+                    bytes = len,
+                    "using the file already there as the default container"
+                );
+                None
+            }
+            Some(_) => {
+                std::fs::remove_file(&path).map_err(storage)?;
+                Some(size)
+            }
+            None => Some(size),
+        };
+        self.add_container("default", &path.to_string_lossy(), size)
             .await
             .map(|_| ())
     }

@@ -379,3 +379,26 @@ async fn a_move_stops_rather_than_free_space_a_table_outside_the_lineage_maps() 
     let b = ctl.container_by_name("b").await.unwrap();
     assert_eq!(b.used, 0);
 }
+
+/// A first start killed between creating the default container's file and committing it
+/// leaves a file the store does not know; the next start must not refuse to run (the user
+/// of `tabula serve` gives no `--size` to omit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_default_container_file_left_by_a_first_start_is_taken_at_the_next() {
+    for (left, expect) in [(8 * MIB, 8 * MIB), (0, 64 * MIB)] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("containers")).unwrap();
+        let f = std::fs::File::create(dir.path().join("containers/default.img")).unwrap();
+        // Sized (taken as it is), or never sized (created afresh with the size asked for).
+        f.set_len(left).unwrap();
+        drop(f);
+        let ctl = setup(dir.path(), 64 * MIB).await;
+        assert_eq!(ctl.status().await.capacity, expect, "left {left} bytes");
+        let v = ctl
+            .create_vdisk("vd", 4 * MIB, None, None, None)
+            .await
+            .unwrap();
+        ctl.fault(fault(v.id, FaultOp::Write, 0, 4)).await.unwrap();
+        assert_consistent(&ctl).await;
+    }
+}
