@@ -382,7 +382,9 @@ impl Local {
         let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
         if fallocate(&self.file, punch, offset, len).is_ok() {
             if !self.block_device && len > 0 {
-                // Holes again: the next direct write there reserves its chunk afresh.
+                // Holes again: the next direct write there reserves its chunk afresh. (Only
+                // in this process: another one that opened the file, an agent while the
+                // controller zeroes, writes there the slow way; slower, not wrong.)
                 let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
                 for c in offset / RESERVE_CHUNK..=(offset + len - 1) / RESERVE_CHUNK {
                     reserved.remove(&c);
