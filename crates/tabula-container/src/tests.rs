@@ -136,19 +136,35 @@ impl Drop for LoopDevice {
     }
 }
 
+/// A new file container of `size` bytes in `dir`, and whether it has the direct side door
+/// (tmpfs refuses `O_DIRECT`; a note says so).
+fn file_container(dir: &tempfile::TempDir, size: u64) -> (PathBuf, Container, bool) {
+    let p = dir.path().join("c.img");
+    let c = Container::create(&p, size).unwrap();
+    let Backend::Local(local) = &c.backend else {
+        unreachable!()
+    };
+    // Ordinary I/O on files keeps the page cache; only durable writes into fresh space
+    // take the side door.
+    assert!(!local.uses_direct_io());
+    let direct = local.has_direct_side_door();
+    if !direct {
+        eprintln!("note: {} refused O_DIRECT", p.display());
+    }
+    (p, c, direct)
+}
+
 #[test]
 fn a_direct_write_into_a_sparse_file_reserves_its_chunk_first() {
     use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("c.img");
-    let c = Container::create(&p, 200 << 20).unwrap();
+    let (p, c, direct) = file_container(&dir, 200 << 20);
+    if !direct {
+        return; // nothing to reserve
+    }
     let Backend::Local(local) = &c.backend else {
         unreachable!()
     };
-    if !local.has_direct_side_door() {
-        eprintln!("note: {} refused O_DIRECT; nothing to reserve", p.display());
-        return;
-    }
     let allocated = || std::fs::metadata(&p).unwrap().blocks() * 512;
     assert!(allocated() < 1 << 20, "a new container is sparse");
     // A copy into the middle of the second chunk reserves all of it, and no more.
@@ -182,21 +198,8 @@ fn a_direct_write_into_a_sparse_file_reserves_its_chunk_first() {
 #[test]
 fn durable_writes_to_a_file_stay_coherent_with_the_cache() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("c.img");
-    let c = Container::create(&p, 8 << 20).unwrap();
-    let Backend::Local(local) = &c.backend else {
-        unreachable!()
-    };
-    // Ordinary I/O on files keeps the page cache; only durable writes into fresh space
-    // take the side door (tmpfs refuses O_DIRECT: then they stay buffered, and this checks
-    // that path).
-    assert!(!local.uses_direct_io());
-    if !local.has_direct_side_door() {
-        eprintln!(
-            "note: {} refused O_DIRECT; testing buffered durable writes",
-            p.display()
-        );
-    }
+    // Without the side door durable writes stay buffered, and this checks that path.
+    let (p, c, _) = file_container(&dir, 8 << 20);
     // Cached data under the range of a direct write: the direct write wins, reads see it.
     c.write_at(&[1u8; 3 << 20], 1 << 20).unwrap();
     let mut aligned = AlignedBuf::new(1 << 20);

@@ -327,9 +327,8 @@ struct DiffQuery {
     to: String,
 }
 
-/// Serves the admin API on `listener` until `shutdown` resolves.
-/// Serves the admin API on `listener`, and with `agents` set, the agents' gRPC channel on
-/// the same port (HTTP/1 and HTTP/2 are told apart per connection).
+/// Serves the admin API on `listener` until `shutdown` resolves, and with `agents` set, the
+/// agents' gRPC channel on the same port (HTTP/1 and HTTP/2 are told apart per connection).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     ctl: Arc<Controller>,
