@@ -1,5 +1,6 @@
 //! Group commit: every metadata change goes through one ordered queue, and a committer
-//! thread applies whatever has queued up in a single durable redb transaction.
+//! thread applies whatever has queued up in a single redb transaction, made durable by one
+//! record of the redo log ([`crate::wal`]).
 //!
 //! Why: a fault must not be answered before its allocation is durable, and one fsync per
 //! fault would serialize every first write behind the disk. With the journal, concurrent
@@ -16,6 +17,7 @@
 
 use std::sync::Arc;
 use std::sync::mpsc;
+use std::time::Duration;
 
 use tabula_api::ControlError;
 use tokio::sync::watch;
@@ -109,28 +111,62 @@ impl Drop for Journal {
     }
 }
 
+/// Logged changes above which each batch is followed by a checkpoint step.
+const CHECKPOINT_BACKLOG: usize = 32 * 1024;
+/// Changes per checkpoint step: a few milliseconds of work, the most a batch waits
+/// behind one.
+const CHECKPOINT_STEP: usize = 4096;
+/// A queue idle this long lets checkpoint steps run until the database has caught up.
+const IDLE: Duration = Duration::from_millis(5);
+
 fn committer(store: Arc<Store>, rx: mpsc::Receiver<(u64, Op)>, durable: watch::Sender<Durable>) {
-    while let Ok(first) = rx.recv() {
+    loop {
+        let first = if store.pending_changes() > 0 {
+            match rx.recv_timeout(IDLE) {
+                Ok(op) => op,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Err(e) = store.checkpoint_step(CHECKPOINT_STEP) {
+                        return fail(&rx, &durable, &e);
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(op) => op,
+                Err(_) => break,
+            }
+        };
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
         let last = batch.last().expect("non-empty").0;
-        let result = store.write(|t| {
+        let result = store.write_logged(|t| {
             for (_, op) in batch {
                 op(t)?;
             }
             Ok(())
         });
-        match result {
-            Ok(()) => {
-                durable.send_modify(|d| d.seq = last);
-            }
-            Err(e) => {
-                error!(error = %e, "metadata commit failed: the controller stops acknowledging changes; restart it");
-                durable.send_modify(|d| d.failed = Some(e.to_string()));
-                // Drain and drop everything else: none of it may be acknowledged.
-                for _ in rx.iter() {}
-                return;
+        if let Err(e) = result {
+            return fail(&rx, &durable, &e);
+        }
+        durable.send_modify(|d| d.seq = last);
+        if store.pending_changes() >= CHECKPOINT_BACKLOG {
+            if let Err(e) = store.checkpoint_step(CHECKPOINT_STEP) {
+                return fail(&rx, &durable, &e);
             }
         }
     }
+    // A clean stop leaves an empty log (a start then has nothing to replay).
+    if let Err(e) = store.checkpoint() {
+        error!(error = %e, "metadata checkpoint at shutdown failed; the next start replays the log");
+    }
+}
+
+/// Poisons the journal after a failed commit or checkpoint.
+fn fail(rx: &mpsc::Receiver<(u64, Op)>, durable: &watch::Sender<Durable>, e: &StoreError) {
+    error!(error = %e, "metadata commit failed: the controller stops acknowledging changes; restart it");
+    durable.send_modify(|d| d.failed = Some(e.to_string()));
+    // Drain and drop everything else: none of it may be acknowledged.
+    for _ in rx.iter() {}
 }

@@ -2,6 +2,7 @@
 //!
 //! - [`store`]: persistence in redb (what is durable and when);
 //! - [`journal`]: group commit: one ordered queue of changes, one fsync per batch;
+//! - [`wal`]: the redo log that makes a batch durable without a database commit;
 //! - [`service`]: vdisks, containers, allocation and fault resolution, agent commands;
 //! - [`agents`]: agent sessions, leases, and the push of table commands;
 //! - [`grpc`]: the agents' channel (tonic), served on the admin API's port;
@@ -19,5 +20,6 @@ pub mod http;
 pub mod journal;
 pub mod service;
 pub mod store;
+pub mod wal;
 
 pub use service::{Controller, ControllerConfig, ControllerError, TestPauses};

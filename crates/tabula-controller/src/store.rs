@@ -1,9 +1,15 @@
 //! Persistence: the controller's authoritative metadata in a redb database.
 //!
-//! What is durable and why: every change (an allocation, a free, a new vdisk) is one redb
-//! write transaction committed with immediate durability *before* the controller answers
-//! the request that caused it, so an agent never writes through an entry that a crash could
-//! forget. Freed space goes first to `zeroing` and only becomes `free` after it has been
+//! What is durable and why: every change (an allocation, a free, a new vdisk) is durable
+//! *before* the controller answers the request that caused it, so an agent never writes
+//! through an entry that a crash could forget. The journal's batches become durable as
+//! records of the redo log ([`crate::wal`], the file next to the database with the
+//! extension `wal`) and reach the database later, by checkpoints: durable redb
+//! transactions that apply the oldest logged records, a few thousand changes at a time
+//! while the journal is busy and everything when it is idle, at a clean stop and at open
+//! (after replaying the log). Direct writes ([`Store::write`]) are full checkpoints. The
+//! database alone is therefore only the truth after [`Store::open`]; nothing else reads
+//! the file. Freed space goes first to `zeroing` and only becomes `free` after it has been
 //! zeroed and the zeroing made durable; on open, anything still in `zeroing` is zeroed again.
 //!
 //! Key layout (version 3; version 2 stored one row per entry in `entries`, version 1 also
@@ -31,10 +37,16 @@
 
 use std::path::Path;
 
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use tabula_api::admin::CowPolicy;
 use tabula_core::{ContainerId, Entry, Phys, State, VdiskId};
+use tracing::{debug, info};
+
+use crate::wal::{self, Wal};
 
 /// Version 2 added snapshots and clones (a version-1 tabula must not open a version-2 store:
 /// it would free blocks that snapshots still map); version 3 stores entries in chunks.
@@ -66,6 +78,8 @@ pub enum StoreError {
     Db(redb::Error),
     #[error("metadata record is corrupt: {0}")]
     Corrupt(String),
+    #[error("metadata log: {0}")]
+    Log(String),
     #[error(
         "metadata schema version {found} is newer than this tabula understands ({SCHEMA_VERSION}); upgrade tabula"
     )]
@@ -148,6 +162,29 @@ pub struct Loaded {
 
 pub struct Store {
     db: Database,
+    /// The redo log and the changes logged since the last checkpoint; its lock also
+    /// orders every write transaction with the log.
+    wal: Mutex<Logged>,
+}
+
+/// The log, and what it holds that the database does not have yet.
+struct Logged {
+    wal: Wal,
+    /// Logged records the database does not include yet, oldest first, with their
+    /// sequence numbers: applied by checkpoints, in order.
+    pending: VecDeque<(u64, Vec<Change>)>,
+    /// Changes in `pending`.
+    pending_changes: usize,
+}
+
+impl Logged {
+    /// Whether every record in the half appends do not go to is in the database.
+    fn other_half_free(&self) -> bool {
+        match self.pending.front() {
+            None => true,
+            Some(&(seq, _)) => self.wal.current_first() != 0 && seq >= self.wal.current_first(),
+        }
+    }
 }
 
 fn decode_entry_v2(begin: u64, v: EntryValue) -> Result<Entry, StoreError> {
@@ -246,8 +283,7 @@ impl Store {
             },
             e => StoreError::Db(e.into()),
         })?;
-        let store = Store { db };
-        let tx = store.db.begin_write()?;
+        let tx = db.begin_write()?;
         {
             let mut meta = tx.open_table(META)?;
             let found = meta.get("schema")?.map(|v| v.value());
@@ -271,11 +307,43 @@ impl Store {
             tx.open_table(ZEROING)?;
             tx.open_table(COW)?;
         }
+        let after = tx
+            .open_table(META)?
+            .get(JOURNAL_SEQ)?
+            .map_or(0, |v| v.value());
+        let wal_path = path.with_extension("wal");
+        let (mut wal, replay) = Wal::open(&wal_path, after)
+            .map_err(|e| StoreError::Log(format!("open {}: {e}", wal_path.display())))?;
+        // Records after the last checkpoint: apply them in order and checkpoint.
+        let last = after + replay.len() as u64;
+        {
+            let mut changes = Vec::new();
+            for payload in &replay {
+                changes.extend(decode_changes(payload)?);
+            }
+            apply_all(&tx, changes.iter())?;
+            tx.open_table(META)?.insert(JOURNAL_SEQ, last)?;
+        }
         tx.commit()?;
-        Ok(store)
+        if !replay.is_empty() {
+            info!(records = replay.len(), "replayed the metadata log");
+        }
+        wal.restart(last);
+        Ok(Store {
+            db,
+            wal: Mutex::new(Logged {
+                wal,
+                pending: VecDeque::new(),
+                pending_changes: 0,
+            }),
+        })
     }
 
+    /// Everything in the store, logged changes included (they are checkpointed first).
     pub fn load(&self) -> Result<Loaded, StoreError> {
+        if !self.wal.lock().expect("store log lock").pending.is_empty() {
+            self.checkpoint()?;
+        }
         let tx = self.db.begin_read()?;
         let mut out = Loaded::default();
         let meta = tx.open_table(META)?;
@@ -318,30 +386,184 @@ impl Store {
         Ok(out)
     }
 
-    /// Runs `f` in one write transaction and commits it durably before returning.
+    /// Runs `f` in one write transaction and commits it durably before returning, with
+    /// everything logged before (a full checkpoint: the log starts again).
     pub fn write<R>(
         &self,
         f: impl FnOnce(&mut Txn<'_>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
+        let mut logged = self.wal.lock().expect("store log lock");
+        let started = std::time::Instant::now();
         let tx = self.db.begin_write()?;
-        let r = {
-            let mut t = Txn { tx: &tx };
-            f(&mut t)?
-        };
+        // Kept until committed: a failure leaves them to the next attempt, in order.
+        apply_all(&tx, logged.pending.iter().flat_map(|(_, changes)| changes))?;
+        let r = f(&mut Txn {
+            tx: Some(&tx),
+            log: None,
+        })?;
+        let last = logged.wal.last();
+        tx.open_table(META)?.insert(JOURNAL_SEQ, last)?;
         tx.commit()?;
+        logged.wal.restart(last);
+        if !logged.pending.is_empty() {
+            debug!(
+                changes = logged.pending_changes,
+                ms = started.elapsed().as_millis() as u64,
+                "metadata checkpoint (all)"
+            );
+            logged.pending.clear();
+            logged.pending_changes = 0;
+        }
         Ok(r)
+    }
+
+    /// Makes the changes `f` makes durable through the log: they are appended as one
+    /// record and synced before this returns, and reach the database at a checkpoint
+    /// ([`Store::checkpoint_step`]; a write transaction per batch would cost about as much
+    /// as the log saves). A batch too big for the log is committed to the database
+    /// directly.
+    pub fn write_logged(
+        &self,
+        f: impl FnOnce(&mut Txn<'_>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut changes = Vec::new();
+        f(&mut Txn {
+            tx: None,
+            log: Some(&mut changes),
+        })?;
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let payload = serde_json::to_vec(&changes).expect("log records serialize");
+        if !Wal::fits_at_all(payload.len()) {
+            return self.write(|t| {
+                for c in &changes {
+                    apply(t.tx.expect("a database transaction"), c)?;
+                }
+                Ok(())
+            });
+        }
+        let mut logged = self.wal.lock().expect("store log lock");
+        let full = !logged.wal.fits(payload.len());
+        if full || (logged.wal.used() >= wal::SWITCH_AT && logged.other_half_free()) {
+            if !logged.other_half_free() {
+                // Checkpoints fell behind a full half: catch up now (appends wait).
+                let upto = logged.wal.current_first() - 1;
+                Self::apply_front(&self.db, &mut logged, usize::MAX, upto)?;
+            }
+            logged.wal.switch();
+        }
+        let seq = logged
+            .wal
+            .append(&payload)
+            .map_err(|e| StoreError::Log(format!("append: {e}")))?;
+        logged.pending_changes += changes.len();
+        logged.pending.push_back((seq, changes));
+        Ok(())
+    }
+
+    /// Changes logged and not yet in the database.
+    pub fn pending_changes(&self) -> usize {
+        self.wal.lock().expect("store log lock").pending_changes
+    }
+
+    /// Applies the oldest logged records, about `max_changes` changes of them (at least
+    /// one record), to the database in one durable transaction. Returns whether any are
+    /// left. A piece at a time, so the journal never stalls long behind a checkpoint.
+    pub fn checkpoint_step(&self, max_changes: usize) -> Result<bool, StoreError> {
+        let mut logged = self.wal.lock().expect("store log lock");
+        Self::apply_front(&self.db, &mut logged, max_changes, u64::MAX)?;
+        Ok(!logged.pending.is_empty())
+    }
+
+    /// Applies records from the front of `pending`, up to `max_changes` changes (at least
+    /// one record) and sequence number `upto`, and commits durably.
+    fn apply_front(
+        db: &Database,
+        logged: &mut Logged,
+        max_changes: usize,
+        upto: u64,
+    ) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        let tx = db.begin_write()?;
+        let (mut records, mut applied, mut last) = (0, 0, None);
+        for (seq, changes) in &logged.pending {
+            if *seq > upto || (records > 0 && applied + changes.len() > max_changes) {
+                break;
+            }
+            records += 1;
+            applied += changes.len();
+            last = Some(*seq);
+        }
+        let picked = logged.pending.iter().take(records);
+        apply_all(&tx, picked.flat_map(|(_, changes)| changes))?;
+        let Some(last) = last else {
+            return Ok(());
+        };
+        tx.open_table(META)?.insert(JOURNAL_SEQ, last)?;
+        tx.commit()?;
+        logged.pending.drain(..records);
+        logged.pending_changes -= applied;
+        debug!(
+            changes = applied,
+            ms = started.elapsed().as_millis() as u64,
+            "metadata checkpoint"
+        );
+        Ok(())
+    }
+
+    /// Applies every logged change to the database, commits durably and starts the log
+    /// again.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        self.write(|_| Ok(()))
     }
 }
 
-/// One write transaction's operations.
+/// `meta` key: the last log record a durable commit includes.
+const JOURNAL_SEQ: &str = "journal_seq";
+
+/// The changes in one log record's payload.
+pub fn decode_changes(payload: &[u8]) -> Result<Vec<Change>, StoreError> {
+    serde_json::from_slice(payload)
+        .map_err(|e| StoreError::Corrupt(format!("metadata log record: {e}")))
+}
+
+/// One change, as logged: each is a call of the [`Txn`] method of the same name, and
+/// replaying them in order from the last checkpoint repeats exactly what was done.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Change {
+    SetMeta(String, u64),
+    PutContainer(u32, ContainerRecord),
+    DeleteContainer(u32),
+    PutVdisk(u64, VdiskRecord),
+    DeleteVdisk(u64),
+    ReplaceEntries {
+        vdisk: u64,
+        lo: u64,
+        hi: u64,
+        entries: Vec<Entry>,
+    },
+    PutFree(u32, u64, u64),
+    DeleteFree(u32, u64),
+    ReplaceFree(u32, Vec<(u64, u64)>),
+    PutZeroing(Vec<(Phys, u64)>),
+    PutCow(Phys, u64),
+    DeleteCow(Phys),
+    DeleteZeroing(u32, u64),
+}
+
+/// One write transaction's operations. When logging, each change is also recorded as a
+/// [`Change`]; every method goes through [`Txn::apply`], so nothing can change the database
+/// without being logged.
 pub struct Txn<'a> {
-    tx: &'a WriteTransaction,
+    /// `None` when the changes are only logged, to be applied at the next checkpoint.
+    tx: Option<&'a WriteTransaction>,
+    log: Option<&'a mut Vec<Change>>,
 }
 
 impl Txn<'_> {
     pub fn set_meta(&mut self, key: &str, v: u64) -> Result<(), StoreError> {
-        self.tx.open_table(META)?.insert(key, v)?;
-        Ok(())
+        self.apply(Change::SetMeta(key.to_owned(), v))
     }
 
     pub fn put_container(
@@ -349,30 +571,21 @@ impl Txn<'_> {
         id: ContainerId,
         r: &ContainerRecord,
     ) -> Result<(), StoreError> {
-        self.tx
-            .open_table(CONTAINERS)?
-            .insert(id.0, json(r).as_str())?;
-        Ok(())
+        self.apply(Change::PutContainer(id.0, r.clone()))
     }
 
     /// Forgets an empty container: its record and its free runs.
     pub fn delete_container(&mut self, id: ContainerId) -> Result<(), StoreError> {
-        self.tx.open_table(CONTAINERS)?.remove(id.0)?;
-        self.replace_free(id, std::iter::empty())
+        self.apply(Change::DeleteContainer(id.0))
     }
 
     pub fn put_vdisk(&mut self, id: VdiskId, r: &VdiskRecord) -> Result<(), StoreError> {
-        self.tx.open_table(VDISKS)?.insert(id.0, json(r).as_str())?;
-        Ok(())
+        self.apply(Change::PutVdisk(id.0, r.clone()))
     }
 
     /// Removes the vdisk record and all its entries.
     pub fn delete_vdisk(&mut self, id: VdiskId) -> Result<(), StoreError> {
-        self.tx.open_table(VDISKS)?.remove(id.0)?;
-        self.tx
-            .open_table(CHUNKS)?
-            .retain_in((id.0, 0)..=(id.0, u64::MAX), |_, _| false)?;
-        Ok(())
+        self.apply(Change::DeleteVdisk(id.0))
     }
 
     /// Replaces the stored entries of `vdisk` that start in `[lo, hi)` with `entries`
@@ -386,43 +599,20 @@ impl Txn<'_> {
         hi: u64,
         entries: &[Entry],
     ) -> Result<(), StoreError> {
-        let id = vdisk.0;
-        let mut t = self.tx.open_table(CHUNKS)?;
-        let mut old: Vec<Entry> = Vec::new();
-        if lo < hi {
-            let mut before_key = None;
-            if let Some((k, v)) = t.range((id, 0)..(id, lo))?.next_back().transpose()? {
-                before_key = Some(k.value().1);
-                decode_chunk(k.value().1, v.value(), &mut old)?;
-            }
-            if let Some((k, v)) = t.range((id, lo)..(id, hi))?.next_back().transpose()? {
-                decode_chunk(k.value().1, v.value(), &mut old)?;
-            }
-            if let Some(k) = before_key {
-                t.remove((id, k))?;
-            }
-            t.retain_in((id, lo)..(id, hi), |_, _| false)?;
-        }
-        // The kept entries lie before `lo` or after `hi`; the new ones between.
-        let split = old.partition_point(|e| e.begin < lo);
-        let after = old.partition_point(|e| e.begin < hi);
-        let list: Vec<Entry> = old[..split]
-            .iter()
-            .chain(entries)
-            .chain(&old[after..])
-            .copied()
-            .collect();
-        put_chunks(&mut t, id, &list)
+        self.apply(Change::ReplaceEntries {
+            vdisk: vdisk.0,
+            lo,
+            hi,
+            entries: entries.to_vec(),
+        })
     }
 
     pub fn put_free(&mut self, c: ContainerId, start: u64, len: u64) -> Result<(), StoreError> {
-        self.tx.open_table(FREE)?.insert((c.0, start), len)?;
-        Ok(())
+        self.apply(Change::PutFree(c.0, start, len))
     }
 
     pub fn delete_free(&mut self, c: ContainerId, start: u64) -> Result<(), StoreError> {
-        self.tx.open_table(FREE)?.remove((c.0, start))?;
-        Ok(())
+        self.apply(Change::DeleteFree(c.0, start))
     }
 
     /// Replaces all free runs of container `c` with `runs`.
@@ -431,41 +621,165 @@ impl Txn<'_> {
         c: ContainerId,
         runs: impl Iterator<Item = (u64, u64)>,
     ) -> Result<(), StoreError> {
-        let mut t = self.tx.open_table(FREE)?;
-        t.retain_in((c.0, 0)..=(c.0, u64::MAX), |_, _| false)?;
-        for (s, l) in runs {
-            t.insert((c.0, s), l)?;
-        }
-        Ok(())
+        self.apply(Change::ReplaceFree(c.0, runs.collect()))
     }
 
     /// Records freed runs as waiting to be zeroed.
     pub fn put_zeroing_runs(&mut self, runs: &[(Phys, u64)]) -> Result<(), StoreError> {
-        let mut table = self.tx.open_table(ZEROING)?;
-        for &(p, l) in runs {
-            table.insert((p.container.0, p.block), l)?;
-        }
-        Ok(())
+        self.apply(Change::PutZeroing(runs.to_vec()))
     }
 
     pub fn put_cow(&mut self, at: Phys, len: u64) -> Result<(), StoreError> {
-        self.tx
-            .open_table(COW)?
-            .insert((at.container.0, at.block), len)?;
-        Ok(())
+        self.apply(Change::PutCow(at, len))
     }
 
     pub fn delete_cow(&mut self, at: Phys) -> Result<(), StoreError> {
-        self.tx
-            .open_table(COW)?
-            .remove((at.container.0, at.block))?;
-        Ok(())
+        self.apply(Change::DeleteCow(at))
     }
 
     pub fn delete_zeroing(&mut self, c: ContainerId, start: u64) -> Result<(), StoreError> {
-        self.tx.open_table(ZEROING)?.remove((c.0, start))?;
+        self.apply(Change::DeleteZeroing(c.0, start))
+    }
+
+    /// Makes change `r` in the transaction, and logs it if logging.
+    fn apply(&mut self, r: Change) -> Result<(), StoreError> {
+        if let Some(tx) = self.tx {
+            apply(tx, &r)?;
+        }
+        if let Some(log) = self.log.as_deref_mut() {
+            log.push(r);
+        }
         Ok(())
     }
+}
+
+/// Makes `changes` in `tx`, in order, leaving out record writes that a later change in
+/// the list overwrites or deletes (each allocation rewrites its vdisk's record; only the
+/// last of a checkpoint's counts).
+fn apply_all<'a>(
+    tx: &WriteTransaction,
+    changes: impl Iterator<Item = &'a Change> + Clone,
+) -> Result<(), StoreError> {
+    use std::collections::HashMap;
+    /// The row a change writes as a whole, if it does only that.
+    fn row(c: &Change) -> Option<(u8, u64, Option<&str>)> {
+        match c {
+            Change::PutVdisk(id, _) | Change::DeleteVdisk(id) => Some((0, *id, None)),
+            Change::SetMeta(key, _) => Some((1, 0, Some(key.as_str()))),
+            _ => None,
+        }
+    }
+    let mut last: HashMap<(u8, u64, Option<&str>), usize> = HashMap::new();
+    for (i, c) in changes.clone().enumerate() {
+        if let Some(r) = row(c) {
+            last.insert(r, i);
+        }
+    }
+    for (i, c) in changes.enumerate() {
+        let overwritten = matches!(c, Change::PutVdisk(..) | Change::SetMeta(..))
+            && row(c).is_some_and(|r| last[&r] > i);
+        if !overwritten {
+            apply(tx, c)?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes change `r` in `tx`.
+fn apply(tx: &WriteTransaction, r: &Change) -> Result<(), StoreError> {
+    match r {
+        Change::SetMeta(key, v) => {
+            tx.open_table(META)?.insert(key.as_str(), *v)?;
+        }
+        Change::PutContainer(id, rec) => {
+            tx.open_table(CONTAINERS)?.insert(*id, json(rec).as_str())?;
+        }
+        Change::DeleteContainer(id) => {
+            tx.open_table(CONTAINERS)?.remove(*id)?;
+            tx.open_table(FREE)?
+                .retain_in((*id, 0)..=(*id, u64::MAX), |_, _| false)?;
+        }
+        Change::PutVdisk(id, rec) => {
+            tx.open_table(VDISKS)?.insert(*id, json(rec).as_str())?;
+        }
+        Change::DeleteVdisk(id) => {
+            tx.open_table(VDISKS)?.remove(*id)?;
+            tx.open_table(CHUNKS)?
+                .retain_in((*id, 0)..=(*id, u64::MAX), |_, _| false)?;
+        }
+        Change::ReplaceEntries {
+            vdisk,
+            lo,
+            hi,
+            entries,
+        } => replace_entries(tx, *vdisk, *lo, *hi, entries)?,
+        Change::PutFree(c, start, len) => {
+            tx.open_table(FREE)?.insert((*c, *start), *len)?;
+        }
+        Change::DeleteFree(c, start) => {
+            tx.open_table(FREE)?.remove((*c, *start))?;
+        }
+        Change::ReplaceFree(c, runs) => {
+            let mut t = tx.open_table(FREE)?;
+            t.retain_in((*c, 0)..=(*c, u64::MAX), |_, _| false)?;
+            for &(s, l) in runs {
+                t.insert((*c, s), l)?;
+            }
+        }
+        Change::PutZeroing(runs) => {
+            let mut t = tx.open_table(ZEROING)?;
+            for &(p, l) in runs {
+                t.insert((p.container.0, p.block), l)?;
+            }
+        }
+        Change::PutCow(at, len) => {
+            tx.open_table(COW)?
+                .insert((at.container.0, at.block), *len)?;
+        }
+        Change::DeleteCow(at) => {
+            tx.open_table(COW)?.remove((at.container.0, at.block))?;
+        }
+        Change::DeleteZeroing(c, start) => {
+            tx.open_table(ZEROING)?.remove((*c, *start))?;
+        }
+    }
+    Ok(())
+}
+
+/// [`Txn::replace_entries`].
+fn replace_entries(
+    tx: &WriteTransaction,
+    id: u64,
+    lo: u64,
+    hi: u64,
+    entries: &[Entry],
+) -> Result<(), StoreError> {
+    let mut t = tx.open_table(CHUNKS)?;
+    let mut old: Vec<Entry> = Vec::new();
+    if lo < hi {
+        let mut before_key = None;
+        if let Some((k, v)) = t.range((id, 0)..(id, lo))?.next_back().transpose()? {
+            before_key = Some(k.value().1);
+            decode_chunk(k.value().1, v.value(), &mut old)?;
+        }
+        if let Some((k, v)) = t.range((id, lo)..(id, hi))?.next_back().transpose()? {
+            decode_chunk(k.value().1, v.value(), &mut old)?;
+        }
+        if let Some(k) = before_key {
+            t.remove((id, k))?;
+        }
+        t.retain_in((id, lo)..(id, hi), |_, _| false)?;
+    }
+    // The kept entries lie before `lo` or after `hi`; the new ones between.
+    let split = old.partition_point(|e| e.begin < lo);
+    let after = old.partition_point(|e| e.begin < hi);
+    let list: Vec<Entry> = old[..split]
+        .iter()
+        .chain(entries)
+        .chain(&old[after..])
+        .copied()
+        .collect();
+    put_chunks(&mut t, id, &list)
 }
 
 /// Moves version 2's one-row-per-entry `entries` into `chunks`, in the caller's transaction
@@ -539,6 +853,18 @@ mod tests {
         v
     }
 
+    /// Opens a copy of the store in `dir` as a crash (kill -9) would leave its files now:
+    /// what is written is there, what is only in the process's memory is not.
+    fn crashed(dir: &Path) -> Store {
+        let copy = dir.join("crash");
+        let _ = std::fs::remove_dir_all(&copy);
+        std::fs::create_dir(&copy).unwrap();
+        for f in ["t.redb", "t.wal"] {
+            std::fs::copy(dir.join(f), copy.join(f)).unwrap();
+        }
+        Store::open(&copy.join("t.redb")).unwrap()
+    }
+
     fn chunk_sizes(store: &Store) -> Vec<usize> {
         let tx = store.db.begin_read().unwrap();
         let t = tx.open_table(CHUNKS).unwrap();
@@ -580,13 +906,34 @@ mod tests {
         #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
         /// Chunked storage against a plain model: after every transaction the store loads
-        /// exactly the model's entries, and no chunk exceeds its bound.
+        /// exactly the model's entries, and no chunk exceeds its bound. Transactions are
+        /// committed durably, through the log, or through the log followed by a full
+        /// checkpoint or by one step of one; the files as a crash after transaction
+        /// `crash_at` leaves them open to the same.
         #[test]
-        fn chunks_store_what_a_model_holds(ops in proptest::collection::vec(op(), 1..40)) {
+        fn chunks_store_what_a_model_holds(
+            ops in proptest::collection::vec((op(), 0..4u8), 1..40),
+            crash_at in 0..40usize,
+        ) {
             let dir = tempfile::tempdir().unwrap();
             let store = Store::open(&dir.path().join("t.redb")).unwrap();
             let mut model: BTreeMap<u64, BTreeMap<u64, Entry>> = BTreeMap::new();
-            for (i, op) in ops.into_iter().enumerate() {
+            let crash_at = crash_at % ops.len();
+            for (i, (op, mode)) in ops.into_iter().enumerate() {
+                let commit = |f: &dyn Fn(&mut Txn<'_>) -> Result<(), StoreError>| {
+                    if mode == 0 {
+                        store.write(f).unwrap();
+                    } else {
+                        store.write_logged(f).unwrap();
+                    }
+                    match mode {
+                        2 => store.checkpoint().unwrap(),
+                        3 => {
+                            store.checkpoint_step(1).unwrap();
+                        }
+                        _ => {}
+                    }
+                };
                 match op {
                     Op::Range { which, lo, span, starts } => {
                         let hi = lo + span;
@@ -598,10 +945,10 @@ mod tests {
                             .iter()
                             .map(|&b| entry(b, 1, (b % 3 != 0).then_some(b * 7 + i as u64), State::Normal))
                             .collect();
-                        store.write(|t| {
+                        commit(&|t| {
                             t.put_vdisk(VdiskId(which), &record("v"))?;
                             t.replace_entries(VdiskId(which), lo, hi, &new)
-                        }).unwrap();
+                        });
                         let m = model.entry(which).or_default();
                         m.retain(|b, _| *b < lo || *b >= hi);
                         m.extend(new.into_iter().map(|e| (e.begin, e)));
@@ -609,14 +956,14 @@ mod tests {
                     Op::Whole { which, n } => {
                         let new: Vec<Entry> =
                             (0..n).map(|k| entry(k * 4, 4, Some(k), State::New)).collect();
-                        store.write(|t| {
+                        commit(&|t| {
                             t.put_vdisk(VdiskId(which), &record("v"))?;
                             t.replace_entries(VdiskId(which), 0, u64::MAX, &new)
-                        }).unwrap();
+                        });
                         model.insert(which, new.into_iter().map(|e| (e.begin, e)).collect());
                     }
                     Op::Delete { which } => {
-                        store.write(|t| t.delete_vdisk(VdiskId(which))).unwrap();
+                        commit(&|t| t.delete_vdisk(VdiskId(which)));
                         model.remove(&which);
                     }
                 }
@@ -624,9 +971,45 @@ mod tests {
                     .iter()
                     .map(|(id, m)| (VdiskId(*id), m.values().copied().collect()))
                     .collect();
-                prop_assert_eq!(stored(&store), want);
+                prop_assert_eq!(&stored(&store), &want);
                 prop_assert!(chunk_sizes(&store).iter().all(|&n| n > 0 && n <= CHUNK_ENTRIES));
+                if i == crash_at {
+                    prop_assert_eq!(stored(&crashed(dir.path())), want);
+                }
             }
+        }
+    }
+
+    /// Enough logged records to fill both halves of the log several times: with steps of
+    /// checkpoint now and then, and with none (a full half forces one). A crash at any
+    /// round opens to the last table written.
+    #[test]
+    fn the_log_moves_between_halves_and_replays_across_them() {
+        for steps in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(&dir.path().join("t.redb")).unwrap();
+            let mut want = Vec::new();
+            // Some 40 KiB per record: 2,000 records cross about 80 MiB of log.
+            for round in 0..2000u64 {
+                let new: Vec<Entry> = (0..400)
+                    .map(|k| entry(k * 2, 1, Some(round * 1000 + k), State::Normal))
+                    .collect();
+                store
+                    .write_logged(|t| {
+                        t.put_vdisk(VdiskId(1), &record("v"))?;
+                        t.replace_entries(VdiskId(1), 0, u64::MAX, &new)
+                    })
+                    .unwrap();
+                want = vec![(VdiskId(1), new)];
+                if steps && round % 7 == 0 {
+                    store.checkpoint_step(1000).unwrap();
+                }
+                if round % 400 == 199 {
+                    assert_eq!(stored(&crashed(dir.path())), want, "round {round}");
+                }
+            }
+            assert_eq!(stored(&crashed(dir.path())), want);
+            assert_eq!(stored(&store), want);
         }
     }
 
