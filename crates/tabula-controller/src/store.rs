@@ -12,7 +12,7 @@
 //! the file. Freed space goes first to `zeroing` and only becomes `free` after it has been
 //! zeroed and the zeroing made durable; on open, anything still in `zeroing` is zeroed again.
 //!
-//! Key layout (version 3; version 2 stored one row per entry in `entries`, version 1 also
+//! Key layout (versions 3 and 4; version 2 stored one row per entry in `entries`, version 1 also
 //! had no `cow` table and no snapshot fields in vdisk records; both are upgraded in place
 //! on open):
 //!
@@ -49,8 +49,10 @@ use tracing::{debug, info};
 use crate::wal::{self, Wal};
 
 /// Version 2 added snapshots and clones (a version-1 tabula must not open a version-2 store:
-/// it would free blocks that snapshots still map); version 3 stores entries in chunks.
-pub const SCHEMA_VERSION: u64 = 3;
+/// it would free blocks that snapshots still map); version 3 stores entries in chunks;
+/// version 4 keeps what it acknowledged last in the redo log until a checkpoint (a
+/// version-3 tabula would open the database without replaying the log, and lose it).
+pub const SCHEMA_VERSION: u64 = 4;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const CONTAINERS: TableDefinition<u32, &str> = TableDefinition::new("containers");
@@ -1013,7 +1015,8 @@ mod tests {
         }
     }
 
-    /// A version-2 store (one row per entry) opens as version 3 with the same tables.
+    /// A version-2 store (one row per entry) opens as the current version with the same
+    /// tables.
     #[test]
     fn upgrades_version_2_entries() {
         let dir = tempfile::tempdir().unwrap();
