@@ -1,6 +1,6 @@
 //! Group commit: every metadata change goes through one ordered queue, and a committer
-//! thread applies whatever has queued up in a single redb transaction, made durable by one
-//! record of the redo log ([`crate::wal`]).
+//! thread makes whatever has queued up durable as one record of the redo log
+//! ([`crate::wal`]); checkpoint steps between batches carry the records into redb.
 //!
 //! Why: a fault must not be answered before its allocation is durable, and one fsync per
 //! fault would serialize every first write behind the disk. With the journal, concurrent

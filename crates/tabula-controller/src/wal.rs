@@ -108,9 +108,9 @@ pub struct Wal {
     half: usize,
     /// Where in that half the next record goes.
     at: u64,
-    /// Sequence number of the first record in each half since appends last started there
-    /// (0: none).
-    first: [u64; 2],
+    /// Sequence number of the first record in the current half since appends started
+    /// there (0: none yet). Records before it are all in the other half.
+    first: u64,
     /// Bytes of each half written (zeros or records): appends below this write no metadata.
     grown: [u64; 2],
     /// Sequence number of the last record appended (or included in the database).
@@ -162,7 +162,7 @@ impl Wal {
             file,
             half: 0,
             at: 0,
-            first: [0, 0],
+            first: 0,
             grown,
             last: after,
             buf: Vec::new(),
@@ -180,21 +180,21 @@ impl Wal {
         self.at
     }
 
-    /// The sequence number of the first record of the half appends do not go to (0 if
-    /// none): that half is free once the database includes every record before
-    /// [`Wal::current_first`].
+    /// The sequence number of the first record in the half appends go to (0 if none yet):
+    /// the other half is free once the database includes every record before it.
     pub fn current_first(&self) -> u64 {
-        self.first[self.half]
+        self.first
     }
 
     /// Whether a payload of `len` bytes may be appended to the current half.
     pub fn fits(&self, len: usize) -> bool {
-        len <= MAX_RECORD && self.at + (HEADER + len) as u64 <= HALF_BYTES
+        Self::fits_at_all(len) && self.at + (HEADER + len) as u64 <= HALF_BYTES
     }
 
-    /// Whether a payload of `len` bytes fits in an empty half.
+    /// Whether a payload of `len` bytes can be logged at all (in an empty half).
     pub fn fits_at_all(len: usize) -> bool {
-        len <= MAX_RECORD && (HEADER + len) as u64 <= HALF_BYTES
+        const { assert!((HEADER + MAX_RECORD) as u64 <= HALF_BYTES) };
+        len <= MAX_RECORD
     }
 
     /// Appends `payload` as the next record and syncs it. Returns its sequence number.
@@ -216,7 +216,7 @@ impl Wal {
         self.file.write_all_at(&self.buf, base + self.at)?;
         self.file.sync_data()?;
         if self.at == 0 {
-            self.first[self.half] = seq;
+            self.first = seq;
         }
         self.at = end;
         self.last = seq;
@@ -228,7 +228,7 @@ impl Wal {
     pub fn switch(&mut self) {
         self.half ^= 1;
         self.at = 0;
-        self.first[self.half] = 0;
+        self.first = 0;
     }
 
     /// Starts the log again from the start of the current half, once a durable database
@@ -236,7 +236,7 @@ impl Wal {
     /// after an open).
     pub fn restart(&mut self, last: u64) {
         self.at = 0;
-        self.first = [0, 0];
+        self.first = 0;
         self.last = last;
     }
 }
