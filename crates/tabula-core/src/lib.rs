@@ -20,4 +20,8 @@ pub use ids::{ContainerId, Generation, VdiskId};
 pub use refs::{SharedBlocks, SharedRun};
 pub use segtable::SegmentTable;
 pub use table::{Entry, MappingTable, Phys, Piece, State};
-pub use units::{BLOCK_SIZE, format_size, parse_size};
+pub use units::{
+    BLOCK_SIZE, DEFAULT_SEGMENT_SIZE, LimitError, MAX_CONTAINER_SIZE, MAX_SEGMENT_SIZE,
+    MAX_VDISK_SIZE, MIN_SEGMENT_SIZE, Quantity, check_container_size, check_segment_size,
+    check_vdisk_geometry, check_vdisk_size, format_size, format_size_exact, parse_size,
+};
