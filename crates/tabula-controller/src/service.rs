@@ -13,7 +13,7 @@
 //! restart, freeing waits one lease period (the grace), because agents of the previous run
 //! may still hold tables the new run does not know about.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,8 +27,9 @@ use tabula_api::{
 };
 use tabula_core::table::TableError;
 use tabula_core::{
-    BLOCK_SIZE, ContainerId, Entry, FreeMap, Generation, MappingTable, Phys, Pool, SharedBlocks,
-    State, VdiskId, format_size,
+    BLOCK_SIZE, ContainerId, Entry, FreeMap, Generation, LimitError, MappingTable, Phys, Pool,
+    SharedBlocks, State, VdiskId, check_vdisk_geometry, check_vdisk_size, format_size,
+    format_size_exact,
 };
 use tokio::sync::Mutex;
 use tracing::{info, warn};
@@ -40,7 +41,7 @@ use moves::Moving;
 use pool::ContainerMeta;
 
 pub const DB_FILE: &str = "tabula.redb";
-pub const DEFAULT_SEGMENT_SIZE: u64 = 1 << 20;
+pub use tabula_core::DEFAULT_SEGMENT_SIZE;
 const MAX_NAME: usize = 128;
 /// How far each table's generation moves at a start: beyond every generation a previous run
 /// may have shown agents without storing it (a snapshot or rollback shows its next one before
@@ -183,6 +184,9 @@ struct Meta {
     cows: BTreeMap<(VdiskId, u64), PendingCow>,
     /// Runs a drain or migration is copying.
     moving: Vec<Moving>,
+    /// Vdisks whose last allocation was refused for want of space (until one succeeds):
+    /// what `out_of_space` in status is derived from, with the free space of the moment.
+    refused: BTreeSet<VdiskId>,
 }
 
 /// A segment being copied by an agent before its first write after a snapshot or clone.
@@ -340,6 +344,27 @@ impl Meta {
             .and_then(|v| v.rec.container.map(ContainerId))
     }
 
+    /// Whether allocating writes fail for lack of space now: some vdisk whose allocation was
+    /// refused still finds no free segment where it may allocate. Derived from the present
+    /// free space, so freeing space (a trim, a delete) clears it at once.
+    fn out_of_space(&self) -> bool {
+        self.refused.iter().any(|id| {
+            let Some(v) = self.vdisks.get(id) else {
+                return false;
+            };
+            let scope = v.rec.container.map(ContainerId);
+            let seg = v.rec.segment_blocks;
+            !self.containers.iter().any(|(&c, m)| {
+                scope.is_none_or(|s| s == c)
+                    && m.allocatable()
+                    && self
+                        .pool
+                        .get(c)
+                        .is_some_and(|f| f.runs().any(|(_, len)| len >= seg))
+            })
+        })
+    }
+
     fn container_name(&self, id: ContainerId) -> String {
         self.containers
             .get(&id)
@@ -432,6 +457,40 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// A size outside tabula's limits (`tabula_core::units`): the caller's mistake, a 400.
+fn invalid_size(e: LimitError) -> ControlError {
+    ControlError::Invalid(e.to_string())
+}
+
+/// Refuses a segment larger than every container a vdisk may allocate from (`pin`, or the
+/// whole pool): each segment is allocated in one piece of one container, so every first
+/// write would fail with ENOSPC. An empty pool says nothing yet.
+fn segment_fits(
+    meta: &Meta,
+    seg_blocks: u64,
+    pin: Option<ContainerId>,
+) -> Result<(), ControlError> {
+    let largest = meta
+        .containers
+        .iter()
+        .filter(|(id, _)| pin.is_none_or(|p| p == **id))
+        .map(|(_, c)| (c.rec.size_blocks, c.rec.name.as_str()))
+        .max();
+    match largest {
+        Some((blocks, name)) if blocks < seg_blocks => {
+            // The largest segment that fits: a power of two, at least one block.
+            let fits = (1u64 << blocks.max(1).ilog2()) * BLOCK_SIZE;
+            Err(ControlError::Invalid(format!(
+                "segment size {} is larger than every container the vdisk may use (the largest, {name}, holds {}): no write could get space; use a segment size of at most {} or add a larger container",
+                format_size_exact(seg_blocks * BLOCK_SIZE),
+                format_size_exact(blocks * BLOCK_SIZE),
+                format_size_exact(fits.min(tabula_core::MAX_SEGMENT_SIZE)),
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn storage(e: impl std::fmt::Display) -> ControlError {
     ControlError::Storage(e.to_string())
 }
@@ -467,7 +526,6 @@ pub struct Controller {
     journal: Journal,
     meta: Mutex<Meta>,
     pub(crate) agents: Agents,
-    out_of_space: AtomicBool,
     /// Whether allocatable free space is under the low-space threshold.
     low_space: AtomicBool,
     enospc_faults: AtomicU64,
@@ -593,7 +651,6 @@ impl Controller {
             store,
             meta: Mutex::new(meta),
             agents: Agents::default(),
-            out_of_space: AtomicBool::new(false),
             low_space: AtomicBool::new(false),
             enospc_faults: AtomicU64::new(0),
             me: std::sync::Weak::new(),
@@ -772,22 +829,7 @@ impl Controller {
     ) -> Result<VdiskView, ControlError> {
         validate_name("vdisk", name)?;
         let seg = segment_size.unwrap_or(DEFAULT_SEGMENT_SIZE);
-        if seg < BLOCK_SIZE || seg % BLOCK_SIZE != 0 || !seg.is_power_of_two() {
-            return Err(ControlError::Invalid(format!(
-                "segment size {seg} must be a power of two of at least {BLOCK_SIZE} bytes (e.g. 1M)"
-            )));
-        }
-        if size == 0 || size % BLOCK_SIZE != 0 {
-            return Err(ControlError::Invalid(format!(
-                "vdisk size {size} is not a positive multiple of the block size {BLOCK_SIZE}: round it, e.g. to {}",
-                format_size(size.div_ceil(BLOCK_SIZE).max(1) * BLOCK_SIZE)
-            )));
-        }
-        if size > (1u64 << 62) {
-            return Err(ControlError::Invalid(format!(
-                "vdisk size {size} is too large"
-            )));
-        }
+        check_vdisk_geometry(size, seg).map_err(invalid_size)?;
         let mut meta = self.meta.lock().await;
         if meta.names.contains_key(name) {
             return Err(ControlError::Exists(format!(
@@ -797,6 +839,7 @@ impl Controller {
         let pin = container
             .map(|c| Self::container_id(&meta, c))
             .transpose()?;
+        segment_fits(&meta, seg / BLOCK_SIZE, pin)?;
         let id = VdiskId(meta.next_vdisk);
         let rec = VdiskRecord {
             name: name.to_string(),
@@ -929,6 +972,7 @@ impl Controller {
         let mut cows = Vec::new();
         for (id, v) in &removed {
             meta.names.remove(&v.rec.name);
+            meta.refused.remove(id);
             runs.extend(meta.release(&mapped_runs(&v.table)));
             cows.extend(meta.take_cows(*id));
         }
@@ -971,11 +1015,7 @@ impl Controller {
     }
 
     pub async fn resize_vdisk(&self, name: &str, size: u64) -> Result<VdiskView, ControlError> {
-        if size == 0 || size % BLOCK_SIZE != 0 {
-            return Err(ControlError::Invalid(format!(
-                "vdisk size {size} is not a positive multiple of the block size {BLOCK_SIZE}"
-            )));
-        }
+        check_vdisk_size(size).map_err(invalid_size)?;
         let mut meta = self.meta.lock().await;
         let id = meta.by_name(name)?;
         let new_blocks = size / BLOCK_SIZE;
@@ -1064,7 +1104,7 @@ impl Controller {
                 .sum(),
             containers,
             agents,
-            out_of_space: self.out_of_space.load(Ordering::Relaxed),
+            out_of_space: meta.out_of_space(),
             low_space: self.check_low_space(&meta),
             enospc_faults: self.enospc_faults.load(Ordering::Relaxed),
             data_dir: self.cfg.data_dir.display().to_string(),
@@ -1328,12 +1368,12 @@ impl Controller {
         for (a, b) in contiguous_runs(&need) {
             let end = (b * seg).min(size);
             if fill(meta, &mut place, (a * seg, end), &mut deltas, &mut got)? < end {
-                return Err(self.no_space(meta, &got));
+                return Err(self.no_space(meta, f.vdisk, &got));
             }
         }
         for &(b, e) in &gaps {
             let Some((at, n)) = meta.alloc(1, e - b, e - b, None, place.scope, &mut deltas) else {
-                return Err(self.no_space(meta, &got));
+                return Err(self.no_space(meta, f.vdisk, &got));
             };
             got.push((b, n, at));
         }
@@ -1352,7 +1392,7 @@ impl Controller {
             let reached = fill(meta, &mut place, (a * seg, end), &mut deltas, &mut got)?;
             hi = hi.max(reached.div_ceil(seg));
         }
-        self.out_of_space.store(false, Ordering::Relaxed);
+        meta.refused.remove(&f.vdisk);
         self.check_low_space(meta);
         if !need.is_empty() {
             if let Some(v) = meta.vdisks.get_mut(&f.vdisk) {
@@ -1391,12 +1431,12 @@ impl Controller {
         }
     }
 
-    /// A fault's allocation failed: gives back what it took and says so.
-    fn no_space(&self, meta: &mut Meta, got: &[(u64, u64, Phys)]) -> ControlError {
+    /// A fault's allocation for `vdisk` failed: gives back what it took and says so.
+    fn no_space(&self, meta: &mut Meta, vdisk: VdiskId, got: &[(u64, u64, Phys)]) -> ControlError {
         if let Err(e) = give_back(meta, got) {
             return e;
         }
-        self.out_of_space.store(true, Ordering::Relaxed);
+        meta.refused.insert(vdisk);
         self.enospc_faults.fetch_add(1, Ordering::Relaxed);
         ControlError::NoSpace
     }

@@ -138,7 +138,7 @@ impl Controller {
             let before = got.len();
             let reached = fill(meta, &mut place, (b, e), deltas, &mut got)?;
             if reached < e || got.len() != before + 1 {
-                return Err(self.no_space(meta, &got));
+                return Err(self.no_space(meta, vdisk, &got));
             }
         }
         let session = self.agents.session_of(agent);

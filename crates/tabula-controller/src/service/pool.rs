@@ -230,7 +230,6 @@ impl Controller {
         meta.pool.insert(id, FreeMap::all_free(size_blocks));
         meta.containers
             .insert(id, ContainerMeta::new(rec, Some(Arc::new(file))));
-        self.out_of_space.store(false, Ordering::Relaxed);
         self.check_low_space(&meta);
         info!(container = name, kind, size = %format_size(size_blocks * BLOCK_SIZE), "container added");
         Ok(self.container_view(&meta, id))

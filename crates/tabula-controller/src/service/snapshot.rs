@@ -17,7 +17,10 @@ use std::time::Instant;
 
 use tabula_api::admin::{CowPolicy, DiffRange, DiffView, SnapshotView, VdiskView};
 use tabula_api::{Command, ControlError};
-use tabula_core::{BLOCK_SIZE, Entry, Generation, MappingTable, State, VdiskId};
+use tabula_core::{
+    BLOCK_SIZE, Entry, Generation, MappingTable, State, VdiskId, check_vdisk_geometry,
+    check_vdisk_size,
+};
 use tracing::{error, info, warn};
 
 use super::{
@@ -324,6 +327,12 @@ impl Controller {
                 "vdisk '{name}' already exists: pick another name or delete it first"
             )));
         }
+        // A vdisk an older tabula let grow past the limits must not spread.
+        check_vdisk_geometry(s.rec.size_bytes, s.rec.segment_blocks * BLOCK_SIZE).map_err(|e| {
+            ControlError::Invalid(format!(
+                "cannot clone '{source}': its {e} (an older tabula allowed it)"
+            ))
+        })?;
         let table = with_state(&s.table, State::New)?;
         let parent_cow = s
             .rec
@@ -368,8 +377,13 @@ impl Controller {
                 "'{full}' is not a snapshot of '{name}'"
             )));
         }
-        let table = with_state(&meta.vdisks[&sid].table, State::New)?;
         let size_bytes = meta.vdisks[&sid].rec.size_bytes;
+        check_vdisk_size(size_bytes).map_err(|e| {
+            ControlError::Invalid(format!(
+                "cannot roll back to '{full}': its {e} (an older tabula allowed it)"
+            ))
+        })?;
+        let table = with_state(&meta.vdisks[&sid].table, State::New)?;
         let started = Instant::now();
         self.hold(id, &format!("rollback of {name}")).await?;
         meta.share(&mapped_runs(&table));

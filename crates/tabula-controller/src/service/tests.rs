@@ -448,3 +448,146 @@ async fn faults_are_told_to_retry_while_a_change_waits_for_a_lease() {
     ctl.fault(fault(v.id, FaultOp::Write, 8, 9)).await.unwrap();
     assert_consistent(&ctl).await;
 }
+
+// ---- size limits (issue 17, finding 5) ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resize_refuses_what_create_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 64 * MIB).await;
+    ctl.create_vdisk("vd", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
+    // 16383P was accepted (nbdinfo then showed a negative size).
+    for (size, says) in [
+        (16383u64 << 50, "from 4K to 4E"),
+        ((4u64 << 60) + 4096, "from 4K to 4E"),
+        (0, "from 4K to 4E"),
+        ((1 << 30) + 1, "use 1048580K"),
+    ] {
+        let e = ctl.resize_vdisk("vd", size).await.unwrap_err();
+        assert!(
+            matches!(&e, ControlError::Invalid(m) if m.contains(says)),
+            "resize to {size}: {e}"
+        );
+        let e = ctl
+            .create_vdisk("other", size, None, None, None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ControlError::Invalid(m) if m.contains(says)),
+            "create at {size}: {e}"
+        );
+    }
+    assert_eq!(ctl.vdisk_by_name("vd").await.unwrap().size, 16 * MIB);
+    // The largest accepted size is accepted by both.
+    ctl.resize_vdisk("vd", 4 << 60).await.unwrap();
+    ctl.create_vdisk("big", 4 << 60, None, None, None)
+        .await
+        .unwrap();
+    assert_consistent(&ctl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_segment_sizes_are_refused_with_the_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 64 * MIB).await;
+    // 128G, 2^62 and 2^63 were accepted; every write then failed with ENOSPC.
+    for seg in [128u64 << 30, 1 << 62, 1 << 63, 2 << 30, 2048] {
+        let e = ctl
+            .create_vdisk("vd", 16 * MIB, Some(seg), None, None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ControlError::Invalid(m) if m.contains("from 4K to 1G")),
+            "segment size {seg}: {e}"
+        );
+    }
+    let e = ctl
+        .create_vdisk("vd", 16 * MIB, Some(3 * MIB), None, None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("use 2M or 4M"), "{e}");
+    // A segment no container can hold would fail every first write: refused, saying why.
+    let e = ctl
+        .create_vdisk("vd", 16 * MIB, Some(128 * MIB), None, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, ControlError::Invalid(m) if m.contains("64M")),
+        "{e}"
+    );
+    let v = ctl
+        .create_vdisk("vd", 16 * MIB, Some(64 * MIB), None, None)
+        .await
+        .unwrap();
+    ctl.fault(fault(v.id, FaultOp::Write, 0, 1)).await.unwrap();
+    assert_consistent(&ctl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clone_and_rollback_refuse_a_size_over_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 64 * MIB).await;
+    let v = ctl
+        .create_vdisk("vd", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
+    // A vdisk an older tabula resized past the limit (its store still holds it).
+    {
+        let mut meta = ctl.meta.lock().await;
+        let m = meta.vdisks.get_mut(&VdiskId(v.id)).unwrap();
+        m.rec.size_bytes = 16383 << 50;
+        m.table.resize((16383 << 50) / BLOCK_SIZE);
+    }
+    ctl.create_snapshot("vd", "s").await.unwrap();
+    let e = ctl.clone_vdisk("vd@s", "c", None).await.unwrap_err();
+    assert!(
+        matches!(&e, ControlError::Invalid(m) if m.contains("16383P") && m.contains("4E")),
+        "{e}"
+    );
+    ctl.resize_vdisk("vd", 16 * MIB).await.unwrap();
+    let e = ctl.rollback("vd", "s").await.unwrap_err();
+    assert!(
+        matches!(&e, ControlError::Invalid(m) if m.contains("16383P")),
+        "{e}"
+    );
+    assert_eq!(ctl.vdisk_by_name("vd").await.unwrap().size, 16 * MIB);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_space_clears_when_space_is_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 4 * MIB).await;
+    let v = ctl
+        .create_vdisk("vd", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
+    for s in 0..4 {
+        ctl.fault(fault(v.id, FaultOp::Write, s, s + 1))
+            .await
+            .unwrap();
+    }
+    let err = ctl
+        .fault(fault(v.id, FaultOp::Write, 8, 9))
+        .await
+        .unwrap_err();
+    assert_eq!(err, ControlError::NoSpace);
+    assert!(ctl.status().await.out_of_space);
+    // Freeing a segment is enough: status says what is true now, without waiting for the
+    // next write to succeed.
+    ctl.fault(fault(v.id, FaultOp::Trim, 1, 2)).await.unwrap();
+    let st = ctl.status().await;
+    assert_eq!(st.free, MIB, "{st:?}");
+    assert!(!st.out_of_space, "space was freed: {st:?}");
+    // Full again: said again.
+    ctl.fault(fault(v.id, FaultOp::Write, 9, 10)).await.unwrap();
+    ctl.fault(fault(v.id, FaultOp::Write, 10, 11))
+        .await
+        .unwrap_err();
+    assert!(ctl.status().await.out_of_space);
+    // Deleting the vdisk frees everything.
+    ctl.delete_vdisk("vd", false).await.unwrap();
+    assert!(!ctl.status().await.out_of_space);
+    assert_consistent(&ctl).await;
+}
