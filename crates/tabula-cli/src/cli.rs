@@ -22,7 +22,11 @@ pub const DEFAULT_NBD: &str = "127.0.0.1:10809";
     long_about = "tabula pools storage containers into thin-provisioned virtual disks (vdisks) \
 and serves them to any NBD client (qemu, nbd-client, libnbd tools, fio).\n\n\
 Start everything on one host with `tabula serve`, then create vdisks with \
-`tabula vdisk create NAME --size 10G` and connect to nbd://127.0.0.1:10809/NAME."
+`tabula vdisk create NAME --size 10G` and connect to nbd://127.0.0.1:10809/NAME.\n\n\
+Sizes are a number of bytes with an optional binary unit K, M, G, T, P or E, each 1024 \
+times the one before; Ki, KiB and KB all mean the same (1G = 1GiB = 1GB = 2^30 bytes), \
+case does not matter, and there are no fractions (write 1536M, not 1.5G). A vdisk's size is \
+a multiple of 4K from 4K to 4E; its segment size a power of two from 4K to 1G."
 )]
 pub struct Cli {
     /// Admin API of the controller to talk to.
@@ -84,7 +88,8 @@ pub struct ServeArgs {
     /// DATA_DIR/containers/default.img). A file already there that no store knows (left by
     /// a first start that was killed, or put there by hand, e.g. preallocated) is used as it
     /// is.
-    #[arg(long, default_value = "64G", value_parser = size_arg)]
+    /// A multiple of 4K, at most 4E.
+    #[arg(long, default_value = "64G", value_parser = container_size_arg)]
     pub container_size: u64,
     /// Agent name, shown in `tabula status`.
     #[arg(long, default_value = "local")]
@@ -123,7 +128,8 @@ pub struct ControllerArgs {
     /// DATA_DIR/containers/default.img). A file already there that no store knows (left by
     /// a first start that was killed, or put there by hand, e.g. preallocated) is used as it
     /// is.
-    #[arg(long, default_value = "64G", value_parser = size_arg)]
+    /// A multiple of 4K, at most 4E.
+    #[arg(long, default_value = "64G", value_parser = container_size_arg)]
     pub container_size: u64,
     /// Agents' lease: an agent that has not renewed it for this long stops I/O, and the
     /// controller proceeds without it. After a restart, freed space is reused only once
@@ -185,10 +191,12 @@ pub enum VdiskCmd {
     /// Create a thin vdisk: it reads as zeros and owns no space until written.
     Create {
         name: String,
-        /// Size, e.g. 10G (a multiple of 4K).
+        /// Size, e.g. 10G: a multiple of 4K from 4K to 4E (units are binary: K, M, G, T,
+        /// P, E; KiB and KB mean the same).
         #[arg(long, value_parser = size_arg)]
         size: u64,
-        /// Allocation unit (power of two, at least 4K; default 1M).
+        /// Allocation unit: a power of two from 4K to 1G (default 1M), no larger than a
+        /// container the vdisk may use.
         #[arg(long, value_parser = size_arg)]
         segment_size: Option<u64>,
         /// First write to a segment shared with a snapshot or clone: `redirect` writes to a
@@ -254,6 +262,7 @@ pub enum VdiskCmd {
     /// Grow or shrink a vdisk (shrinking frees the space beyond the new end).
     Resize {
         name: String,
+        /// New size, e.g. 20G: a multiple of 4K from 4K to 4E.
         #[arg(long, value_parser = size_arg)]
         size: u64,
     },
@@ -318,6 +327,8 @@ pub enum ContainerCmd {
     #[command(group(clap::ArgGroup::new("location").required(true).args(["path", "uri"])))]
     Add {
         name: String,
+        /// A relative path is taken from the directory this command runs in (and sent to
+        /// the controller as an absolute path).
         #[arg(long)]
         path: Option<PathBuf>,
         #[arg(long)]
@@ -356,6 +367,13 @@ pub enum ContainerCmd {
 
 fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
+}
+
+/// The size of the default container `serve` and `controller` create on first start.
+fn container_size_arg(s: &str) -> Result<u64, String> {
+    let size = size_arg(s)?;
+    tabula_core::check_container_size(size).map_err(|e| e.to_string())?;
+    Ok(size)
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -492,7 +510,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 size,
             } => {
                 let location = match (path, uri) {
-                    (Some(p), _) => p.to_string_lossy().to_string(),
+                    // A relative path means one relative to where the command runs, not to
+                    // wherever the controller was started.
+                    (Some(p), _) => std::path::absolute(&p)
+                        .with_context(|| format!("resolving --path {}", p.display()))?
+                        .to_string_lossy()
+                        .to_string(),
                     (None, Some(u)) => u,
                     (None, None) => unreachable!("clap requires --path or --uri"),
                 };

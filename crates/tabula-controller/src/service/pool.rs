@@ -110,6 +110,8 @@ impl Controller {
         if !self.meta.lock().await.containers.is_empty() {
             return Ok(());
         }
+        tabula_core::check_container_size(size)
+            .map_err(|e| ControlError::Invalid(format!("the default container: {e}")))?;
         let dir = self.cfg.data_dir.join("containers");
         std::fs::create_dir_all(&dir).map_err(storage)?;
         let path = dir.join("default.img");
