@@ -41,8 +41,11 @@ pub struct ContainerServeArgs {
     pub read_only: bool,
 }
 
+/// The size of the file: a container's, so by the same limits (a multiple of 4K up to 4E).
 fn size_arg(s: &str) -> Result<u64, String> {
-    tabula_core::parse_size(s).map_err(|e| e.to_string())
+    let size = tabula_core::parse_size(s).map_err(|e| e.to_string())?;
+    tabula_core::check_container_size(size).map_err(|e| e.to_string())?;
+    Ok(size)
 }
 
 pub fn run(args: ContainerServeArgs) -> Result<()> {

@@ -30,9 +30,23 @@ pub fn inventory(loaded: &Loaded) -> Inventory {
 
 pub fn check_loaded(loaded: &Loaded) -> CheckView {
     let r = check(&inventory(loaded));
+    let mut problems = r.problems;
+    // Sizes an older tabula let through (a resize skipped the limits): NBD clients saw
+    // them as negative.
+    for (_, rec, _) in &loaded.vdisks {
+        let seg = rec.segment_blocks * tabula_core::BLOCK_SIZE;
+        if let Err(e) = tabula_core::check_vdisk_geometry(rec.size_bytes, seg) {
+            let fix = if rec.read_only {
+                format!("delete it (tabula snapshot delete {})", rec.name)
+            } else {
+                format!("resize it (tabula vdisk resize {} --size SIZE)", rec.name)
+            };
+            problems.push(format!("vdisk {}: {e}; {fix}", rec.name));
+        }
+    }
     CheckView {
-        ok: r.ok(),
-        problems: r.problems,
+        ok: problems.is_empty(),
+        problems,
         containers: r.containers,
         vdisks: r.vdisks,
         entries: r.entries,

@@ -540,6 +540,19 @@ async fn clone_and_rollback_refuse_a_size_over_the_limit() {
         m.rec.size_bytes = 16383 << 50;
         m.table.resize((16383 << 50) / BLOCK_SIZE);
     }
+    // Stored as an older tabula stored it: `check` reports it.
+    let rec = ctl.meta.lock().await.vdisks[&VdiskId(v.id)].rec.clone();
+    ctl.commit(move |t| t.put_vdisk(VdiskId(v.id), &rec))
+        .await
+        .unwrap();
+    let c = ctl.check().await.unwrap();
+    assert!(!c.ok, "{c:?}");
+    assert!(
+        c.problems
+            .iter()
+            .any(|p| p.contains("vdisk vd: vdisk size 16383P") && p.contains("resize it")),
+        "{c:?}"
+    );
     ctl.create_snapshot("vd", "s").await.unwrap();
     let e = ctl.clone_vdisk("vd@s", "c", None).await.unwrap_err();
     assert!(
@@ -553,6 +566,9 @@ async fn clone_and_rollback_refuse_a_size_over_the_limit() {
         "{e}"
     );
     assert_eq!(ctl.vdisk_by_name("vd").await.unwrap().size, 16 * MIB);
+    // The snapshot is the last table over the limit; deleting it makes the store sound.
+    ctl.delete_snapshot("vd@s").await.unwrap();
+    assert_consistent(&ctl).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
