@@ -464,11 +464,13 @@ fn invalid_size(e: LimitError) -> ControlError {
 
 /// Refuses a segment larger than every container a vdisk may allocate from (`pin`, or the
 /// whole pool): each segment is allocated in one piece of one container, so every first
-/// write would fail with ENOSPC. An empty pool says nothing yet.
+/// write would fail with ENOSPC. `fix` says what to do instead. An empty pool says nothing
+/// yet.
 fn segment_fits(
     meta: &Meta,
     seg_blocks: u64,
     pin: Option<ContainerId>,
+    fix: impl FnOnce(u64) -> String,
 ) -> Result<(), ControlError> {
     let largest = meta
         .containers
@@ -481,10 +483,15 @@ fn segment_fits(
             // The largest segment that fits: a power of two, at least one block.
             let fits = (1u64 << blocks.max(1).ilog2()) * BLOCK_SIZE;
             Err(ControlError::Invalid(format!(
-                "segment size {} is larger than every container the vdisk may use (the largest, {name}, holds {}): no write could get space; use a segment size of at most {} or add a larger container",
+                "segment size {} is larger than {} (the largest, {name}, holds {}): no first write could get space; {}",
                 format_size_exact(seg_blocks * BLOCK_SIZE),
+                if pin.is_some() {
+                    "the container"
+                } else {
+                    "every container in the pool"
+                },
                 format_size_exact(blocks * BLOCK_SIZE),
-                format_size_exact(fits.min(tabula_core::MAX_SEGMENT_SIZE)),
+                fix(fits.min(tabula_core::MAX_SEGMENT_SIZE)),
             )))
         }
         _ => Ok(()),
@@ -839,7 +846,12 @@ impl Controller {
         let pin = container
             .map(|c| Self::container_id(&meta, c))
             .transpose()?;
-        segment_fits(&meta, seg / BLOCK_SIZE, pin)?;
+        segment_fits(&meta, seg / BLOCK_SIZE, pin, |fits| {
+            format!(
+                "use a segment size of at most {} or add a larger container",
+                format_size_exact(fits)
+            )
+        })?;
         let id = VdiskId(meta.next_vdisk);
         let rec = VdiskRecord {
             name: name.to_string(),

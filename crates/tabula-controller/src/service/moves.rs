@@ -288,6 +288,13 @@ impl Controller {
                 "container '{to}' takes no new space (failed or draining)"
             )));
         }
+        // Pinned there, every later first write allocates there.
+        super::segment_fits(&meta, v.rec.segment_blocks, Some(cid), |_| {
+            format!(
+                "migrate '{name}' to a container of at least {}",
+                tabula_core::format_size_exact(v.rec.segment_blocks * BLOCK_SIZE)
+            )
+        })?;
         let total: u64 = v
             .table
             .entries()

@@ -607,3 +607,25 @@ async fn out_of_space_clears_when_space_is_freed() {
     assert!(!ctl.status().await.out_of_space);
     assert_consistent(&ctl).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_refuses_a_container_smaller_than_a_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 64 * MIB).await;
+    let v = ctl
+        .create_vdisk("vd", 16 * MIB, Some(4 * MIB), None, None)
+        .await
+        .unwrap();
+    let small = dir.path().join("small.img");
+    ctl.add_container("small", small.to_str().unwrap(), Some(2 * MIB))
+        .await
+        .unwrap();
+    // Pinned there, no first write could ever get space.
+    let e = ctl.migrate_vdisk("vd", "small").await.unwrap_err();
+    assert!(
+        matches!(&e, ControlError::Invalid(m) if m.contains("holds 2M") && m.contains("at least 4M")),
+        "{e}"
+    );
+    ctl.fault(fault(v.id, FaultOp::Write, 0, 1)).await.unwrap();
+    assert_consistent(&ctl).await;
+}
