@@ -412,6 +412,11 @@ fn io_err(context: &str, e: std::io::Error) -> IoError {
     }
 }
 
+/// Rounds of one I/O taken at full speed; a busy table rarely needs more than a few.
+const ROUNDS_BEFORE_BACKOFF: u32 = 64;
+/// The longest pause between later rounds.
+const MAX_BACKOFF: Duration = Duration::from_millis(10);
+
 /// One I/O's attempts to get what it needs from the table: it keeps trying through holds,
 /// faults and table changes until the fault wait has passed since it began, then fails
 /// saying what it was last waiting for. Not a count of rounds: while the controller makes
@@ -437,9 +442,16 @@ impl Attempt {
         }
     }
 
-    /// Starts another round, or fails once the fault wait has passed.
-    fn round(&mut self, vdisk: &str, wait: Duration) -> Result<(), IoError> {
-        if self.rounds > 0 && Instant::now() >= self.deadline {
+    /// Starts another round, or fails once the fault wait has passed. Past
+    /// [`ROUNDS_BEFORE_BACKOFF`] rounds it pauses a little first: a table that never lets
+    /// the I/O through (a bug) must not become a busy loop between agent and controller.
+    async fn round(&mut self, vdisk: &str, wait: Duration) -> Result<(), IoError> {
+        if self.rounds == 0 {
+            self.rounds = 1;
+            return Ok(());
+        }
+        let now = Instant::now();
+        if now >= self.deadline {
             return Err(IoError {
                 errno: Errno::Io,
                 message: format!(
@@ -454,6 +466,11 @@ impl Attempt {
                     }
                 ),
             });
+        }
+        if self.rounds >= ROUNDS_BEFORE_BACKOFF {
+            let pause = Duration::from_millis(u64::from(self.rounds - ROUNDS_BEFORE_BACKOFF + 1))
+                .min(MAX_BACKOFF);
+            tokio::time::sleep(pause.min(self.deadline - now)).await;
         }
         self.rounds += 1;
         Ok(())
@@ -782,7 +799,8 @@ impl VolumeExport {
             self.open_container(c.to.container).await?;
         }
         loop {
-            att.round(&self.vol.name, self.shared.cfg.fault_wait)?;
+            att.round(&self.vol.name, self.shared.cfg.fault_wait)
+                .await?;
             self.ready(att.deadline).await?;
             let guard = self.vol.enter().await;
             if !self.usable_now() {
@@ -965,7 +983,8 @@ impl VolumeExport {
         len: u64,
     ) -> Result<(Gate, Vec<PhysOp>), IoError> {
         loop {
-            att.round(&self.vol.name, self.shared.cfg.fault_wait)?;
+            att.round(&self.vol.name, self.shared.cfg.fault_wait)
+                .await?;
             self.check_io(off, len, true)?;
             self.ready(att.deadline).await?;
             let guard = self.vol.enter().await;
@@ -1086,7 +1105,8 @@ impl Export for VolumeExport {
         let len64 = len as u64;
         let mut att = Attempt::new("read", offset, self.shared.cfg.fault_wait);
         loop {
-            att.round(&self.vol.name, self.shared.cfg.fault_wait)?;
+            att.round(&self.vol.name, self.shared.cfg.fault_wait)
+                .await?;
             self.check_io(offset, len64, false)?;
             self.ready(att.deadline).await?;
             let guard = self.vol.enter().await;
@@ -1234,7 +1254,8 @@ impl Export for VolumeExport {
             drop(self.writable(&mut att, offset, len64).await?);
         }
         let (guard, fresh) = loop {
-            att.round(&self.vol.name, self.shared.cfg.fault_wait)?;
+            att.round(&self.vol.name, self.shared.cfg.fault_wait)
+                .await?;
             self.check_io(offset, len64, true)?;
             self.ready(att.deadline).await?;
             let guard = self.vol.enter().await;
