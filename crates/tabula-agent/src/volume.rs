@@ -1221,6 +1221,15 @@ impl Export for VolumeExport {
     async fn flush(&self) -> Result<(), IoError> {
         // A deleted vdisk has nothing left to make durable: its writes are gone with it.
         self.check_attached()?;
+        // Only a valid lease and a copy synchronised in this session say that it was not
+        // deleted behind this agent's back (the controller deletes after a holder's
+        // acknowledgement or lease): otherwise find out first, as any I/O would.
+        if !(self.shared.lease.valid()
+            && self.vol.synced_epoch.load(Ordering::Acquire) == self.shared.epoch())
+        {
+            self.ready(Instant::now() + self.shared.cfg.fault_wait)
+                .await?;
+        }
         self.shared.flush().await.map_err(|e| io_err("flush", e))?;
         self.check_still_attached()
     }
