@@ -465,22 +465,26 @@ impl FailureLog {
         }
     }
 
+    /// Whether a failure at `now` is logged one by one, and how many failures went unlogged
+    /// in the previous window (reported when a new one begins).
+    fn admit(&self, now: Instant) -> (bool, u64) {
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let (start, logged, suppressed) = &mut *w;
+        let mut unlogged = 0;
+        if now.saturating_duration_since(*start) >= Duration::from_secs(1) {
+            (*start, *logged, unlogged) = (now, 0, std::mem::take(suppressed));
+        }
+        if *logged < FAILURES_LOGGED_PER_SEC {
+            *logged += 1;
+            (true, unlogged)
+        } else {
+            *suppressed += 1;
+            (false, unlogged)
+        }
+    }
+
     fn failed(&self, req: &Failed, errno: Errno, cause: &str) {
-        let (log, unlogged) = {
-            let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
-            let (start, logged, suppressed) = &mut *w;
-            let mut unlogged = 0;
-            if start.elapsed() >= Duration::from_secs(1) {
-                (*start, *logged, unlogged) = (Instant::now(), 0, std::mem::take(suppressed));
-            }
-            if *logged < FAILURES_LOGGED_PER_SEC {
-                *logged += 1;
-                (true, unlogged)
-            } else {
-                *suppressed += 1;
-                (false, unlogged)
-            }
-        };
+        let (log, unlogged) = self.admit(Instant::now());
         self.report_unlogged(unlogged);
         if log {
             warn!(
@@ -857,6 +861,20 @@ mod tests {
         assert_eq!(clip_extents(&e, 150, true), vec![(100, 2)]);
         assert_eq!(clip_extents(&e, 50, true), vec![(50, 2)]);
         assert!(clip_extents(&[ext(0, 0)], 10, false).is_empty());
+    }
+
+    #[test]
+    fn failed_requests_are_logged_ten_a_second_and_the_rest_counted() {
+        let log = FailureLog::new("vd");
+        let t0 = *log.window.lock().unwrap();
+        let t0 = t0.0;
+        let admitted: Vec<(bool, u64)> = (0..25).map(|_| log.admit(t0)).collect();
+        assert!(admitted[..10].iter().all(|&a| a == (true, 0)));
+        assert!(admitted[10..].iter().all(|&a| a == (false, 0)));
+        // The next second logs again and reports what went unlogged in the last one.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(log.admit(t1), (true, 15));
+        assert_eq!(log.admit(t1), (true, 0));
     }
 
     #[test]
