@@ -18,14 +18,15 @@ use crate::volume::{Replaced, Volume, VolumeExport};
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub name: String,
-    /// Faults retried on the same I/O before it fails with EIO (tables can change between a
-    /// fault's answer and the retry; endless change means something is wrong).
-    pub max_fault_retries: u32,
     /// Test hook: holds every container read this long while it holds the I/O gate, so
     /// tests can race table changes against reads in flight. `None` in production.
     pub read_delay: Option<std::time::Duration>,
-    /// How long an I/O that needs the controller (an allocating write, a trim, a resync
-    /// after the lease ran out) waits for it before failing.
+    /// How long one I/O may wait, from when it begins, for what it needs before it fails
+    /// with EIO: the controller's answer (an allocating write, a trim, a copy-on-write, a
+    /// resync after the lease ran out), the end of a hold (snapshot, rollback), or a table
+    /// that keeps changing under it (a drain's steps, snapshots, copy-on-write switches).
+    /// Bounded by time, not by a number of rounds: a busy controller that makes progress can
+    /// take any number.
     pub fault_wait: Duration,
     /// How long a change may be missing (a later one arrived) before the whole table is
     /// fetched again.
@@ -39,7 +40,6 @@ impl AgentConfig {
     pub fn new(name: impl Into<String>) -> AgentConfig {
         AgentConfig {
             name: name.into(),
-            max_fault_retries: 16,
             read_delay: None,
             fault_wait: Duration::from_secs(30),
             gap_timeout: Duration::from_secs(2),

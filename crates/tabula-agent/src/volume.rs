@@ -11,8 +11,10 @@
 //!
 //! Before an I/O looks at the table, the volume must be *usable*: the agent's lease is valid,
 //! the copy was synchronised in the current session, and no `Block` holds it. Otherwise the
-//! I/O waits (resynchronising the copy itself if that is what is missing), up to the
-//! agent's fault wait.
+//! I/O waits (resynchronising the copy itself if that is what is missing).
+//!
+//! An I/O keeps trying through holds, faults and table changes for up to the agent's fault
+//! wait, counted from when it began (see [`Attempt`]), never for a number of rounds.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -410,6 +412,87 @@ fn io_err(context: &str, e: std::io::Error) -> IoError {
     }
 }
 
+/// Rounds of one I/O taken at full speed; a busy table rarely needs more than a few.
+const ROUNDS_BEFORE_BACKOFF: u32 = 64;
+/// The longest pause between later rounds.
+const MAX_BACKOFF: Duration = Duration::from_millis(10);
+
+/// One I/O's attempts to get what it needs from the table: it keeps trying through holds,
+/// faults and table changes until the fault wait has passed since it began, then fails
+/// saying what it was last waiting for. Not a count of rounds: while the controller makes
+/// progress (a drain's steps set runs no-write, snapshots flip states, copy-on-write
+/// switches), a table can change under an I/O any number of times, each round short.
+struct Attempt {
+    op: &'static str,
+    off: u64,
+    deadline: Instant,
+    rounds: u32,
+    /// What the last round found in the way.
+    waiting_for: String,
+}
+
+impl Attempt {
+    fn new(op: &'static str, off: u64, wait: Duration) -> Attempt {
+        Attempt {
+            op,
+            off,
+            deadline: Instant::now() + wait,
+            rounds: 0,
+            waiting_for: String::new(),
+        }
+    }
+
+    /// Starts another round, or fails once the fault wait has passed. Past
+    /// [`ROUNDS_BEFORE_BACKOFF`] rounds it pauses a little first: a table that never lets
+    /// the I/O through (a bug) must not become a busy loop between agent and controller.
+    async fn round(&mut self, vdisk: &str, wait: Duration) -> Result<(), IoError> {
+        if self.rounds == 0 {
+            self.rounds = 1;
+            return Ok(());
+        }
+        let now = Instant::now();
+        if now >= self.deadline {
+            return Err(IoError {
+                errno: Errno::Io,
+                message: format!(
+                    "vdisk {vdisk}: {} at offset {} could not complete within {wait:?} (--fault-wait) in {} attempts; the table kept changing under it, last because of {}",
+                    self.op,
+                    self.off,
+                    self.rounds,
+                    if self.waiting_for.is_empty() {
+                        "a hold"
+                    } else {
+                        &self.waiting_for
+                    }
+                ),
+            });
+        }
+        if self.rounds >= ROUNDS_BEFORE_BACKOFF {
+            let pause = Duration::from_millis(u64::from(self.rounds - ROUNDS_BEFORE_BACKOFF + 1))
+                .min(MAX_BACKOFF);
+            tokio::time::sleep(pause.min(self.deadline - now)).await;
+        }
+        self.rounds += 1;
+        Ok(())
+    }
+
+    /// Notes what is in the way: the piece that needs a fault.
+    fn blocked_by(&mut self, p: &Piece) {
+        let why = match p.state {
+            State::NoWrite => "data being moved to another container",
+            State::New => "copy-on-write of a segment shared with a snapshot",
+            State::Zero if p.target.is_none() => "space to allocate",
+            _ => "a fault",
+        };
+        self.waiting_for = format!("{why} (blocks {}..{}, state {})", p.begin, p.end, p.state);
+    }
+
+    fn held(&mut self) {
+        self.waiting_for =
+            "a hold or resynchronisation of the table (snapshot, rollback, session)".into();
+    }
+}
+
 /// I/O up to this size runs inline on the async worker; larger I/O goes to the blocking pool.
 /// A small pread/pwrite against the page cache costs less than the two thread handoffs of
 /// `spawn_blocking` (measured: 4K random reads 2x faster inline), while a 1 MiB copy inline
@@ -574,6 +657,15 @@ impl VolumeExport {
         Ok(())
     }
 
+    /// After an I/O whose success promises durability (FLUSH, FUA): a vdisk deleted while it
+    /// ran no longer holds what it wrote, so the host must not be told it is durable.
+    fn check_still_attached(&self) -> Result<(), IoError> {
+        self.check_attached().map_err(|e| IoError {
+            message: format!("{}; nothing written to it is durable", e.message),
+            ..e
+        })
+    }
+
     /// Whether the table copy may be used right now (checked again after the gate is taken
     /// and just before touching a container: the lease may run out meanwhile).
     #[inline]
@@ -584,13 +676,12 @@ impl VolumeExport {
     }
 
     /// Waits until the volume is usable: the lease is valid, the copy is synchronised in this
-    /// session (resynchronising it here if not), and no `Block` holds it. Gives up after the
-    /// fault wait.
-    async fn ready(&self) -> Result<(), IoError> {
+    /// session (resynchronising it here if not), and no `Block` holds it. Gives up at the
+    /// I/O's deadline (its fault wait).
+    async fn ready(&self, deadline: Instant) -> Result<(), IoError> {
         if self.usable_now() {
             return Ok(());
         }
-        let deadline = Instant::now() + self.shared.cfg.fault_wait;
         loop {
             self.check_attached()?;
             let changed = self.shared.changed.notified();
@@ -657,13 +748,19 @@ impl VolumeExport {
 
     /// Sends a fault and installs the answer. If the answer asks for copies (copy-on-write),
     /// makes them, reports them and installs that answer too.
-    async fn fault(&self, op: FaultOp, state: State, segs: (u64, u64)) -> Result<(), IoError> {
-        let update = self.ask(op, state, segs, Vec::new()).await?;
+    async fn fault(
+        &self,
+        att: &mut Attempt,
+        op: FaultOp,
+        state: State,
+        segs: (u64, u64),
+    ) -> Result<(), IoError> {
+        let update = self.ask(att.deadline, op, state, segs, Vec::new()).await?;
         self.vol.install_answer(&update);
         if update.copies.is_empty() {
             return Ok(());
         }
-        self.copy_segments(&update.copies).await?;
+        self.copy_segments(att, &update.copies).await?;
         let first = update
             .copies
             .iter()
@@ -678,6 +775,7 @@ impl VolumeExport {
             .expect("non-empty");
         let done = self
             .ask(
+                att.deadline,
                 FaultOp::Copied,
                 State::New,
                 (first, last + 1),
@@ -691,7 +789,7 @@ impl VolumeExport {
     /// Copies shared segments into their new places (copy-on-write) and makes the copies
     /// durable. Like any I/O it runs under the gate with a usable table, so a command that
     /// frees the sources waits for it.
-    async fn copy_segments(&self, copies: &[CowCopy]) -> Result<(), IoError> {
+    async fn copy_segments(&self, att: &mut Attempt, copies: &[CowCopy]) -> Result<(), IoError> {
         for c in copies {
             for x in &c.from {
                 if let Some(t) = x.target {
@@ -700,10 +798,13 @@ impl VolumeExport {
             }
             self.open_container(c.to.container).await?;
         }
-        for _ in 0..self.shared.cfg.max_fault_retries {
-            self.ready().await?;
+        loop {
+            att.round(&self.vol.name, self.shared.cfg.fault_wait)
+                .await?;
+            self.ready(att.deadline).await?;
             let guard = self.vol.enter().await;
             if !self.usable_now() {
+                att.held();
                 continue;
             }
             let mut plan = Vec::new();
@@ -779,19 +880,18 @@ impl VolumeExport {
             drop(guard);
             return Ok(());
         }
-        Err(self.too_many_faults(copies[0].segment * self.vol.segment_bytes()))
     }
 
     /// Sends a fault and returns the answer. While the controller cannot be reached, or asks
-    /// to retry, the fault is repeated for up to the fault wait.
+    /// to retry, the fault is repeated until the I/O's deadline.
     async fn ask(
         &self,
+        deadline: Instant,
         op: FaultOp,
         state: State,
         segs: (u64, u64),
         copied: Vec<CowCopy>,
     ) -> Result<RangeUpdate, IoError> {
-        let deadline = Instant::now() + self.shared.cfg.fault_wait;
         let mut backoff = Duration::from_millis(50);
         loop {
             let fault = Fault {
@@ -803,9 +903,11 @@ impl VolumeExport {
                 generation: self.vol.generation(),
                 copied: copied.clone(),
             };
-            let wait = match self.shared.control.fault(fault).await {
+            let (wait, why) = match self.shared.control.fault(fault).await {
                 Ok(update) => return Ok(update),
-                Err(ControlError::Retry { after_ms, .. }) => Duration::from_millis(after_ms),
+                Err(ControlError::Retry { after_ms, reason }) => {
+                    (Duration::from_millis(after_ms), reason)
+                }
                 Err(ControlError::Unavailable(m)) => {
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                     tracing::debug!(
@@ -813,32 +915,24 @@ impl VolumeExport {
                         error = m,
                         "controller unreachable; fault waits"
                     );
-                    backoff
+                    (backoff, format!("the controller was unreachable ({m})"))
                 }
                 Err(e) => return Err(ctl_err(e)),
             };
-            if Instant::now() + wait > deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return Err(IoError {
                     errno: Errno::Io,
                     message: format!(
-                        "vdisk {}: this I/O needs the controller (to allocate or unmap) and it was unreachable for {:?}",
+                        "vdisk {}: this I/O needs the controller (to allocate, unmap or copy) and could not get an answer within {:?} (--fault-wait): {why}",
                         self.vol.name, self.shared.cfg.fault_wait
                     ),
                 });
             }
-            tokio::time::sleep(wait).await;
+            // One last try at the deadline rather than giving up early.
+            tokio::time::sleep(wait.min(deadline - now)).await;
             // The session may have changed meanwhile: the copy must be current first.
-            self.ready().await?;
-        }
-    }
-
-    fn too_many_faults(&self, off: u64) -> IoError {
-        IoError {
-            errno: Errno::Io,
-            message: format!(
-                "vdisk {}: the table kept changing under an I/O at offset {off}; giving up",
-                self.vol.name
-            ),
+            self.ready(deadline).await?;
         }
     }
 
@@ -882,12 +976,20 @@ impl VolumeExport {
 
     /// Ensures every block of `[off, off+len)` is writable, faulting as needed, and returns
     /// with the gate held and the physical operations resolved.
-    async fn writable(&self, off: u64, len: u64) -> Result<(Gate, Vec<PhysOp>), IoError> {
-        for _ in 0..self.shared.cfg.max_fault_retries {
+    async fn writable(
+        &self,
+        att: &mut Attempt,
+        off: u64,
+        len: u64,
+    ) -> Result<(Gate, Vec<PhysOp>), IoError> {
+        loop {
+            att.round(&self.vol.name, self.shared.cfg.fault_wait)
+                .await?;
             self.check_io(off, len, true)?;
-            self.ready().await?;
+            self.ready(att.deadline).await?;
             let guard = self.vol.enter().await;
             if !self.usable_now() {
+                att.held();
                 continue;
             }
             let pieces = self.vol.pieces(off, len);
@@ -919,14 +1021,14 @@ impl VolumeExport {
             // Copy-on-write faults of a segment one at a time (see `cow_locks`); the next
             // one finds the segment writable or faults for it afresh.
             let segs = self.fault_segments(&bad);
+            att.blocked_by(&bad[0]);
             let _cow = if bad.iter().any(|p| p.state == State::New) {
                 Some(self.vol.lock_cow(segs).await)
             } else {
                 None
             };
-            self.fault(FaultOp::Write, bad[0].state, segs).await?;
+            self.fault(att, FaultOp::Write, bad[0].state, segs).await?;
         }
-        Err(self.too_many_faults(off))
     }
 
     /// Makes the writes of `ops` durable (FUA), still under the I/O's gate.
@@ -954,7 +1056,13 @@ impl VolumeExport {
     /// Unmaps the whole segments inside `[off, off+len)` through the controller. The last
     /// segment of a vdisk whose size is not a segment multiple counts as whole when the range
     /// reaches the end.
-    async fn unmap_whole_segments(&self, op: FaultOp, off: u64, len: u64) -> Result<(), IoError> {
+    async fn unmap_whole_segments(
+        &self,
+        att: &mut Attempt,
+        op: FaultOp,
+        off: u64,
+        len: u64,
+    ) -> Result<(), IoError> {
         let segb = self.vol.segment_bytes();
         let s0 = off.div_ceil(segb);
         let end = off + len;
@@ -973,7 +1081,7 @@ impl VolumeExport {
             !t.table.entries_in(s0 * seg, s1 * seg).is_empty()
         };
         if any_mapped {
-            self.fault(op, State::Normal, (s0, s1)).await?;
+            self.fault(att, op, State::Normal, (s0, s1)).await?;
         }
         Ok(())
     }
@@ -995,11 +1103,15 @@ impl Export for VolumeExport {
 
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, IoError> {
         let len64 = len as u64;
-        for _ in 0..self.shared.cfg.max_fault_retries {
+        let mut att = Attempt::new("read", offset, self.shared.cfg.fault_wait);
+        loop {
+            att.round(&self.vol.name, self.shared.cfg.fault_wait)
+                .await?;
             self.check_io(offset, len64, false)?;
-            self.ready().await?;
+            self.ready(att.deadline).await?;
             let guard = self.vol.enter().await;
             if !self.usable_now() {
+                att.held();
                 continue;
             }
             let pieces = self.vol.pieces(offset, len64);
@@ -1015,8 +1127,14 @@ impl Export for VolumeExport {
                         ),
                     });
                 }
-                self.fault(FaultOp::Read, bad.state, self.fault_segments(&[bad]))
-                    .await?;
+                att.blocked_by(&bad);
+                self.fault(
+                    &mut att,
+                    FaultOp::Read,
+                    bad.state,
+                    self.fault_segments(&[bad]),
+                )
+                .await?;
                 continue;
             }
             let ops = match self.resolve_ops(&pieces, offset, len64) {
@@ -1065,11 +1183,11 @@ impl Export for VolumeExport {
             drop(guard);
             return Ok(buf);
         }
-        Err(self.too_many_faults(offset))
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), IoError> {
-        let (guard, ops) = self.writable(offset, data.len() as u64).await?;
+        let mut att = Attempt::new("write", offset, self.shared.cfg.fault_wait);
+        let (guard, ops) = self.writable(&mut att, offset, data.len() as u64).await?;
         let (ops, guard) = run_io(
             &self.shared,
             "write to container",
@@ -1094,39 +1212,64 @@ impl Export for VolumeExport {
         )
         .await?;
         drop((ops, guard));
+        if fua {
+            self.check_still_attached()?;
+        }
         Ok(())
     }
 
     async fn flush(&self) -> Result<(), IoError> {
-        self.shared.flush().await.map_err(|e| io_err("flush", e))
+        // A deleted vdisk has nothing left to make durable: its writes are gone with it.
+        self.check_attached()?;
+        // Only a valid lease and a copy synchronised in this session say that it was not
+        // deleted behind this agent's back (the controller deletes after a holder's
+        // acknowledgement or lease): otherwise find out first, as any I/O would.
+        if !(self.shared.lease.valid()
+            && self.vol.synced_epoch.load(Ordering::Acquire) == self.shared.epoch())
+        {
+            self.ready(Instant::now() + self.shared.cfg.fault_wait)
+                .await?;
+        }
+        self.shared.flush().await.map_err(|e| io_err("flush", e))?;
+        self.check_still_attached()
     }
 
-    async fn trim(&self, offset: u64, len: u32, _fua: bool) -> Result<(), IoError> {
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
+        let mut att = Attempt::new("trim", offset, self.shared.cfg.fault_wait);
         self.check_io(offset, len as u64, false)?;
-        self.ready().await?;
+        self.ready(att.deadline).await?;
         // Trim is advisory: whole segments are returned to the pool, partial ones are kept.
         // The controller's answer is durable before it returns, so FUA needs nothing more.
-        self.unmap_whole_segments(FaultOp::Trim, offset, len as u64)
-            .await
+        self.unmap_whole_segments(&mut att, FaultOp::Trim, offset, len as u64)
+            .await?;
+        if fua {
+            self.check_still_attached()?;
+        }
+        Ok(())
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
+        let mut att = Attempt::new("write-zeroes", offset, self.shared.cfg.fault_wait);
         self.check_io(offset, len as u64, true)?;
-        self.ready().await?;
+        self.ready(att.deadline).await?;
         let len64 = len as u64;
         if !flags.no_hole {
-            self.unmap_whole_segments(FaultOp::WriteZeroes, offset, len64)
+            self.unmap_whole_segments(&mut att, FaultOp::WriteZeroes, offset, len64)
                 .await?;
         }
         // What is still mapped (partial segments, or everything with NO_HOLE) is zeroed in
         // place; with NO_HOLE, unallocated space is allocated first (it already reads zeros).
         if flags.no_hole {
-            drop(self.writable(offset, len64).await?);
+            drop(self.writable(&mut att, offset, len64).await?);
         }
         let (guard, fresh) = loop {
-            self.ready().await?;
+            att.round(&self.vol.name, self.shared.cfg.fault_wait)
+                .await?;
+            self.check_io(offset, len64, true)?;
+            self.ready(att.deadline).await?;
             let guard = self.vol.enter().await;
             if !self.usable_now() {
+                att.held();
                 continue;
             }
             let pieces = self.vol.pieces(offset, len64);
@@ -1139,8 +1282,10 @@ impl Export for VolumeExport {
             if !shared.is_empty() {
                 drop(guard);
                 let segs = self.fault_segments(&shared);
+                att.blocked_by(&shared[0]);
                 let _cow = self.vol.lock_cow(segs).await;
-                self.fault(FaultOp::Write, shared[0].state, segs).await?;
+                self.fault(&mut att, FaultOp::Write, shared[0].state, segs)
+                    .await?;
                 continue;
             }
             match self.resolve_ops(&pieces, offset, len64) {
@@ -1173,12 +1318,16 @@ impl Export for VolumeExport {
             guard = self.sync_ops(guard, &fresh).await?;
         }
         drop(guard);
+        if flags.fua {
+            self.check_still_attached()?;
+        }
         Ok(())
     }
 
     async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<StatusExtent>, IoError> {
         self.check_io(offset, len as u64, false)?;
-        self.ready().await?;
+        self.ready(Instant::now() + self.shared.cfg.fault_wait)
+            .await?;
         let len64 = len as u64;
         let mut out: Vec<StatusExtent> = Vec::new();
         for p in self.vol.pieces(offset, len64) {

@@ -381,3 +381,37 @@ async fn an_expired_lease_stops_io_until_a_new_session_resyncs() {
     let status = export.block_status(0, 1 << 20).await.unwrap();
     assert_eq!(status[0].flags, 0, "the resynchronised table is in use");
 }
+
+/// Issue 17: a FLUSH must never be acknowledged for a vdisk that may no longer exist. With
+/// the lease run out, the controller may have deleted it meanwhile: the flush waits for a
+/// session like any I/O and fails if none comes; after a new session that finds the vdisk
+/// gone, it fails with ESHUTDOWN.
+#[tokio::test]
+async fn a_flush_is_acknowledged_only_while_the_vdisk_is_known_to_exist() {
+    use tabula_nbd::server::Errno;
+    let ctl = scripted(snapshot(1, vec![]), None);
+    let lease = Arc::new(Lease::expired());
+    lease.extend_to(Instant::now() + Duration::from_secs(30));
+    let a = Agent::start_with_lease(quick_config(), ctl.clone(), lease.clone())
+        .await
+        .unwrap();
+    let export = export_of(&a).await;
+    export.flush().await.expect("flush under a valid lease");
+    lease.expire();
+    let t = Instant::now();
+    let err = export
+        .flush()
+        .await
+        .expect_err("flush after the lease ran out, with no new session");
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "it waits for a renewal first"
+    );
+    assert!(err.message.contains("lease"), "{}", err.message);
+    // A new session: the vdisk was deleted (a new one has its name).
+    ctl.snap.lock().vdisk = VdiskId(8);
+    lease.extend_to(Instant::now() + Duration::from_secs(30));
+    a.session_started().await;
+    let err = export.flush().await.expect_err("flush of a deleted vdisk");
+    assert_eq!(err.errno, Errno::Shutdown, "{}", err.message);
+}

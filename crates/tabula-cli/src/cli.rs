@@ -98,6 +98,13 @@ pub struct ServeArgs {
     /// drains; past it the operation is cancelled and I/O resumes.
     #[arg(long, default_value = "5s", value_parser = duration_arg)]
     pub snapshot_hold: std::time::Duration,
+    /// The longest one I/O waits for what it needs before it fails with an I/O error: the
+    /// controller's answer (an allocating write, a trim, a copy-on-write; an unreachable
+    /// controller), the end of a snapshot's or rollback's hold, or a table that keeps
+    /// changing under it (a drain or migration, snapshots). Counted from when the I/O
+    /// begins.
+    #[arg(long, default_value = "30s", value_parser = duration_arg)]
+    pub fault_wait: std::time::Duration,
     #[command(flatten)]
     pub pool: PoolArgs,
 }
@@ -156,8 +163,11 @@ pub struct AgentArgs {
     /// This agent's name (unique per host; shown in `tabula status`). Default: the host name.
     #[arg(long)]
     pub name: Option<String>,
-    /// How long an I/O that needs the controller (an allocating write, a trim) waits for an
-    /// unreachable controller before it fails with an I/O error.
+    /// The longest one I/O waits for what it needs before it fails with an I/O error: the
+    /// controller's answer (an allocating write, a trim, a copy-on-write; an unreachable
+    /// controller), the end of a snapshot's or rollback's hold, or a table that keeps
+    /// changing under it (a drain or migration, snapshots). Counted from when the I/O
+    /// begins.
     #[arg(long, default_value = "30s", value_parser = duration_arg)]
     pub fault_wait: std::time::Duration,
     /// The longest container I/O may take: past it the I/O fails with EIO to the host and

@@ -193,6 +193,7 @@ async fn serve(mut args: ServeArgs) -> Result<()> {
     let plane: Arc<dyn ControlPlane> = ctl.clone();
     let mut agent_cfg = agent_config(&args.name)?;
     agent_cfg.container_timeout = timeout;
+    agent_cfg.fault_wait = args.fault_wait;
     let agent = Agent::start(agent_cfg, plane)
         .await
         .context("starting the agent")?;

@@ -500,3 +500,201 @@ fn a_controller_killed_mid_drain_loses_nothing_leaks_nothing_and_resumes() {
     s.cli(&["container", "remove", "default"]);
     s.stop_and_check();
 }
+
+/// One admin API request over a fresh connection (the snapshot loop below runs far faster
+/// than one `tabula` process per command); returns the status code and body.
+fn api_request(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        c,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    let code = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (code, body)
+}
+
+/// Issue 17, finding 3: a drain under a snapshot create/delete loop returned EIO to a
+/// queue-depth-1 FUA writer ("the table kept changing under an I/O ... giving up") after a
+/// count of fault rounds, although every round made progress. An I/O must wait instead, up
+/// to `--fault-wait`, and never fail while the controller makes progress. Four writers, and
+/// a pause in each drain step that lets snapshots change the tables under it, make rounds
+/// pile up on every run (before the fix: EIO within a second, 12 runs of 12) rather than in
+/// a quarter of them. The snapshot loop runs for a few seconds of the drain, then stops so
+/// that the drain can finish while the writers go on.
+#[test]
+fn writes_racing_a_drain_and_a_snapshot_loop_wait_and_never_fail() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const WRITERS: u64 = 4;
+    const BLOCKS: u64 = 128 * MIB / 4096;
+    const RACE: Duration = Duration::from_secs(4);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Server::start_env("8G", &[("TABULA_TEST_MOVE_SWITCH_PAUSE_MS", "20")]);
+    let c2 = tmp.path().join("c2.img");
+    s.cli(&[
+        "container",
+        "add",
+        "c2",
+        "--path",
+        c2.to_str().unwrap(),
+        "--size",
+        "4G",
+    ]);
+    s.cli(&["vdisk", "create", "vd", "--size", "256M"]);
+    let mut c = Client::connect(s.nbd_port, "vd").unwrap();
+    for i in 0..128 {
+        c.write(i * MIB, &vec![0x5a; MIB as usize], false).unwrap();
+    }
+    c.flush().unwrap();
+    c.disconnect();
+
+    let stop_writers = Arc::new(AtomicBool::new(false));
+    let stop_snapshots = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(AtomicU64::new(0));
+    let port = s.nbd_port;
+    // Each writer owns the blocks equal to its index modulo WRITERS and remembers the last
+    // version it wrote to each; it stops at its first error.
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (stop, writes) = (stop_writers.clone(), writes.clone());
+            std::thread::spawn(move || {
+                let mut c = Client::connect(port, "vd").unwrap();
+                let mut rng = common::nbd::Rng::new(w + 1);
+                let mut last = std::collections::HashMap::new();
+                let mut error = None;
+                let mut slowest = Duration::ZERO;
+                let mut version = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let block = rng.below(BLOCKS / WRITERS) * WRITERS + w;
+                    version += 1;
+                    let t = Instant::now();
+                    let r = c.write(block * 4096, &stamp_block(block, version), true);
+                    slowest = slowest.max(t.elapsed());
+                    match r {
+                        Ok(()) => {
+                            last.insert(block, version);
+                            writes.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            error = Some(format!("block {block}: {e:?} after {:?}", t.elapsed()));
+                            break;
+                        }
+                    }
+                }
+                c.disconnect();
+                (last, error, slowest)
+            })
+        })
+        .collect();
+    // About 100 snapshot creates a second at most, each followed by a delete keeping 3.
+    let snaps = Arc::new(AtomicU64::new(0));
+    let snapper = {
+        let (stop, snaps) = (stop_snapshots.clone(), snaps.clone());
+        let api = s.api_port;
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            let mut next = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                next = Instant::now() + Duration::from_millis(10);
+                n += 1;
+                let (code, body) = api_request(
+                    api,
+                    "POST",
+                    "/v1/vdisks/vd/snapshots",
+                    &format!("{{\"name\":\"s{n}\"}}"),
+                );
+                assert_eq!(code, 200, "snapshot create s{n}: {body}");
+                if n > 3 {
+                    let (code, body) =
+                        api_request(api, "DELETE", &format!("/v1/snapshots/vd@s{}", n - 3), "");
+                    assert_eq!(code, 204, "snapshot delete s{}: {body}", n - 3);
+                }
+                snaps.fetch_add(1, Ordering::Relaxed);
+            }
+            n
+        })
+    };
+    let started = Instant::now();
+    while snaps.load(Ordering::Relaxed) < 5 || writes.load(Ordering::Relaxed) < 20 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the load did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (w0, s0) = (
+        writes.load(Ordering::Relaxed),
+        snaps.load(Ordering::Relaxed),
+    );
+    s.cli(&["container", "drain", "default", "--no-wait"]);
+    let drain_start = Instant::now();
+    let writer_failed = || writers.iter().any(|w| w.is_finished());
+    while drain_start.elapsed() < RACE && !writer_failed() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop_snapshots.store(true, Ordering::Relaxed);
+    let created = snapper.join().unwrap();
+    let during = snaps.load(Ordering::Relaxed) - s0;
+    // The drain finishes once the snapshots stop changing its runs' tables; writes go on.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let drained = loop {
+        let d = s.json(&["container", "show", "default"]);
+        if d["drain"]["state"] != "running" || Instant::now() > deadline || writer_failed() {
+            break d;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let drain_time = drain_start.elapsed();
+    stop_writers.store(true, Ordering::Relaxed);
+    let results: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    let errors: Vec<&String> = results.iter().filter_map(|r| r.1.as_ref()).collect();
+    let log = s.log_text();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
+    assert!(
+        errors.is_empty(),
+        "writers failed {drain_time:?} into the drain ({w0} writes and {s0} snapshots before \
+         it, {during} snapshots during it): {errors:?}\nwarnings:\n{}",
+        warnings.join("\n")
+    );
+    assert_eq!(drained["drain"]["state"], "done", "{drained}");
+    assert_eq!(drained["used"], 0, "{drained}");
+    let slowest = results.iter().map(|r| r.2).max().unwrap();
+    eprintln!(
+        "drain in {drain_time:?}: {} FUA writes (slowest {slowest:?}) and {during} snapshots \
+         during it",
+        writes.load(Ordering::Relaxed) - w0,
+    );
+    // Every acknowledged write is there.
+    let mut c = Client::connect(s.nbd_port, "vd").unwrap();
+    for (last, _, _) in &results {
+        for (&block, &version) in last {
+            assert_eq!(
+                c.read(block * 4096, 4096).unwrap(),
+                stamp_block(block, version),
+                "block {block}"
+            );
+        }
+    }
+    c.disconnect();
+    for n in created.saturating_sub(2)..=created {
+        s.cli(&["snapshot", "delete", &format!("vd@s{n}")]);
+    }
+    s.cli(&["container", "remove", "default"]);
+    s.stop_and_check();
+}

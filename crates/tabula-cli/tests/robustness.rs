@@ -247,3 +247,60 @@ fn reads_racing_a_free_and_reuse_never_see_the_new_owners_bytes() {
     b.disconnect();
     srv.stop_and_check();
 }
+
+/// Deletes `vd` although a client is connected (with `--force` where a plain delete refuses
+/// a connected vdisk).
+fn delete_connected(srv: &Server, vd: &str) {
+    if !srv.try_cli(&["vdisk", "delete", vd]).status.success() {
+        srv.cli(&["vdisk", "delete", vd, "--force"]);
+    }
+}
+
+/// Issue 17: after a connected vdisk was deleted, its reads failed but FLUSH still answered
+/// success, telling the host that writes to a vdisk that no longer exists were durable.
+/// FLUSH and FUA writes must fail, and the log must say which request failed and why.
+#[test]
+fn a_flush_or_fua_write_to_a_deleted_vdisk_fails_and_is_logged() {
+    const ESHUTDOWN: u32 = 108;
+    let mut srv = Server::start("64M");
+    srv.cli(&["vdisk", "create", "vd", "--size", "8M"]);
+    srv.cli(&["vdisk", "create", "other", "--size", "8M"]);
+    let mut c = Client::connect(srv.nbd_port, "vd").unwrap();
+    let mut other = Client::connect(srv.nbd_port, "other").unwrap();
+    c.write(0, &stamp_block(0, 1), false).unwrap();
+    c.flush().unwrap();
+    // Unflushed writes in the container, to this vdisk and to another one.
+    c.write(4096, &stamp_block(1, 1), false).unwrap();
+    other.write(0, &stamp_block(2, 1), false).unwrap();
+    delete_connected(&srv, "vd");
+    assert!(
+        matches!(c.flush(), Err(NbdErr::Errno(ESHUTDOWN))),
+        "a FLUSH of a deleted vdisk must fail"
+    );
+    assert!(
+        matches!(
+            c.write(8192, &stamp_block(3, 1), true),
+            Err(NbdErr::Errno(ESHUTDOWN))
+        ),
+        "a FUA write to a deleted vdisk must fail"
+    );
+    // The other vdisk is unaffected.
+    other.flush().unwrap();
+    assert_eq!(other.read(0, 4096).unwrap(), stamp_block(2, 1));
+    other.disconnect();
+    let log = srv.log_text();
+    let warned = |op: &str| {
+        log.lines().any(|l| {
+            l.contains("WARN")
+                && l.contains("NBD request failed")
+                && l.contains("export=vd")
+                && l.contains(&format!("op=\"{op}\""))
+                && l.contains("was deleted")
+        })
+    };
+    assert!(
+        warned("flush") && warned("write"),
+        "each failed request must be logged at WARN with its cause:\n{log}"
+    );
+    srv.stop_and_check();
+}

@@ -3,19 +3,40 @@
 
 use std::path::PathBuf;
 
+use std::sync::atomic::AtomicU32;
+
 use tabula_api::{AgentPort, Command, ContainerLocation, ControlPlane, TableSnapshot};
 use tabula_container::Container;
-use tabula_core::ContainerId;
+use tabula_core::{ContainerId, Entry, Phys};
 
 use super::*;
 use crate::agent::{Agent, AgentConfig};
 
 const C1: ContainerId = ContainerId(1);
 
-/// A controller that knows one container (a file) and whether it is failed.
+/// A controller that knows one container (a file) and whether it is failed, and one vdisk
+/// `vd` of one segment mapped at its start, which a drain keeps moving: the first `churn`
+/// write faults are answered with the segment still no-write (at a newer generation, as
+/// when the next step began), later ones with it writable.
 struct OneContainer {
     path: PathBuf,
     failed: parking_lot::Mutex<Option<String>>,
+    churn: AtomicU32,
+    faults: AtomicU32,
+}
+
+const VD: VdiskId = VdiskId(3);
+
+fn segment0(state: State) -> Entry {
+    Entry {
+        begin: 0,
+        end: 256,
+        target: Some(Phys {
+            container: C1,
+            block: 0,
+        }),
+        state,
+    }
 }
 
 #[async_trait::async_trait]
@@ -29,7 +50,18 @@ impl ControlPlane for OneContainer {
         Ok(())
     }
     async fn open_vdisk(&self, _agent: &str, name: &str) -> Result<TableSnapshot, ControlError> {
-        Err(ControlError::NotFound(name.into()))
+        if name != "vd" {
+            return Err(ControlError::NotFound(name.into()));
+        }
+        Ok(TableSnapshot {
+            vdisk: VD,
+            name: name.into(),
+            size_bytes: 1 << 20,
+            segment_blocks: 256,
+            generation: Generation(1),
+            read_only: false,
+            entries: vec![segment0(State::NoWrite)],
+        })
     }
     async fn list_vdisks(&self) -> Result<Vec<String>, ControlError> {
         Ok(Vec::new())
@@ -46,8 +78,24 @@ impl ControlPlane for OneContainer {
             failed: self.failed.lock().clone(),
         })
     }
-    async fn fault(&self, _fault: Fault) -> Result<RangeUpdate, ControlError> {
-        Err(ControlError::Unavailable("not in this test".into()))
+    async fn fault(&self, fault: Fault) -> Result<RangeUpdate, ControlError> {
+        if fault.vdisk != VD || fault.op != FaultOp::Write {
+            return Err(ControlError::Unavailable("not in this test".into()));
+        }
+        let n = self.faults.fetch_add(1, Ordering::SeqCst) + 1;
+        let state = if n <= self.churn.load(Ordering::SeqCst) {
+            State::NoWrite
+        } else {
+            State::Normal
+        };
+        Ok(RangeUpdate {
+            vdisk: VD,
+            generation: Generation(1 + u64::from(n)),
+            range: (0, 256),
+            entries: vec![segment0(state)],
+            change: false,
+            copies: Vec::new(),
+        })
     }
     async fn report_container(
         &self,
@@ -66,15 +114,22 @@ struct Setup {
 }
 
 async fn setup(container_timeout: Duration) -> Setup {
+    setup_with(container_timeout, Duration::from_secs(30), 0).await
+}
+
+async fn setup_with(container_timeout: Duration, fault_wait: Duration, churn: u32) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c1.img");
     Container::create(&path, 1 << 20).unwrap();
     let ctl = Arc::new(OneContainer {
         path,
         failed: parking_lot::Mutex::new(None),
+        churn: AtomicU32::new(churn),
+        faults: AtomicU32::new(0),
     });
     let mut cfg = AgentConfig::new("t");
     cfg.container_timeout = container_timeout;
+    cfg.fault_wait = fault_wait;
     let agent = Agent::start(cfg, ctl.clone()).await.unwrap();
     Setup {
         agent,
@@ -200,4 +255,44 @@ async fn a_container_failed_at_open_fails_at_once() {
     let c = s.agent.shared().container(C1).await.unwrap();
     let e = c.check_up().unwrap_err();
     assert!(e.contains("the controller cannot reach it"), "{e}");
+}
+
+/// The export of `vd`.
+async fn export_vd(s: &Setup) -> VolumeExport {
+    let vol = s.agent.volume("vd").await.unwrap();
+    VolumeExport::new(s.agent.shared().clone(), vol)
+}
+
+/// Issue 17: a write gave up after 16 fault rounds while a drain and snapshots kept changing
+/// the table, each round making progress. Any number of rounds is fine within the fault
+/// wait.
+#[tokio::test]
+async fn a_write_waits_through_any_number_of_table_changes() {
+    let s = setup_with(Duration::from_secs(5), Duration::from_secs(30), 100).await;
+    let export = export_vd(&s).await;
+    export.write(4096, vec![7u8; 4096], true).await.unwrap();
+    assert_eq!(s.ctl.faults.load(Ordering::SeqCst), 101);
+    assert_eq!(export.read(4096, 4096).await.unwrap(), vec![7u8; 4096]);
+}
+
+/// A table that never lets the write through fails it once the fault wait has passed, not
+/// before and not much after, and the error says what it waited for.
+#[tokio::test]
+async fn a_write_the_table_never_allows_fails_after_the_fault_wait_saying_why() {
+    let wait = Duration::from_millis(300);
+    let s = setup_with(Duration::from_secs(5), wait, u32::MAX).await;
+    let export = export_vd(&s).await;
+    let t = Instant::now();
+    let e = export.write(0, vec![7u8; 4096], false).await.unwrap_err();
+    let took = t.elapsed();
+    assert_eq!(e.errno, Errno::Io);
+    assert!(took >= wait && took < wait * 5, "failed after {took:?}");
+    assert!(
+        e.message.contains("--fault-wait") && e.message.contains("data being moved"),
+        "{}",
+        e.message
+    );
+    // Later rounds pause: the agent and the controller do not spin for the whole wait.
+    let faults = s.ctl.faults.load(Ordering::SeqCst);
+    assert!(faults < 200, "{faults} faults in {took:?}");
 }

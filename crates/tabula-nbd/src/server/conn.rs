@@ -6,14 +6,15 @@
 //! another reply; the writer batches everything already queued into one
 //! buffered write and flushes only when the queue is empty.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{
     AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, WriteHalf,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{Export, ExportInfo, ExportProvider, OpenError, ServerConfig, ServerError, ZeroFlags};
 use crate::codec::{self, ClientOption, Command, Errno, InfoRequest, MetaContextRequest};
@@ -27,6 +28,10 @@ const MAX_OPTIONS: usize = 1024;
 const MAX_CHUNK_DATA: u32 = u32::MAX - 15;
 const READ_BUF: usize = 64 << 10;
 const WRITE_BUF: usize = 256 << 10;
+/// Failed requests logged one by one per connection and second; past that they are counted,
+/// and the count is logged with the next one that is (a failing container or a careless
+/// client would otherwise flood the log).
+const FAILURES_LOGGED_PER_SEC: u32 = 10;
 
 /// Serves one client connection until it disconnects.
 ///
@@ -380,10 +385,10 @@ impl ReplyCtx {
         Reply { head, data: None }
     }
 
-    /// The reply to a request the export failed, logged once here.
-    fn failed(&self, cookie: u64, e: &super::IoError) -> Reply {
-        debug!(cookie, error = %e, "request failed");
-        self.error(cookie, e.errno, &e.message)
+    /// The reply to a request that failed, logged (at WARN, rate-limited) by `log`.
+    fn failed(&self, log: &FailureLog, req: &Failed, errno: Errno, message: &str) -> Reply {
+        log.failed(req, errno, message);
+        self.error(req.cookie, errno, message)
     }
 
     /// Success without payload: a simple reply is allowed even when
@@ -392,6 +397,125 @@ impl ReplyCtx {
         let mut head = BytesMut::with_capacity(SIMPLE_REPLY_LEN);
         codec::encode_simple_reply(&mut head, 0, cookie);
         Reply { head, data: None }
+    }
+}
+
+/// What the log says about a failed request.
+struct Failed {
+    cookie: u64,
+    op: &'static str,
+    offset: u64,
+    length: u32,
+}
+
+impl Failed {
+    fn of(cmd: &Command, cookie: u64) -> Failed {
+        let (op, offset, length) = match *cmd {
+            Command::Read { offset, length } => ("read", offset, length),
+            Command::Write { offset, length, .. } => ("write", offset, length),
+            Command::Disconnect => ("disconnect", 0, 0),
+            Command::Flush => ("flush", 0, 0),
+            Command::Trim { offset, length, .. } => ("trim", offset, length),
+            Command::Cache { offset, length } => ("cache", offset, length),
+            Command::WriteZeroes { offset, length, .. } => ("write-zeroes", offset, length),
+            Command::BlockStatus { offset, length, .. } => ("block-status", offset, length),
+        };
+        Failed {
+            cookie,
+            op,
+            offset,
+            length,
+        }
+    }
+
+    /// A request refused before it was understood (its command number as sent).
+    fn raw(req: &codec::RequestHeader) -> Failed {
+        Failed {
+            cookie: req.cookie,
+            op: match req.command {
+                NBD_CMD_READ => "read",
+                NBD_CMD_WRITE => "write",
+                NBD_CMD_DISC => "disconnect",
+                NBD_CMD_FLUSH => "flush",
+                NBD_CMD_TRIM => "trim",
+                NBD_CMD_CACHE => "cache",
+                NBD_CMD_WRITE_ZEROES => "write-zeroes",
+                NBD_CMD_BLOCK_STATUS => "block-status",
+                _ => "unknown command",
+            },
+            offset: req.offset,
+            length: req.length,
+        }
+    }
+}
+
+/// Logs every request of a connection that gets an error reply, with its cause: a host that
+/// sees an I/O error must find out why from the log. At most [`FAILURES_LOGGED_PER_SEC`]
+/// lines a second; the rest are counted and the count logged.
+struct FailureLog {
+    export: String,
+    window: Mutex<(Instant, u32, u64)>,
+}
+
+impl FailureLog {
+    fn new(export: &str) -> FailureLog {
+        FailureLog {
+            export: export.to_string(),
+            window: Mutex::new((Instant::now(), 0, 0)),
+        }
+    }
+
+    /// Whether a failure at `now` is logged one by one, and how many failures went unlogged
+    /// in the previous window (reported when a new one begins).
+    fn admit(&self, now: Instant) -> (bool, u64) {
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let (start, logged, suppressed) = &mut *w;
+        let mut unlogged = 0;
+        if now.saturating_duration_since(*start) >= Duration::from_secs(1) {
+            (*start, *logged, unlogged) = (now, 0, std::mem::take(suppressed));
+        }
+        if *logged < FAILURES_LOGGED_PER_SEC {
+            *logged += 1;
+            (true, unlogged)
+        } else {
+            *suppressed += 1;
+            (false, unlogged)
+        }
+    }
+
+    fn failed(&self, req: &Failed, errno: Errno, cause: &str) {
+        let (log, unlogged) = self.admit(Instant::now());
+        self.report_unlogged(unlogged);
+        if log {
+            warn!(
+                export = %self.export,
+                op = req.op,
+                offset = req.offset,
+                length = req.length,
+                cookie = req.cookie,
+                errno = ?errno,
+                cause,
+                "NBD request failed"
+            );
+        }
+    }
+
+    fn report_unlogged(&self, n: u64) {
+        if n > 0 {
+            warn!(
+                export = %self.export,
+                failed = n,
+                "more NBD requests failed on this connection than are logged one by one"
+            );
+        }
+    }
+}
+
+impl Drop for FailureLog {
+    fn drop(&mut self) {
+        let w = self.window.get_mut().unwrap_or_else(|e| e.into_inner());
+        let n = std::mem::take(&mut w.2);
+        self.report_unlogged(n);
     }
 }
 
@@ -427,6 +551,7 @@ where
         structured: neg.structured,
         context_id: neg.meta_context.unwrap_or(0),
     };
+    let log = Arc::new(FailureLog::new(&neg.name));
 
     let mut hdr = [0u8; REQUEST_HEADER_LEN];
     let result: Result<(), ServerError> = loop {
@@ -453,7 +578,7 @@ where
                 break Err(ServerError::PayloadTooLarge(req.length));
             }
             Err(rej) => {
-                debug!(cookie = req.cookie, command = req.command, message = %rej.message, "request rejected");
+                let reply = rctx.failed(&log, &Failed::raw(&req), rej.errno, &rej.message);
                 if rej.discard > 0 {
                     let mut sink = (&mut rd).take(u64::from(rej.discard));
                     match tokio::io::copy(&mut sink, &mut tokio::io::sink()).await {
@@ -462,11 +587,7 @@ where
                         Err(e) => break Err(e.into()),
                     }
                 }
-                if tx
-                    .send((rctx.error(req.cookie, rej.errno, &rej.message), None))
-                    .await
-                    .is_err()
-                {
+                if tx.send((reply, None)).await.is_err() {
                     break Ok(());
                 }
                 continue;
@@ -498,8 +619,9 @@ where
         let export = neg.export.clone();
         let tx = tx.clone();
         let cookie = req.cookie;
+        let log = log.clone();
         tokio::spawn(async move {
-            let reply = execute(cmd, cookie, payload, &*export, rctx).await;
+            let reply = execute(cmd, cookie, payload, &*export, rctx, &log).await;
             let _ = tx.send((reply, Some(budget))).await;
             drop(permit);
         });
@@ -572,16 +694,27 @@ async fn execute(
     payload: Option<Vec<u8>>,
     export: &dyn Export,
     rctx: ReplyCtx,
+    log: &FailureLog,
 ) -> Reply {
+    let req = Failed::of(&cmd, cookie);
+    let fast_zero = matches!(
+        cmd,
+        Command::WriteZeroes {
+            fast_zero: true,
+            ..
+        }
+    );
     let result = match cmd {
         Command::Read { offset, length } => {
-            return execute_read(offset, length, cookie, export, rctx).await;
+            return execute_read(offset, length, &req, export, rctx, log).await;
         }
         Command::BlockStatus {
             offset,
             length,
             req_one,
-        } => return execute_block_status(offset, length, req_one, cookie, export, rctx).await,
+        } => {
+            return execute_block_status(offset, length, req_one, &req, export, rctx, log).await;
+        }
         Command::Write { offset, fua, .. } => match payload {
             Some(data) if !data.is_empty() => export.write(offset, data, fua).await,
             _ => Ok(()),
@@ -621,17 +754,24 @@ async fn execute(
     };
     match result {
         Ok(()) => rctx.ok(cookie),
-        Err(e) => rctx.failed(cookie, &e),
+        // FAST_ZERO's "not fast" is an answer the client asked for, not a failure.
+        Err(e) if e.errno == Errno::NotSup && fast_zero => {
+            debug!(cookie, error = %e, "fast zero refused");
+            rctx.error(cookie, e.errno, &e.message)
+        }
+        Err(e) => rctx.failed(log, &req, e.errno, &e.message),
     }
 }
 
 async fn execute_read(
     offset: u64,
     length: u32,
-    cookie: u64,
+    req: &Failed,
     export: &dyn Export,
     rctx: ReplyCtx,
+    log: &FailureLog,
 ) -> Reply {
+    let cookie = req.cookie;
     let mut head = BytesMut::with_capacity(32);
     if length == 0 {
         // OFFSET_DATA must carry at least one byte, so a zero-length read
@@ -657,10 +797,9 @@ async fn execute_read(
         }
         Ok(data) => {
             let msg = format!("export returned {} bytes, expected {length}", data.len());
-            debug!(cookie, "{msg}");
-            rctx.error(cookie, Errno::Io, &msg)
+            rctx.failed(log, req, Errno::Io, &msg)
         }
-        Err(e) => rctx.failed(cookie, &e),
+        Err(e) => rctx.failed(log, req, e.errno, &e.message),
     }
 }
 
@@ -668,17 +807,19 @@ async fn execute_block_status(
     offset: u64,
     length: u32,
     req_one: bool,
-    cookie: u64,
+    req: &Failed,
     export: &dyn Export,
     rctx: ReplyCtx,
+    log: &FailureLog,
 ) -> Reply {
+    let cookie = req.cookie;
     let extents = match export.block_status(offset, length).await {
         Ok(e) => e,
-        Err(e) => return rctx.failed(cookie, &e),
+        Err(e) => return rctx.failed(log, req, e.errno, &e.message),
     };
     let clipped = clip_extents(&extents, length, req_one);
     if clipped.is_empty() {
-        return rctx.error(cookie, Errno::Io, "export returned no extents");
+        return rctx.failed(log, req, Errno::Io, "export returned no extents");
     }
     let mut head = BytesMut::with_capacity(CHUNK_HEADER_LEN + 4 + clipped.len() * 8);
     codec::encode_block_status(&mut head, cookie, rctx.context_id, &clipped, true);
@@ -720,6 +861,20 @@ mod tests {
         assert_eq!(clip_extents(&e, 150, true), vec![(100, 2)]);
         assert_eq!(clip_extents(&e, 50, true), vec![(50, 2)]);
         assert!(clip_extents(&[ext(0, 0)], 10, false).is_empty());
+    }
+
+    #[test]
+    fn failed_requests_are_logged_ten_a_second_and_the_rest_counted() {
+        let log = FailureLog::new("vd");
+        let t0 = *log.window.lock().unwrap();
+        let t0 = t0.0;
+        let admitted: Vec<(bool, u64)> = (0..25).map(|_| log.admit(t0)).collect();
+        assert!(admitted[..10].iter().all(|&a| a == (true, 0)));
+        assert!(admitted[10..].iter().all(|&a| a == (false, 0)));
+        // The next second logs again and reports what went unlogged in the last one.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(log.admit(t1), (true, 15));
+        assert_eq!(log.admit(t1), (true, 0));
     }
 
     #[test]
