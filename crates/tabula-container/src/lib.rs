@@ -37,7 +37,9 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-pub use tabula_nbd::client::{ClientError, NbdAddr, NbdUri, NbdUriError};
+pub use tabula_nbd::client::{
+    ClientError, DEFAULT_PORT as NBD_DEFAULT_PORT, NbdAddr, NbdUri, NbdUriError,
+};
 
 pub use local::AlignedBuf;
 use local::Local;

@@ -310,7 +310,7 @@ async fn out_of_space_fails_then_new_container_allows_writes() {
     assert_eq!(err, ControlError::NoSpace);
     assert!(ctl.status().await.out_of_space);
     assert_consistent(&ctl).await;
-    let extra = dir.path().join("extra.img");
+    let extra = dir.path().join("containers/extra.img");
     ctl.add_container("extra", extra.to_str().unwrap(), Some(8 * MIB))
         .await
         .unwrap();

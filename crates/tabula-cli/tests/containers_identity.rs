@@ -1,0 +1,177 @@
+//! A container is identified by what it is, not by how its path is spelled (issue 17,
+//! finding 1): a second path to a container (`..`, a symlink), the controller's own
+//! metadata files, and a container of another pool are refused; labels let `tabula check`
+//! find a container whose label is not its own; a failed `container add` leaves nothing
+//! behind and bad paths are bad requests (finding 5).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{BIN, Server};
+
+/// Runs `tabula container add` against `srv`: (success, stdout + stderr).
+fn add(srv: &Server, args: &[&str]) -> (bool, String) {
+    let mut a = vec!["container", "add"];
+    a.extend_from_slice(args);
+    let out = srv.try_cli(&a);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn refused(srv: &Server, args: &[&str], says: &[&str]) {
+    let (ok, text) = add(srv, args);
+    assert!(!ok, "{args:?} was accepted: {text}");
+    for s in says {
+        assert!(text.contains(s), "{args:?}: expected {s:?} in: {text}");
+    }
+}
+
+fn container_names(srv: &Server) -> Vec<String> {
+    srv.json(&["container", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_second_path_to_a_container_or_the_metadata_is_refused() {
+    let mut srv = Server::start("16M");
+    let data = srv.data_dir.canonicalize().unwrap();
+    let dotdot = data.join("containers/../containers/default.img");
+    let outside = tempfile::tempdir().unwrap();
+    let link = outside.path().join("link.img");
+    std::os::unix::fs::symlink(data.join("containers/default.img"), &link).unwrap();
+    for p in [&dotdot, &link] {
+        refused(
+            &srv,
+            &["dup", "--path", p.to_str().unwrap()],
+            &["'default'"],
+        );
+    }
+    for f in ["tabula.wal", "tabula.redb"] {
+        refused(
+            &srv,
+            &["meta", "--path", data.join(f).to_str().unwrap()],
+            &["data directory"],
+        );
+    }
+    assert_eq!(container_names(&srv), ["default"]);
+    srv.stop_and_check();
+}
+
+#[test]
+fn one_container_cannot_join_two_pools() {
+    let mut a = Server::start("16M");
+    let mut b = Server::start("16M");
+    let shared = tempfile::tempdir().unwrap();
+    let path = shared.path().join("c.img");
+    let p = path.to_str().unwrap();
+    let (ok, text) = add(&a, &["c", "--path", p, "--size", "8M"]);
+    assert!(ok, "{text}");
+    refused(&b, &["c", "--path", p], &["another tabula pool", "wipe"]);
+    assert_eq!(container_names(&b), ["default"]);
+    // Removed from the first pool, its label is wiped: the second may take it.
+    a.cli(&["container", "remove", "c"]);
+    let (ok, text) = add(&b, &["c", "--path", p]);
+    assert!(ok, "{text}");
+    a.stop_and_check();
+    b.stop_and_check();
+}
+
+fn check(dir: &Path) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(["check", "--data-dir", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn check_fails_on_a_container_whose_label_is_not_its_own() {
+    let mut srv = Server::start("16M");
+    let other = tempfile::tempdir().unwrap();
+    let c2 = other.path().join("c2.img");
+    let (ok, text) = add(
+        &srv,
+        &["c2", "--path", c2.to_str().unwrap(), "--size", "8M"],
+    );
+    assert!(ok, "{text}");
+    srv.stop();
+    let (ok, text) = check(&srv.data_dir);
+    assert!(ok, "{text}");
+    // c2's device swapped for the default container's: same label in both.
+    let mut label = vec![0u8; 4096];
+    std::fs::File::open(srv.data_dir.join("containers/default.img"))
+        .unwrap()
+        .read_exact_at(&mut label, 0)
+        .unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&c2).unwrap();
+    f.write_all_at(&label, 0).unwrap();
+    let (ok, text) = check(&srv.data_dir);
+    assert!(!ok, "{text}");
+    assert!(text.contains("c2") && text.contains("label"), "{text}");
+}
+
+/// Sends one HTTP request with a JSON body to the admin API; returns the status code and
+/// body.
+fn post(srv: &Server, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", srv.api_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, out)
+}
+
+#[test]
+fn a_failed_add_leaves_nothing_behind_and_bad_paths_are_bad_requests() {
+    let mut srv = Server::start("16M");
+    let other = tempfile::tempdir().unwrap();
+    let path = other.path().join("big.img");
+    let p = path.to_str().unwrap();
+    for size in ["1P", &(1u64 << 63).to_string()] {
+        let (ok, text) = add(&srv, &["big", "--path", p, "--size", size]);
+        assert!(!ok, "{size}: {text}");
+        assert!(!path.exists(), "a failed add of {size} left {p}");
+    }
+    let (ok, text) = add(&srv, &["big", "--path", p, "--size", "8M"]);
+    assert!(ok, "the retry: {text}");
+    let dir = other.path().display().to_string();
+    let nul =
+        serde_json::json!({"name": "n", "path": format!("{dir}/a\u{0}b.img"), "size": 8 << 20});
+    let long = serde_json::json!({"name": "l", "path": format!("{dir}/{}", "x".repeat(11_000)), "size": 8 << 20});
+    for body in [nul, long] {
+        let (code, text) = post(&srv, "/v1/containers", &body.to_string());
+        assert_eq!(code, 400, "{text}");
+        assert!(text.contains("path"), "{text}");
+    }
+    assert_eq!(container_names(&srv), ["default", "big"]);
+    srv.stop_and_check();
+}
