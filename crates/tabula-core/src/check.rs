@@ -646,7 +646,7 @@ mod tests {
         assert!(
             has(
                 &r,
-                "blocks 51..52 of container c (c1) are owned twice: by free space and by the container's label area"
+                "blocks 51..52 of container c (c1) are owned twice: by the container's label area and by free space"
             ),
             "{:?}",
             r.problems
