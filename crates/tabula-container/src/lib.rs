@@ -20,6 +20,7 @@
 //! async worker threads.
 #![forbid(unsafe_code)]
 
+pub mod label;
 mod local;
 mod nbd;
 

@@ -19,7 +19,7 @@ pub mod check;
 pub mod grpc;
 pub mod http;
 pub mod journal;
-pub mod label;
+pub use tabula_container::label;
 pub mod service;
 pub mod store;
 pub mod wal;

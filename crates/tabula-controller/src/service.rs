@@ -1699,6 +1699,11 @@ impl ControlPlane for Controller {
                 pool::Health::Failed { reason, .. } => Some(reason.clone()),
                 pool::Health::Ok => None,
             },
+            pool_id: if c.rec.label_blocks > 0 {
+                self.pool_id
+            } else {
+                0
+            },
         })
     }
 

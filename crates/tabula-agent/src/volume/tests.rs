@@ -16,6 +16,10 @@ const C1: ContainerId = ContainerId(1);
 struct OneContainer {
     path: PathBuf,
     failed: parking_lot::Mutex<Option<String>>,
+    /// The pool id its label must name (0: unlabelled).
+    pool_id: u64,
+    /// Container faults reported by the agent.
+    reports: parking_lot::Mutex<Vec<String>>,
 }
 
 #[async_trait::async_trait]
@@ -44,6 +48,7 @@ impl ControlPlane for OneContainer {
             path: self.path.to_string_lossy().into(),
             size_bytes: 1 << 20,
             failed: self.failed.lock().clone(),
+            pool_id: self.pool_id,
         })
     }
     async fn fault(&self, _fault: Fault) -> Result<RangeUpdate, ControlError> {
@@ -53,8 +58,9 @@ impl ControlPlane for OneContainer {
         &self,
         _agent: &str,
         _container: ContainerId,
-        _error: Option<String>,
+        error: Option<String>,
     ) -> Result<(), ControlError> {
+        self.reports.lock().extend(error);
         Ok(())
     }
 }
@@ -66,12 +72,19 @@ struct Setup {
 }
 
 async fn setup(container_timeout: Duration) -> Setup {
+    setup_labelled(container_timeout, 0).await
+}
+
+/// Like `setup`, with a controller that says the container's label names `pool_id`.
+async fn setup_labelled(container_timeout: Duration, pool_id: u64) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c1.img");
     Container::create(&path, 1 << 20).unwrap();
     let ctl = Arc::new(OneContainer {
         path,
         failed: parking_lot::Mutex::new(None),
+        pool_id,
+        reports: Default::default(),
     });
     let mut cfg = AgentConfig::new("t");
     cfg.container_timeout = container_timeout;
@@ -200,4 +213,52 @@ async fn a_container_failed_at_open_fails_at_once() {
     let c = s.agent.shared().container(C1).await.unwrap();
     let e = c.check_up().unwrap_err();
     assert!(e.contains("the controller cannot reach it"), "{e}");
+}
+
+/// An agent opens a labelled container only if its label names the pool and the container
+/// (another device may be at that path on this host); otherwise it does no I/O there and
+/// reports it, as a path down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_whose_label_is_not_its_own_is_refused_and_reported() {
+    use tabula_container::label::{self, Label};
+    let s = setup_labelled(Duration::from_secs(5), 77).await;
+    let c = Container::open(&s.ctl.path, 0).unwrap();
+    let mut l = Label {
+        pool: 77,
+        container: 2,
+        name: "c2".into(),
+        reserved_blocks: 256,
+    };
+    for (what, wrong) in [
+        ("no tabula label", None),
+        ("container 'c2'", Some(2)),
+        ("another pool", Some(1)),
+    ] {
+        match wrong {
+            None => label::wipe(&c).unwrap(),
+            Some(2) => label::write(&c, &l).unwrap(),
+            Some(_) => {
+                l.pool = 78;
+                l.container = 1;
+                label::write(&c, &l).unwrap();
+            }
+        }
+        let Err(e) = s.agent.shared().container(C1).await else {
+            panic!("{what}: opened");
+        };
+        assert!(e.to_string().contains(what), "{what}: {e}");
+        assert!(
+            s.ctl.reports.lock().iter().any(|r| r.contains(what)) || {
+                // Reported from a spawned task: give it a moment.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                s.ctl.reports.lock().iter().any(|r| r.contains(what))
+            },
+            "{what}: {:?}",
+            s.ctl.reports.lock()
+        );
+    }
+    // Its own label: opened.
+    l.pool = 77;
+    label::write(&c, &l).unwrap();
+    s.agent.shared().container(C1).await.unwrap();
 }

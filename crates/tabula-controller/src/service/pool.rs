@@ -512,7 +512,7 @@ impl Controller {
             }
             return Ok(());
         };
-        let file = {
+        let (file, labelled) = {
             let meta = self.meta.lock().await;
             let c = meta
                 .containers
@@ -520,11 +520,16 @@ impl Controller {
                 .ok_or_else(|| ControlError::NotFound(format!("container {id}")))?;
             match c.health {
                 Health::Failed { .. } => return Ok(()),
-                Health::Ok => c.file.clone(),
+                Health::Ok => (c.file.clone(), c.rec.label_blocks > 0),
             }
         };
         let probed = match &file {
-            Some(f) => probe_within(f, self.cfg.container_timeout).await,
+            Some(f) => match probe_within(f, self.cfg.container_timeout).await {
+                // Answering is not enough: it must still be this container (a remote
+                // server that came back with another disk).
+                Ok(()) if labelled => self.verify_label(id, f).await,
+                r => r,
+            },
             None => Err("not open".to_string()),
         };
         match probed {

@@ -9,8 +9,11 @@
 //!
 //! The first [`LABEL_BLOCKS`] blocks (1 MiB, so 1 MiB segments stay aligned) of a labelled
 //! container are never allocated. Containers added before labels have no such area (their
-//! first blocks may hold data); they keep working unlabelled, recorded as
-//! `ContainerRecord::label_blocks == 0`.
+//! first blocks may hold data); they keep working unlabelled (the controller records
+//! `label_blocks == 0` for them).
+//!
+//! The controller writes, wipes and checks labels; an agent checks the label of every
+//! container it opens, since on its host the path may lead to another device.
 //!
 //! Layout of the label block (little-endian; the rest is zeros):
 //!
@@ -27,8 +30,10 @@
 //! | 40     | 255  | container name                         |
 //! | 4092   | 4    | CRC-32 of bytes 0..4092                |
 
-use tabula_container::Container;
-use tabula_core::BLOCK_SIZE;
+use crate::Container;
+
+/// The block size labels are laid out in (tabula's block).
+const BLOCK_SIZE: u64 = 4096;
 
 /// Blocks reserved at the start of a labelled container (the label is in the first).
 pub const LABEL_BLOCKS: u64 = 256;
@@ -144,7 +149,7 @@ pub fn wipe(c: &Container) -> std::io::Result<()> {
 
 /// How a user wipes the label of a container at `location` that no pool uses any more.
 pub fn wipe_hint(location: &str) -> String {
-    if tabula_container::NbdUri::is_nbd_uri(location) {
+    if crate::NbdUri::is_nbd_uri(location) {
         format!(
             "write zeros over its first 4 KiB (e.g. nbdsh -u '{location}' -c 'h.zero(4096, 0)')"
         )
