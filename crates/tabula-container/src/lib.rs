@@ -215,7 +215,10 @@ impl Container {
     /// Creates `path` as a sparse file of `size` bytes, or grows an existing smaller file.
     /// Never shrinks: that would destroy mapped data. (An existing block device is opened
     /// and must already be at least `size` bytes.)
+    /// A file this call created is removed again if it cannot get its size: a failed create
+    /// leaves nothing behind.
     pub fn create(path: &Path, size: u64) -> Result<Container, ContainerError> {
+        let existed = std::fs::symlink_metadata(path).is_ok();
         let (local, len) = Local::open(path, true)?;
         if len < size {
             if local.is_block_device() {
@@ -225,11 +228,17 @@ impl Container {
                     expected: size,
                 });
             }
-            local.grow(size).map_err(|source| ContainerError::Resize {
-                path: path.to_path_buf(),
-                size,
-                source,
-            })?;
+            if let Err(source) = local.grow(size) {
+                if !existed {
+                    drop(local);
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(ContainerError::Resize {
+                    path: path.to_path_buf(),
+                    size,
+                    source,
+                });
+            }
         }
         Ok(Self::local(path, local))
     }

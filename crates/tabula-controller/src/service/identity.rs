@@ -161,7 +161,7 @@ pub(super) fn check_data_dir(
         }
     }
     if let Some(Ident::Block { rdev }) = new.ident {
-        if std::fs::metadata(&data).is_ok_and(|m| m.dev() == rdev) {
+        if std::fs::metadata(&data).is_ok_and(|m| overlap(m.dev(), rdev)) {
             return Err(ControlError::Invalid(format!(
                 "block device {shown} holds the file system of {metadata}: using it as a container would destroy it"
             )));
@@ -192,14 +192,20 @@ pub(super) fn check_local_against(
             stored.display(),
             a.kind()
         ))),
-        (Some(Ident::Block { rdev }), Some(Ident::File { .. })) if rdev == md.dev() => {
+        (Some(Ident::Block { rdev: a }), Some(Ident::Block { rdev: b })) if overlap(a, b) => {
+            Err(ControlError::Exists(format!(
+                "block device {shown} overlaps container '{name}' ({}): one is a partition of the other",
+                stored.display()
+            )))
+        }
+        (Some(Ident::Block { rdev }), Some(Ident::File { .. })) if overlap(rdev, md.dev()) => {
             Err(ControlError::Exists(format!(
                 "block device {shown} holds the file system of container '{name}' ({}): using it would destroy that container",
                 stored.display()
             )))
         }
         (_, Some(Ident::Block { rdev }))
-            if new.ident.is_none_or(|i| i.kind() == "file") && new.fs_dev == rdev =>
+            if new.ident.is_none_or(|i| i.kind() == "file") && overlap(new.fs_dev, rdev) =>
         {
             Err(ControlError::Exists(format!(
                 "{shown} is on the file system of block device {}, which is container '{name}': writing it would destroy that container",
@@ -208,6 +214,24 @@ pub(super) fn check_local_against(
         }
         _ => Ok(()),
     }
+}
+
+/// Whether block devices `a` and `b` share bytes: the same device, or a disk and one of
+/// its partitions (their sysfs directories nest).
+fn overlap(a: u64, b: u64) -> bool {
+    a == b || matches!((sysfs_dir(a), sysfs_dir(b)), (Some(x), Some(y)) if nested(&x, &y))
+}
+
+/// Whether one sysfs device directory is inside the other (a partition of a disk is).
+fn nested(x: &Path, y: &Path) -> bool {
+    x.starts_with(y) || y.starts_with(x)
+}
+
+/// The sysfs directory of block device number `dev` (glibc's major/minor encoding).
+fn sysfs_dir(dev: u64) -> Option<PathBuf> {
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    std::fs::canonicalize(format!("/sys/dev/block/{major}:{minor}")).ok()
 }
 
 /// An NBD URI as a comparable key: one server and export, however it is spelled.
@@ -242,4 +266,46 @@ pub(super) fn check_nbd_against(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disk_and_its_partitions_nest_and_two_disks_do_not() {
+        let disk = Path::new(
+            "/sys/devices/pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sda",
+        );
+        let part = disk.join("sda1");
+        let other = Path::new(
+            "/sys/devices/pci0000:00/0000:00:1f.2/ata2/host1/target1:0:0/1:0:0:0/block/sdb",
+        );
+        assert!(nested(disk, &part) && nested(&part, disk));
+        assert!(!nested(disk, other) && !nested(&part, &disk.join("sda2")));
+        // Real devices: every block device overlaps itself.
+        if let Ok(md) = std::fs::metadata("/dev/loop0") {
+            assert!(overlap(md.rdev(), md.rdev()));
+        }
+    }
+
+    #[test]
+    fn nbd_uris_compare_by_server_and_export() {
+        let key = |s: &str| match Location::parse(s).unwrap() {
+            Location::Nbd(u) => nbd_key(&u),
+            Location::Path(_) => panic!("{s}"),
+        };
+        assert_eq!(
+            key("nbd://Storage.Example./disk0"),
+            key("nbd://storage.example:10809/disk0")
+        );
+        assert_ne!(
+            key("nbd://storage.example/disk0"),
+            key("nbd://storage.example/disk1")
+        );
+        assert_ne!(
+            key("nbd://storage.example/disk0"),
+            key("nbd://storage.example:10810/disk0")
+        );
+    }
 }
