@@ -13,7 +13,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use common::remote::{Kind, NbdServer};
 use common::{BIN, Server};
+
+const MIB: u64 = 1 << 20;
 
 /// Runs `tabula container add` against `srv`: (success, stdout + stderr).
 fn add(srv: &Server, args: &[&str]) -> (bool, String) {
@@ -173,5 +176,34 @@ fn a_failed_add_leaves_nothing_behind_and_bad_paths_are_bad_requests() {
         assert!(text.contains("path"), "{text}");
     }
     assert_eq!(container_names(&srv), ["default", "big"]);
+    srv.stop_and_check();
+}
+
+/// A remote container's label goes through NBD like any write; the same export is one
+/// container whether reached by the same URI (identity) or another address of its server
+/// (the label).
+#[test]
+fn an_nbd_export_is_one_container_however_it_is_reached() {
+    let tmp = tempfile::tempdir().unwrap();
+    let remote = NbdServer::start(Kind::Tabula, &tmp.path().join("r.img"), 16 * MIB);
+    let mut srv = Server::start("16M");
+    srv.cli(&["container", "add", "r", "--uri", &remote.uri()]);
+    let bytes = std::fs::read(&remote.file).unwrap();
+    assert_eq!(
+        &bytes[..8],
+        b"TABULALB",
+        "the label was written through NBD"
+    );
+    refused(&srv, &["r2", "--uri", &remote.uri()], &["is container 'r'"]);
+    // The same server by an IPv4-mapped IPv6 address: only the label knows.
+    let mapped = format!("nbd://[::ffff:127.0.0.1]:{}/disk0", remote.port);
+    refused(
+        &srv,
+        &["r3", "--uri", &mapped],
+        &["already in this pool as 'r'"],
+    );
+    assert_eq!(container_names(&srv), ["default", "r"]);
+    let text = srv.cli(&["check"]);
+    assert!(text.contains("container labels verified: 2"), "{text}");
     srv.stop_and_check();
 }
