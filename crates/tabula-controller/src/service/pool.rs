@@ -190,6 +190,20 @@ impl Controller {
                 let shown = abs.display().to_string();
                 let local = identity::resolve(&abs)?;
                 identity::check_data_dir(&local, &shown, &self.cfg.data_dir)?;
+                // Bad input, said as such (not a server error from opening it).
+                match (&local.ident, size) {
+                    (None, None) if !abs.exists() => {
+                        return Err(ControlError::Invalid(format!(
+                            "{shown} does not exist: give --size to create it as a container file"
+                        )));
+                    }
+                    (None, _) if abs.exists() => {
+                        return Err(ControlError::Invalid(format!(
+                            "{shown} is neither a regular file nor a block device"
+                        )));
+                    }
+                    _ => {}
+                }
                 for c in meta.containers.values() {
                     if let Ok(Location::Path(p)) = Location::parse(&c.rec.path) {
                         identity::check_local_against(&local, &shown, &c.rec.name, &p)?;

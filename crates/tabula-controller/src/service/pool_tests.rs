@@ -623,6 +623,12 @@ async fn a_failed_add_leaves_nothing_and_bad_paths_are_bad_input() {
     let nul = format!("{}/a\0b.img", other.path().display());
     let long = format!("{}/{}", other.path().display(), "x/".repeat(6000));
     let long_name = format!("{}/{}.img", other.path().display(), "y".repeat(300));
+    let missing = format!("{}/missing.img", other.path().display());
+    let folder = other.path().display().to_string();
+    for p in [missing, folder] {
+        let e = add_fails(&ctl, "bad", &p, None).await;
+        assert!(matches!(e, ControlError::Invalid(_)), "{p}: {e:?}");
+    }
     for p in [nul, long, long_name] {
         let e = add_fails(&ctl, "bad", &p, Some(4 * MIB)).await;
         assert!(
