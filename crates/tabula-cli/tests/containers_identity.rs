@@ -207,3 +207,84 @@ fn an_nbd_export_is_one_container_however_it_is_reached() {
     assert!(text.contains("container labels verified: 2"), "{text}");
     srv.stop_and_check();
 }
+
+/// On another host a container's path may lead to another device. An agent whose path
+/// (here: a private mount namespace with another file bind-mounted over it) does not lead
+/// to the container added does no I/O there: the host gets EIO, the impostor is never
+/// written, and the controller records a path down from that agent only.
+#[test]
+fn an_agent_whose_path_leads_to_another_device_does_no_io_there() {
+    let probe = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "true"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: no mount namespaces here");
+        return;
+    }
+    let mut cl = common::cluster::Cluster::start("16M", &["n1"]);
+    let shared = tempfile::tempdir().unwrap();
+    let real = shared.path().join("c.img");
+    let impostor = shared.path().join("impostor.img");
+    cl.controller.cli(&[
+        "container",
+        "add",
+        "c",
+        "--path",
+        real.to_str().unwrap(),
+        "--size",
+        "8M",
+    ]);
+    std::fs::File::create(&impostor)
+        .unwrap()
+        .set_len(9 * MIB)
+        .unwrap();
+    let prefix: Vec<String> = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &format!(
+            "mount --bind '{}' '{}' && exec \"$0\" \"$@\"",
+            impostor.display(),
+            real.display()
+        ),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut other = common::cluster::Agent::prepare(
+        &cl.dir,
+        "n2",
+        "127.0.0.1",
+        common::free_port(),
+        &cl.controller.url(),
+        &prefix,
+    );
+    other.spawn(true);
+    cl.agents.push(other);
+    cl.wait_connected(&["n1", "n2"], Duration::from_secs(30));
+    cl.controller
+        .cli(&["vdisk", "create", "vd", "--size", "4M", "--container", "c"]);
+    let mut good = cl.agent("n1").client("vd");
+    good.write(0, &[0x5a; 4096], true).unwrap();
+    let mut bad = cl.agent("n2").client("vd");
+    assert!(bad.read(0, 4096).is_err(), "read through the impostor");
+    assert!(
+        bad.write(0, &[0xa5; 4096], true).is_err(),
+        "write to the impostor"
+    );
+    assert!(
+        std::fs::read(&impostor).unwrap().iter().all(|&b| b == 0),
+        "the impostor was written"
+    );
+    assert_eq!(good.read(0, 4096).unwrap(), vec![0x5a; 4096]);
+    let c = cl.controller.json(&["container", "show", "c"]);
+    assert_eq!(c["state"], "ok", "{c}");
+    let down = c["unreachable_from"].to_string();
+    assert!(down.contains("n2") && down.contains("label"), "{c}");
+    good.disconnect();
+    bad.disconnect();
+    cl.stop_and_check();
+}
