@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tabula_api::{AgentPort, AgentReport, Command, ControlError, ControlPlane, TableSnapshot};
-use tabula_container::{Container, ContainerOptions, Location, Prober};
+use tabula_container::{Container, ContainerOptions, Location, Prober, label};
 use tabula_core::{ContainerId, VdiskId};
 use tabula_nbd::server::{Export, ExportProvider, OpenError};
 use tracing::{debug, info, warn};
@@ -230,10 +230,24 @@ impl Shared {
         };
         let location = Location::parse(&loc.path)
             .map_err(|e| ControlError::Storage(tabula_api::error_chain(&e)))?;
+        let (pool, size) = (loc.pool_id, loc.size_bytes);
         let opened = tokio::time::timeout(
             self.cfg.container_timeout + Duration::from_secs(1),
             tokio::task::spawn_blocking(move || {
-                Container::open_location(&location, loc.size_bytes, &opts)
+                let c = Container::open_location(&location, size, &opts)
+                    .map_err(|e| tabula_api::error_chain(&e))?;
+                // On this host the path may lead to another device than the one added:
+                // no I/O to a container whose label is not its own.
+                if pool != 0 {
+                    let found = label::read(&c).map_err(|e| format!("reading its label: {e}"))?;
+                    label::expect(&found, pool, id.0).map_err(|why| {
+                        format!(
+                            "{} is not the container that was added: {why}",
+                            c.describe()
+                        )
+                    })?;
+                }
+                Ok::<_, String>(c)
             }),
         )
         .await;
@@ -243,7 +257,7 @@ impl Shared {
                 let e = match other {
                     Err(_) => "no answer".to_string(),
                     Ok(Err(e)) => e.to_string(),
-                    Ok(Ok(Err(e))) => tabula_api::error_chain(&e),
+                    Ok(Ok(Err(e))) => e,
                     Ok(Ok(Ok(_))) => unreachable!(),
                 };
                 let e = format!("opening container {name}: {e}");

@@ -310,6 +310,13 @@ pub struct CheckView {
     /// Bytes reserved for copies-on-write in progress.
     #[serde(default)]
     pub copying: u64,
+    /// Containers whose label was read and matches the pool and the container.
+    #[serde(default)]
+    pub labels: usize,
+    /// What was not checked and why, but is no error: containers added before labels,
+    /// containers not reachable now.
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// The body of every admin API error.

@@ -49,6 +49,11 @@ pub struct ContainerLocation {
     /// away when `Command::ContainerHealth` went out learns the state from here.
     #[serde(default)]
     pub failed: Option<String>,
+    /// The pool id its label must name (with `id`): an agent checks it on opening the
+    /// container and refuses I/O to anything else at that path. 0 for a container added
+    /// before labels, which has none.
+    #[serde(default)]
+    pub pool_id: u64,
 }
 
 /// A full copy of one vdisk's table, as sent when an agent attaches.

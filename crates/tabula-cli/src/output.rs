@@ -324,6 +324,10 @@ pub fn check(c: &CheckView) -> String {
         format_size(c.zeroing),
         format_size(c.copying)
     );
+    let _ = writeln!(o, "container labels verified: {}", c.labels);
+    for n in &c.notes {
+        let _ = writeln!(o, "  note: {n}");
+    }
     if c.ok {
         o.push_str("OK: no invariant is violated\n");
     } else {

@@ -320,7 +320,8 @@ fn a_pool_of_several_containers_is_full_only_when_all_are() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let remote = NbdServer::start(Kind::QemuNbd, &tmp.path().join("q.img"), 4 * MIB);
+    // 4 MiB usable: the first MiB of a container holds its label.
+    let remote = NbdServer::start(Kind::QemuNbd, &tmp.path().join("q.img"), 5 * MIB);
     let mut s = Server::start("4M");
     s.cli(&["container", "add", "q", "--uri", &remote.uri()]);
     s.cli(&["vdisk", "create", "vd", "--size", "64M"]);
@@ -345,7 +346,7 @@ fn a_pool_of_several_containers_is_full_only_when_all_are() {
         c.write(i * MIB + 4096, &stamp_block(i, 2), true).unwrap();
         assert_eq!(c.read(i * MIB, 4096).unwrap(), stamp_block(i, 1));
     }
-    let extra = s.data_dir.join("extra.img");
+    let extra = s.data_dir.join("containers/extra.img");
     s.cli(&[
         "container",
         "add",
@@ -439,7 +440,7 @@ fn a_controller_killed_mid_drain_loses_nothing_leaks_nothing_and_resumes() {
         c.write(i * MIB, &stamp_block(i, 1), true).unwrap();
     }
     c.disconnect();
-    let extra = s.data_dir.join("b.img");
+    let extra = s.data_dir.join("containers/b.img");
     s.cli(&[
         "container",
         "add",

@@ -157,7 +157,7 @@ fn full_pool_returns_enospc_while_allocated_io_continues() {
     assert_eq!(c.read(2 << 21, 4096).unwrap(), stamp_block(2, 2));
     assert_eq!(c.read(0, 4096).unwrap(), stamp_block(0, 1));
     // Adding a container lets allocating writes proceed, without a restart.
-    let extra = srv.data_dir.join("extra.img");
+    let extra = srv.data_dir.join("containers/extra.img");
     srv.cli(&[
         "container",
         "add",

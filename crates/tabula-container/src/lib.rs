@@ -20,6 +20,7 @@
 //! async worker threads.
 #![forbid(unsafe_code)]
 
+pub mod label;
 mod local;
 mod nbd;
 
@@ -37,7 +38,9 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-pub use tabula_nbd::client::{ClientError, NbdAddr, NbdUri, NbdUriError};
+pub use tabula_nbd::client::{
+    ClientError, DEFAULT_PORT as NBD_DEFAULT_PORT, NbdAddr, NbdUri, NbdUriError,
+};
 
 pub use local::AlignedBuf;
 use local::Local;
@@ -212,7 +215,10 @@ impl Container {
     /// Creates `path` as a sparse file of `size` bytes, or grows an existing smaller file.
     /// Never shrinks: that would destroy mapped data. (An existing block device is opened
     /// and must already be at least `size` bytes.)
+    /// A file this call created is removed again if it cannot get its size: a failed create
+    /// leaves nothing behind.
     pub fn create(path: &Path, size: u64) -> Result<Container, ContainerError> {
+        let existed = std::fs::symlink_metadata(path).is_ok();
         let (local, len) = Local::open(path, true)?;
         if len < size {
             if local.is_block_device() {
@@ -222,11 +228,17 @@ impl Container {
                     expected: size,
                 });
             }
-            local.grow(size).map_err(|source| ContainerError::Resize {
-                path: path.to_path_buf(),
-                size,
-                source,
-            })?;
+            if let Err(source) = local.grow(size) {
+                if !existed {
+                    drop(local);
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(ContainerError::Resize {
+                    path: path.to_path_buf(),
+                    size,
+                    source,
+                });
+            }
         }
         Ok(Self::local(path, local))
     }

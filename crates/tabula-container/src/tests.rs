@@ -9,6 +9,25 @@ use tabula_nbd::server::{
 
 use super::*;
 
+/// A create that cannot size its new file removes it (a retry is not told it exists); an
+/// existing file is left as it was.
+#[test]
+fn a_failed_create_leaves_no_file_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.img");
+    for size in [1u64 << 63, u64::MAX - 4095] {
+        assert!(Container::create(&p, size).is_err(), "{size}");
+        assert!(
+            !p.exists(),
+            "a failed create of {size} bytes left {}",
+            p.display()
+        );
+    }
+    std::fs::write(&p, [7u8; 4096]).unwrap();
+    assert!(Container::create(&p, 1 << 63).is_err());
+    assert_eq!(std::fs::read(&p).unwrap(), [7u8; 4096]);
+}
+
 #[test]
 fn zero_makes_data_read_as_zeros() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,10 +2,15 @@
 
 use std::path::Path;
 
+use std::time::Duration;
+
 use tabula_api::admin::CheckView;
+use tabula_container::{Container, ContainerOptions, Location};
+use tabula_core::ContainerId;
 use tabula_core::check::{Inventory, TableInventory, check};
 
-use crate::store::{Loaded, Store, StoreError};
+use crate::label::Found;
+use crate::store::{ContainerRecord, Loaded, Store, StoreError};
 
 pub fn inventory(loaded: &Loaded) -> Inventory {
     let mut inv = Inventory::default();
@@ -25,6 +30,12 @@ pub fn inventory(loaded: &Loaded) -> Inventory {
     inv.free = loaded.free.clone();
     inv.zeroing = loaded.zeroing.clone();
     inv.cow = loaded.cow.clone();
+    inv.labels = loaded
+        .containers
+        .iter()
+        .filter(|(_, rec)| rec.label_blocks > 0)
+        .map(|(id, rec)| (*id, 0, rec.label_blocks))
+        .collect();
     inv
 }
 
@@ -56,7 +67,55 @@ pub fn check_loaded(loaded: &Loaded) -> CheckView {
         copying: r.cow_blocks * tabula_core::BLOCK_SIZE,
         free: r.free_blocks * tabula_core::BLOCK_SIZE,
         zeroing: r.zeroing_blocks * tabula_core::BLOCK_SIZE,
+        labels: 0,
+        notes: Vec::new(),
     }
+}
+
+/// Checks what container `id`'s label block holds (`read`: `None` if it was not read, the
+/// container being unlabelled or unreachable) against the pool and the container, into
+/// `view`: a label that names another pool or container, or none at all, means the
+/// location now leads to something else, and is an error.
+pub fn verify_label(
+    pool: u64,
+    id: ContainerId,
+    rec: &ContainerRecord,
+    read: Option<Result<Found, String>>,
+    view: &mut CheckView,
+) {
+    let name = &rec.name;
+    let problem = match read {
+        _ if rec.label_blocks == 0 => {
+            view.notes.push(format!(
+                "container {name} ({id}) has no label: it was added before labels; it works as before"
+            ));
+            return;
+        }
+        None => {
+            view.notes.push(format!(
+                "container {name} ({id}) is not reachable: its label was not checked"
+            ));
+            return;
+        }
+        Some(Err(e)) => {
+            view.notes.push(format!(
+                "container {name} ({id}): its label could not be read ({e}): not checked"
+            ));
+            return;
+        }
+        Some(Ok(found)) => match crate::label::expect(&found, pool, id.0) {
+            Ok(()) => {
+                view.labels += 1;
+                return;
+            }
+            Err(e) => e,
+        },
+    };
+    view.ok = false;
+    view.problems.push(format!(
+        "container {name} ({id}) at {}: wrong label: {problem}. The path may lead to another device than the one added; do not write to it until that is settled",
+        rec.path
+    ));
 }
 
 /// Opens the store under `data_dir` (which must not be in use) and checks it.
@@ -69,5 +128,20 @@ pub fn check_data_dir(data_dir: &Path) -> Result<CheckView, StoreError> {
         )));
     }
     let store = Store::open(&path)?;
-    Ok(check_loaded(&store.load()?))
+    let loaded = store.load()?;
+    let mut view = check_loaded(&loaded);
+    let opts = ContainerOptions {
+        io_timeout: Duration::from_secs(5),
+    };
+    for (id, rec) in &loaded.containers {
+        let read = (rec.label_blocks > 0)
+            .then(|| {
+                let loc = Location::parse(&rec.path).ok()?;
+                let c = Container::open_location(&loc, 0, &opts).ok()?;
+                Some(crate::label::read(&c).map_err(|e| e.to_string()))
+            })
+            .flatten();
+        verify_label(loaded.pool_id, *id, rec, read, &mut view);
+    }
+    Ok(view)
 }

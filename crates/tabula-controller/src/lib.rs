@@ -7,7 +7,8 @@
 //! - [`agents`]: agent sessions, leases, and the push of table commands;
 //! - [`grpc`]: the agents' channel (tonic), served on the admin API's port;
 //! - [`http`]: the admin API (JSON over HTTP) used by the CLI;
-//! - [`check`]: the offline metadata check behind `tabula check`.
+//! - [`check`]: the offline metadata check behind `tabula check`;
+//! - [`label`]: the label in every container naming its pool and itself.
 //!
 //! **Architecture invariant:** the controller is never in the data path. It answers faults
 //! and commands agents; bytes flow between hosts and containers through agents only.
@@ -18,6 +19,7 @@ pub mod check;
 pub mod grpc;
 pub mod http;
 pub mod journal;
+pub use tabula_container::label;
 pub mod service;
 pub mod store;
 pub mod wal;

@@ -476,7 +476,7 @@ fn segment_fits(
         .containers
         .iter()
         .filter(|(id, _)| pin.is_none_or(|p| p == **id))
-        .map(|(_, c)| (c.rec.size_blocks, c.rec.name.as_str()))
+        .map(|(_, c)| (c.rec.usable_blocks(), c.rec.name.as_str()))
         .max();
     match largest {
         Some((blocks, name)) if blocks < seg_blocks => {
@@ -542,6 +542,8 @@ pub struct Controller {
     moves: moves::Moves,
     /// Until when freed space may not be zeroed and reused (restart grace).
     grace_until: Instant,
+    /// The pool's random id, in every container's label.
+    pool_id: u64,
 }
 
 impl Controller {
@@ -554,6 +556,7 @@ impl Controller {
         })?;
         let store = Arc::new(Store::open(&cfg.data_dir.join(DB_FILE))?);
         let mut loaded = store.load()?;
+        let pool_id = loaded.pool_id;
         let mut meta = Meta {
             next_vdisk: loaded.next_vdisk,
             next_container: loaded.next_container,
@@ -576,6 +579,24 @@ impl Controller {
                     None
                 }
             };
+            // A labelled container must be the one added: another device at its path, or
+            // another disk behind its server, starts failed (and is probed until it is).
+            if let (Some(f), true) = (&file, rec.label_blocks > 0) {
+                let read = pool::container_io(f, cfg.container_timeout, crate::label::read).await;
+                let why = match read {
+                    Ok(found) => crate::label::expect(&found, pool_id, id.0).err(),
+                    Err(e) => Some(format!("its label cannot be read: {e}")),
+                };
+                if let Some(why) = why {
+                    failed.push((
+                        id,
+                        format!(
+                            "{} answers, but {why}: it is not the container that was added",
+                            rec.path
+                        ),
+                    ));
+                }
+            }
             meta.pool.insert(id, FreeMap::empty(rec.size_blocks));
             meta.containers.insert(id, ContainerMeta::new(rec, file));
         }
@@ -663,6 +684,7 @@ impl Controller {
             me: std::sync::Weak::new(),
             moves: Default::default(),
             grace_until: Instant::now(),
+            pool_id,
         };
         let mut ctl = ctl;
         {
@@ -1125,10 +1147,26 @@ impl Controller {
 
     /// Checks the stored metadata of the running controller.
     pub async fn check(&self) -> Result<CheckView, ControlError> {
-        let _meta = self.meta.lock().await;
+        let meta = self.meta.lock().await;
         self.journal.wait(self.journal.last()).await?;
         let loaded = self.store.load().map_err(storage)?;
-        Ok(crate::check::check_loaded(&loaded))
+        let mut view = crate::check::check_loaded(&loaded);
+        // Every reachable container's label, through the handles already open.
+        for (id, rec) in &loaded.containers {
+            let read = match meta.containers.get(id).and_then(|c| c.reachable()) {
+                Some(f) if rec.label_blocks > 0 => Some(
+                    pool::container_io(f, self.cfg.container_timeout, crate::label::read).await,
+                ),
+                _ => None,
+            };
+            crate::check::verify_label(loaded.pool_id, *id, rec, read, &mut view);
+        }
+        Ok(view)
+    }
+
+    /// The pool's random id, written in every container's label.
+    pub fn pool_id(&self) -> u64 {
+        self.pool_id
     }
 
     // ---- agents ----
@@ -1713,6 +1751,11 @@ impl ControlPlane for Controller {
                 pool::Health::Failed { reason, .. } => Some(reason.clone()),
                 pool::Health::Ok => None,
             },
+            pool_id: if c.rec.label_blocks > 0 {
+                self.pool_id
+            } else {
+                0
+            },
         })
     }
 
@@ -1770,6 +1813,7 @@ impl ControlPlane for Controller {
 }
 
 mod cow;
+mod identity;
 mod moves;
 mod pool;
 #[cfg(test)]

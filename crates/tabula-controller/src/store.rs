@@ -12,13 +12,13 @@
 //! the file. Freed space goes first to `zeroing` and only becomes `free` after it has been
 //! zeroed and the zeroing made durable; on open, anything still in `zeroing` is zeroed again.
 //!
-//! Key layout (versions 3 and 4; version 2 stored one row per entry in `entries`, version 1 also
+//! Key layout (versions 3 to 5; version 2 stored one row per entry in `entries`, version 1 also
 //! had no `cow` table and no snapshot fields in vdisk records; both are upgraded in place
 //! on open):
 //!
 //! | table        | key                     | value                                        |
 //! |--------------|-------------------------|----------------------------------------------|
-//! | `meta`       | name (str)              | u64 (`schema`, `next_vdisk`, `next_container`) |
+//! | `meta`       | name (str)              | u64 (`schema`, `next_vdisk`, `next_container`, `pool_id`, `journal_seq`) |
 //! | `containers` | container id (u32)      | JSON [`ContainerRecord`]                     |
 //! | `vdisks`     | vdisk id (u64)          | JSON [`VdiskRecord`]                         |
 //! | `chunks`     | (vdisk id, first begin) | up to [`CHUNK_ENTRIES`] consecutive entries, packed |
@@ -51,8 +51,12 @@ use crate::wal::{self, Wal};
 /// Version 2 added snapshots and clones (a version-1 tabula must not open a version-2 store:
 /// it would free blocks that snapshots still map); version 3 stores entries in chunks;
 /// version 4 keeps what it acknowledged last in the redo log until a checkpoint (a
-/// version-3 tabula would open the database without replaying the log, and lose it).
-pub const SCHEMA_VERSION: u64 = 4;
+/// version-3 tabula would open the database without replaying the log, and lose it);
+/// version 5 gives the pool a random id (`meta.pool_id`) and new containers a label area
+/// that no free run covers (`ContainerRecord::label_blocks`): a version-4 tabula would
+/// report that area as leaked and remove containers without wiping their labels. A
+/// version-4 store is upgraded by giving it a pool id; its containers stay unlabelled.
+pub const SCHEMA_VERSION: u64 = 5;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const CONTAINERS: TableDefinition<u32, &str> = TableDefinition::new("containers");
@@ -119,6 +123,17 @@ pub struct ContainerRecord {
     /// Set while it is being drained: nothing new is allocated in it.
     #[serde(default)]
     pub draining: bool,
+    /// Blocks at its start reserved for its label (`crate::label`), never allocated; 0 for
+    /// a container added before labels, which has none.
+    #[serde(default)]
+    pub label_blocks: u64,
+}
+
+impl ContainerRecord {
+    /// Blocks that can hold data: all but the label area.
+    pub fn usable_blocks(&self) -> u64 {
+        self.size_blocks.saturating_sub(self.label_blocks)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,6 +168,8 @@ pub struct VdiskRecord {
 /// Everything in the store, as loaded at startup.
 #[derive(Debug, Default)]
 pub struct Loaded {
+    /// The pool's random id, written into every container's label.
+    pub pool_id: u64,
     pub next_vdisk: u64,
     pub next_container: u32,
     pub containers: Vec<(ContainerId, ContainerRecord)>,
@@ -302,6 +319,12 @@ impl Store {
                 }
                 Some(_) => {}
             }
+            // Stores made before version 5 get their id here, once.
+            if meta.get(POOL_ID)?.is_none() {
+                let id = crate::label::random_pool_id()
+                    .map_err(|e| StoreError::Corrupt(format!("cannot make a pool id: {e}")))?;
+                meta.insert(POOL_ID, id)?;
+            }
             tx.open_table(CONTAINERS)?;
             tx.open_table(VDISKS)?;
             tx.open_table(CHUNKS)?;
@@ -347,6 +370,7 @@ impl Store {
         let tx = self.db.begin_read()?;
         let mut out = Loaded::default();
         let meta = tx.open_table(META)?;
+        out.pool_id = meta.get(POOL_ID)?.map_or(0, |v| v.value());
         out.next_vdisk = meta.get("next_vdisk")?.map(|v| v.value()).unwrap_or(1);
         out.next_container = meta
             .get("next_container")?
@@ -512,6 +536,9 @@ impl Store {
         self.write(|_| Ok(()))
     }
 }
+
+/// `meta` key: the pool's random id.
+const POOL_ID: &str = "pool_id";
 
 /// `meta` key: the last log record a durable commit includes.
 const JOURNAL_SEQ: &str = "journal_seq";
@@ -1031,5 +1058,39 @@ mod tests {
             SCHEMA_VERSION
         );
         assert!(tx.open_table(ENTRIES_V2).is_err(), "the old table is gone");
+    }
+
+    /// A version-4 store (no pool id, containers without label areas) opens as the current
+    /// version: it gets a pool id once, kept across opens, and its containers stay
+    /// unlabelled.
+    #[test]
+    fn upgrades_version_4_with_a_pool_id_and_unlabelled_containers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                tx.open_table(META).unwrap().insert("schema", 4).unwrap();
+                // As version 4 wrote it: no `label_blocks`.
+                tx.open_table(CONTAINERS)
+                    .unwrap()
+                    .insert(
+                        1,
+                        r#"{"name":"default","path":"/x/default.img","size_blocks":64,"draining":false}"#,
+                    )
+                    .unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let first = Store::open(&path).unwrap().load().unwrap();
+        assert_ne!(first.pool_id, 0);
+        assert_eq!(first.containers[0].1.label_blocks, 0);
+        assert_eq!(first.containers[0].1.usable_blocks(), 64);
+        let again = Store::open(&path).unwrap();
+        assert_eq!(again.load().unwrap().pool_id, first.pool_id);
+        let tx = again.db.begin_read().unwrap();
+        let schema = tx.open_table(META).unwrap().get("schema").unwrap().unwrap();
+        assert_eq!(schema.value(), SCHEMA_VERSION);
     }
 }

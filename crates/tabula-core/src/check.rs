@@ -14,8 +14,9 @@
 //! - a block shared between tables is mapped in a state that does not allow writes (`new`)
 //!   by every writable table, so its first write faults and is copied: a `normal` entry
 //!   there would change the other tables' data;
-//! - free space, pending-zero space, copy-on-write space and mapped space together cover
-//!   every container exactly, so nothing leaks.
+//! - free space, pending-zero space, copy-on-write space, label areas and mapped space
+//!   together cover every container exactly, so nothing leaks; nothing else owns a label
+//!   area.
 //!
 //! Each container's runs are sorted once and swept, keeping only the runs that cover the
 //! current block (a handful: one per table sharing it), so millions of entries check in
@@ -37,6 +38,8 @@ pub enum Owner {
     Free,
     Zeroing,
     CowTarget,
+    /// A container's label area, which nothing may map or free.
+    Label,
 }
 
 impl std::fmt::Display for Owner {
@@ -46,6 +49,7 @@ impl std::fmt::Display for Owner {
             Owner::Free => f.write_str("free space"),
             Owner::Zeroing => f.write_str("space waiting to be zeroed"),
             Owner::CowTarget => f.write_str("space reserved for a copy-on-write in progress"),
+            Owner::Label => f.write_str("the container's label area"),
         }
     }
 }
@@ -75,6 +79,8 @@ pub struct Inventory {
     pub zeroing: Vec<(ContainerId, u64, u64)>,
     /// Runs reserved for a copy-on-write in progress: allocated, mapped by no table yet.
     pub cow: Vec<(ContainerId, u64, u64)>,
+    /// Containers' label areas (reserved, never allocated).
+    pub labels: Vec<(ContainerId, u64, u64)>,
 }
 
 #[derive(Debug, Default)]
@@ -112,6 +118,7 @@ enum Src {
     Free,
     Zeroing,
     Cow,
+    Label,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -145,6 +152,7 @@ impl Inventory {
             Src::Free => Owner::Free,
             Src::Zeroing => Owner::Zeroing,
             Src::Cow => Owner::CowTarget,
+            Src::Label => Owner::Label,
         }
     }
 }
@@ -193,6 +201,9 @@ pub fn check(inv: &Inventory) -> Report {
     for &(c, s, l) in &inv.cow {
         r.cow_blocks += l;
         add(c, s, l, Src::Cow);
+    }
+    for &(c, s, l) in &inv.labels {
+        add(c, s, l, Src::Label);
     }
     for (&c, list) in &mut runs {
         list.sort_unstable_by_key(|x| (x.start, x.end));
@@ -447,6 +458,7 @@ mod tests {
             free: vec![(ContainerId(1), 10, 30)],
             zeroing: vec![(ContainerId(1), 40, 10)],
             cow: vec![],
+            labels: vec![],
         }
     }
 
@@ -615,6 +627,26 @@ mod tests {
             has(
                 &r,
                 "blocks 8..10 of container c (c1) are owned twice: by vdisk vd (v1) block 0 and by space reserved for a copy-on-write in progress"
+            ),
+            "{:?}",
+            r.problems
+        );
+    }
+
+    #[test]
+    fn a_label_area_is_owned_and_nothing_else_may_own_it() {
+        let mut i = inv();
+        // Container 1 with a label area at 50..52 (grown to 52 blocks).
+        i.containers.insert(ContainerId(1), ("c".to_string(), 52));
+        i.labels.push((ContainerId(1), 50, 2));
+        let r = check(&i);
+        assert!(r.ok(), "{:?}", r.problems);
+        i.free.push((ContainerId(1), 51, 1));
+        let r = check(&i);
+        assert!(
+            has(
+                &r,
+                "blocks 51..52 of container c (c1) are owned twice: by the container's label area and by free space"
             ),
             "{:?}",
             r.problems

@@ -373,6 +373,7 @@ pub fn location_to_pb(l: &ContainerLocation) -> pb::ContainerLocation {
         path: l.path.clone(),
         size_bytes: l.size_bytes,
         failed: l.failed.clone(),
+        pool_id: l.pool_id,
     }
 }
 
@@ -383,6 +384,7 @@ pub fn location_from_pb(l: pb::ContainerLocation) -> ContainerLocation {
         path: l.path,
         size_bytes: l.size_bytes,
         failed: l.failed,
+        pool_id: l.pool_id,
     }
 }
 
@@ -497,6 +499,7 @@ mod tests {
                 path: "nbd://10.0.0.5/disk0".into(),
                 size_bytes: 1 << 30,
                 failed,
+                pool_id: 0x1234_5678_9abc_def0,
             };
             assert_eq!(location_from_pb(location_to_pb(&l)), l);
         }

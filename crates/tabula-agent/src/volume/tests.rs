@@ -23,6 +23,10 @@ struct OneContainer {
     failed: parking_lot::Mutex<Option<String>>,
     churn: AtomicU32,
     faults: AtomicU32,
+    /// The pool id its label must name (0: unlabelled).
+    pool_id: u64,
+    /// Container faults reported by the agent.
+    reports: parking_lot::Mutex<Vec<String>>,
 }
 
 const VD: VdiskId = VdiskId(3);
@@ -76,6 +80,7 @@ impl ControlPlane for OneContainer {
             path: self.path.to_string_lossy().into(),
             size_bytes: 1 << 20,
             failed: self.failed.lock().clone(),
+            pool_id: self.pool_id,
         })
     }
     async fn fault(&self, fault: Fault) -> Result<RangeUpdate, ControlError> {
@@ -101,8 +106,9 @@ impl ControlPlane for OneContainer {
         &self,
         _agent: &str,
         _container: ContainerId,
-        _error: Option<String>,
+        error: Option<String>,
     ) -> Result<(), ControlError> {
+        self.reports.lock().extend(error);
         Ok(())
     }
 }
@@ -114,10 +120,20 @@ struct Setup {
 }
 
 async fn setup(container_timeout: Duration) -> Setup {
-    setup_with(container_timeout, Duration::from_secs(30), 0).await
+    setup_with(container_timeout, Duration::from_secs(30), 0, 0).await
 }
 
-async fn setup_with(container_timeout: Duration, fault_wait: Duration, churn: u32) -> Setup {
+/// Like `setup`, with a controller that says the container's label names `pool_id`.
+async fn setup_labelled(container_timeout: Duration, pool_id: u64) -> Setup {
+    setup_with(container_timeout, Duration::from_secs(30), 0, pool_id).await
+}
+
+async fn setup_with(
+    container_timeout: Duration,
+    fault_wait: Duration,
+    churn: u32,
+    pool_id: u64,
+) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c1.img");
     Container::create(&path, 1 << 20).unwrap();
@@ -126,6 +142,8 @@ async fn setup_with(container_timeout: Duration, fault_wait: Duration, churn: u3
         failed: parking_lot::Mutex::new(None),
         churn: AtomicU32::new(churn),
         faults: AtomicU32::new(0),
+        pool_id,
+        reports: Default::default(),
     });
     let mut cfg = AgentConfig::new("t");
     cfg.container_timeout = container_timeout;
@@ -268,7 +286,7 @@ async fn export_vd(s: &Setup) -> VolumeExport {
 /// wait.
 #[tokio::test]
 async fn a_write_waits_through_any_number_of_table_changes() {
-    let s = setup_with(Duration::from_secs(5), Duration::from_secs(30), 100).await;
+    let s = setup_with(Duration::from_secs(5), Duration::from_secs(30), 100, 0).await;
     let export = export_vd(&s).await;
     export.write(4096, vec![7u8; 4096], true).await.unwrap();
     assert_eq!(s.ctl.faults.load(Ordering::SeqCst), 101);
@@ -280,7 +298,7 @@ async fn a_write_waits_through_any_number_of_table_changes() {
 #[tokio::test]
 async fn a_write_the_table_never_allows_fails_after_the_fault_wait_saying_why() {
     let wait = Duration::from_millis(300);
-    let s = setup_with(Duration::from_secs(5), wait, u32::MAX).await;
+    let s = setup_with(Duration::from_secs(5), wait, u32::MAX, 0).await;
     let export = export_vd(&s).await;
     let t = Instant::now();
     let e = export.write(0, vec![7u8; 4096], false).await.unwrap_err();
@@ -295,4 +313,52 @@ async fn a_write_the_table_never_allows_fails_after_the_fault_wait_saying_why() 
     // Later rounds pause: the agent and the controller do not spin for the whole wait.
     let faults = s.ctl.faults.load(Ordering::SeqCst);
     assert!(faults < 200, "{faults} faults in {took:?}");
+}
+
+/// An agent opens a labelled container only if its label names the pool and the container
+/// (another device may be at that path on this host); otherwise it does no I/O there and
+/// reports it, as a path down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_whose_label_is_not_its_own_is_refused_and_reported() {
+    use tabula_container::label::{self, Label};
+    let s = setup_labelled(Duration::from_secs(5), 77).await;
+    let c = Container::open(&s.ctl.path, 0).unwrap();
+    let mut l = Label {
+        pool: 77,
+        container: 2,
+        name: "c2".into(),
+        reserved_blocks: 256,
+    };
+    for (what, wrong) in [
+        ("no tabula label", None),
+        ("container 'c2'", Some(2)),
+        ("another pool", Some(1)),
+    ] {
+        match wrong {
+            None => label::wipe(&c).unwrap(),
+            Some(2) => label::write(&c, &l).unwrap(),
+            Some(_) => {
+                l.pool = 78;
+                l.container = 1;
+                label::write(&c, &l).unwrap();
+            }
+        }
+        let Err(e) = s.agent.shared().container(C1).await else {
+            panic!("{what}: opened");
+        };
+        assert!(e.to_string().contains(what), "{what}: {e}");
+        assert!(
+            s.ctl.reports.lock().iter().any(|r| r.contains(what)) || {
+                // Reported from a spawned task: give it a moment.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                s.ctl.reports.lock().iter().any(|r| r.contains(what))
+            },
+            "{what}: {:?}",
+            s.ctl.reports.lock()
+        );
+    }
+    // Its own label: opened.
+    l.pool = 77;
+    label::write(&c, &l).unwrap();
+    s.agent.shared().container(C1).await.unwrap();
 }

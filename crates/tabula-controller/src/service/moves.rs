@@ -743,10 +743,31 @@ impl Controller {
             });
         }
         self.commit(move |t| t.delete_container(id)).await?;
-        meta.containers.remove(&id);
+        let gone = meta.containers.remove(&id);
         meta.pool.remove(id);
         self.moves.lock().remove(&format!("drain:{name}"));
         self.check_low_space(&meta);
+        drop(meta);
+        // Wipe its label so that this or another pool may add it again. A label left by a
+        // failure here names a container this pool no longer has: this pool takes it back,
+        // another refuses it and says how to wipe it.
+        if let Some(c) = gone.filter(|c| c.rec.label_blocks > 0) {
+            let wiped = match c.reachable() {
+                Some(f) => {
+                    super::pool::container_io(f, self.cfg.container_timeout, crate::label::wipe)
+                        .await
+                }
+                None => Err("it is not reachable".to_string()),
+            };
+            if let Err(e) = wiped {
+                warn!(
+                    container = name,
+                    error = e,
+                    "container removed, but its label could not be wiped: another pool will refuse it until it is ({})",
+                    crate::label::wipe_hint(&c.rec.path)
+                );
+            }
+        }
         info!(container = name, "container removed");
         Ok(())
     }

@@ -23,7 +23,8 @@ use tabula_container::{Container, ContainerOptions, Location, Prober, probe_with
 use tabula_core::{BLOCK_SIZE, ContainerId, FreeMap, format_size};
 use tracing::{info, warn};
 
-use super::{Controller, Meta, storage, storage_chain, validate_name};
+use super::{Controller, Meta, identity, storage, storage_chain, validate_name};
+use crate::label::{self, Found, LABEL_BLOCKS, LABEL_BYTES, Label};
 use crate::store::ContainerRecord;
 
 /// How often a failed container is probed.
@@ -104,6 +105,22 @@ pub(super) async fn open_location(
     }
 }
 
+/// Runs blocking container I/O on the blocking pool, bounded by `timeout` (a remote
+/// container may hang).
+pub(super) async fn container_io<T: Send + 'static>(
+    file: &Arc<Container>,
+    timeout: Duration,
+    f: impl FnOnce(&Container) -> std::io::Result<T> + Send + 'static,
+) -> Result<T, String> {
+    let c = file.clone();
+    let task = tokio::task::spawn_blocking(move || f(&c));
+    match tokio::time::timeout(timeout + Duration::from_secs(1), task).await {
+        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(r)) => r.map_err(|e| e.to_string()),
+    }
+}
+
 impl Controller {
     /// Adds the default container on first start (a sparse file in the data directory).
     pub async fn ensure_default_container(&self, size: u64) -> Result<(), ControlError> {
@@ -141,6 +158,12 @@ impl Controller {
 
     /// Adds a container: a file (created sparse with `size`, or existing), a block device or
     /// an NBD URI. Its space is allocatable by every agent at once.
+    ///
+    /// A container is identified by what it is, not by its path: the same file or device by
+    /// another path, the same export by another spelling, anything in the data directory but
+    /// `containers/`, and a container whose label says it is in this or another pool are
+    /// refused. A file created here gets `size` bytes of usable space plus its label area.
+    /// A failed add leaves nothing behind.
     pub async fn add_container(
         &self,
         name: &str,
@@ -148,6 +171,7 @@ impl Controller {
         size: Option<u64>,
     ) -> Result<ContainerView, ControlError> {
         validate_name("container", name)?;
+        identity::check_text(location)?;
         let loc = Location::parse(location).map_err(|e| {
             ControlError::Invalid(format!(
                 "container location: {}",
@@ -162,78 +186,213 @@ impl Controller {
         }
         let (stored_loc, created) = match &loc {
             Location::Path(path) => {
-                let abs = std::path::absolute(path).map_err(storage)?;
-                (abs.to_string_lossy().to_string(), Some(abs))
+                let abs = std::path::absolute(path).map_err(|e| {
+                    ControlError::Invalid(format!("container path {}: {e}", path.display()))
+                })?;
+                let shown = abs.display().to_string();
+                let local = identity::resolve(&abs)?;
+                identity::check_data_dir(&local, &shown, &self.cfg.data_dir)?;
+                // Bad input, said as such (not a server error from opening it).
+                match (&local.ident, size) {
+                    (None, None) if !abs.exists() => {
+                        return Err(ControlError::Invalid(format!(
+                            "{shown} does not exist: give --size to create it as a container file"
+                        )));
+                    }
+                    (None, _) if abs.exists() => {
+                        return Err(ControlError::Invalid(format!(
+                            "{shown} is neither a regular file nor a block device"
+                        )));
+                    }
+                    _ => {}
+                }
+                for c in meta.containers.values() {
+                    if let Ok(Location::Path(p)) = Location::parse(&c.rec.path) {
+                        identity::check_local_against(&local, &shown, &c.rec.name, &p)?;
+                    }
+                }
+                (shown, Some(abs))
             }
-            Location::Nbd(_) => {
+            Location::Nbd(uri) => {
                 if size.is_some() {
                     return Err(ControlError::Invalid(
                         "--size applies only to a new container file; a remote export has the size its server gives it".into(),
                     ));
                 }
+                for c in meta.containers.values() {
+                    identity::check_nbd_against(uri, &c.rec.name, &c.rec.path)?;
+                }
                 (loc.to_string(), None)
             }
         };
-        if meta.containers.values().any(|c| c.rec.path == stored_loc) {
-            return Err(ControlError::Exists(format!(
-                "a container at {stored_loc} already exists"
-            )));
+        // Set once a file was created here: a failure from then on removes it.
+        let mut made: Option<std::path::PathBuf> = None;
+        let result = self
+            .add_opened(
+                &mut meta,
+                name,
+                &stored_loc,
+                size,
+                created.as_deref(),
+                &mut made,
+            )
+            .await;
+        if result.is_err() {
+            if let Some(p) = made {
+                if let Err(e) = std::fs::remove_file(&p) {
+                    warn!(path = %p.display(), error = %e, "removing the file of a failed container add");
+                }
+            }
         }
-        let file = match (size, &created) {
+        result
+    }
+
+    /// The rest of [`Self::add_container`], once the location is known to be new.
+    async fn add_opened(
+        &self,
+        meta: &mut Meta,
+        name: &str,
+        stored_loc: &str,
+        size: Option<u64>,
+        created: Option<&std::path::Path>,
+        made: &mut Option<std::path::PathBuf>,
+    ) -> Result<ContainerView, ControlError> {
+        let file = match (size, created) {
             (Some(s), Some(abs)) => {
                 if s == 0 || s % BLOCK_SIZE != 0 {
                     return Err(ControlError::Invalid(format!(
                         "container size {s} is not a positive multiple of the block size {BLOCK_SIZE}"
                     )));
                 }
-                if abs.exists() {
+                // A file's length is an i64; the label area comes on top.
+                let max = (i64::MAX as u64 - LABEL_BYTES) / BLOCK_SIZE * BLOCK_SIZE;
+                if s > max {
+                    return Err(ControlError::Invalid(format!(
+                        "container size {} is larger than any file can be (at most {})",
+                        format_size(s),
+                        format_size(max)
+                    )));
+                }
+                if std::fs::symlink_metadata(abs).is_ok() {
                     return Err(ControlError::Exists(format!(
                         "file {stored_loc} already exists: give --size only for a new file, or omit --size to use the existing file as it is"
                     )));
                 }
-                Container::create(abs, s).map_err(|e| storage_chain(&e))?
+                let r = Container::create(abs, s + LABEL_BYTES);
+                if abs.exists() {
+                    *made = Some(abs.to_path_buf());
+                }
+                r.map_err(|e| match &e {
+                    // Too big for this file system: the request, not the server, is wrong.
+                    tabula_container::ContainerError::Resize { source, .. }
+                        if matches!(source.raw_os_error(), Some(libc::EFBIG | libc::EINVAL)) =>
+                    {
+                        ControlError::Invalid(format!(
+                            "the file system cannot hold a container file of {}: {}",
+                            format_size(s),
+                            tabula_api::error_chain(&e)
+                        ))
+                    }
+                    _ => storage_chain(&e),
+                })?
             }
             _ => {
-                let c = open_location(&stored_loc, 0, self.cfg.container_timeout)
+                let c = open_location(stored_loc, 0, self.cfg.container_timeout)
                     .await
                     .map_err(|e| ControlError::Storage(format!("opening {stored_loc}: {e}")))?;
-                if c.len_bytes().map_err(storage)? < BLOCK_SIZE {
+                let len = c.len_bytes().map_err(storage)?;
+                if len < LABEL_BYTES + BLOCK_SIZE {
                     return Err(ControlError::Invalid(format!(
-                        "{stored_loc} is empty: give --size to create a container file"
+                        "{stored_loc} has {len} bytes: a container needs more than its {} label area (give --size to create a container file)",
+                        format_size(LABEL_BYTES)
                     )));
                 }
                 c
             }
         };
+        let file = Arc::new(file);
+        let timeout = self.cfg.container_timeout;
+        let found = container_io(&file, timeout, label::read)
+            .await
+            .map_err(|e| {
+                ControlError::Storage(format!("reading the label of {stored_loc}: {e}"))
+            })?;
+        match found {
+            Found::Label(l) if l.pool == self.pool_id => {
+                if let Some(c) = meta.containers.get(&ContainerId(l.container)) {
+                    return Err(ControlError::Exists(format!(
+                        "{stored_loc} is already in this pool as '{}' ({}): its label says so (the same container by another path, or as another host sees it)",
+                        c.rec.name, c.rec.path
+                    )));
+                }
+                // A label this pool wrote for a container it no longer has (removed, or an
+                // add that did not commit): the container is free.
+            }
+            Found::Label(l) => {
+                return Err(ControlError::Exists(format!(
+                    "{stored_loc} belongs to another tabula pool ({:016x}) as container '{}': a container serves one pool only. Remove it there (tabula container remove {}), which wipes its label; if that pool is gone for good, wipe the label by hand: {}",
+                    l.pool,
+                    l.name,
+                    l.name,
+                    label::wipe_hint(stored_loc)
+                )));
+            }
+            Found::Damaged(why) => {
+                return Err(ControlError::Exists(format!(
+                    "{stored_loc} holds a damaged tabula label ({why}): it may belong to a pool. If no pool uses it, wipe the label by hand: {}",
+                    label::wipe_hint(stored_loc)
+                )));
+            }
+            Found::None => {}
+        }
         let size_blocks = file.len_bytes().map_err(storage)? / BLOCK_SIZE;
         let kind = file.kind().name();
         let id = ContainerId(meta.next_container);
+        let lbl = Label {
+            pool: self.pool_id,
+            container: id.0,
+            name: name.to_string(),
+            reserved_blocks: LABEL_BLOCKS,
+        };
+        container_io(&file, timeout, move |c| label::write(c, &lbl))
+            .await
+            .map_err(|e| {
+                ControlError::Storage(format!("writing the label of {stored_loc}: {e}"))
+            })?;
         let rec = ContainerRecord {
             name: name.to_string(),
-            path: stored_loc,
+            path: stored_loc.to_string(),
             size_blocks,
             draining: false,
+            label_blocks: LABEL_BLOCKS,
         };
         let stored = rec.clone();
         let result = self
             .commit(move |t| {
                 t.set_meta("next_container", (id.0 + 1) as u64)?;
                 t.put_container(id, &stored)?;
-                t.put_free(id, 0, size_blocks)
+                t.put_free(id, LABEL_BLOCKS, size_blocks - LABEL_BLOCKS)
             })
             .await;
         if let Err(e) = result {
-            if let (Some(_), Some(abs)) = (size, created) {
-                let _ = std::fs::remove_file(abs);
+            // Not in the pool after all: its label must not say it is.
+            if let Err(w) = container_io(&file, timeout, label::wipe).await {
+                warn!(
+                    location = stored_loc,
+                    error = w,
+                    "wiping the label of a failed container add"
+                );
             }
             return Err(e);
         }
         meta.next_container += 1;
-        meta.pool.insert(id, FreeMap::all_free(size_blocks));
+        let mut free = FreeMap::all_free(size_blocks);
+        free.reserve(0, LABEL_BLOCKS);
+        meta.pool.insert(id, free);
         meta.containers
-            .insert(id, ContainerMeta::new(rec, Some(Arc::new(file))));
+            .insert(id, ContainerMeta::new(rec, Some(file)));
         self.check_low_space(&meta);
-        info!(container = name, kind, size = %format_size(size_blocks * BLOCK_SIZE), "container added");
+        info!(container = name, kind, size = %format_size((size_blocks - LABEL_BLOCKS) * BLOCK_SIZE), "container added");
         Ok(self.container_view(&meta, id))
     }
 
@@ -281,11 +440,12 @@ impl Controller {
                 .iter()
                 .map(|(a, e)| format!("{a}: {e}"))
                 .collect(),
-            size: c.rec.size_blocks * BLOCK_SIZE,
-            used: (c.rec.size_blocks - free - zeroing) * BLOCK_SIZE,
+            // Usable space: a label area is neither used nor free.
+            size: c.rec.usable_blocks() * BLOCK_SIZE,
+            used: c.rec.usable_blocks().saturating_sub(free + zeroing) * BLOCK_SIZE,
             free: free * BLOCK_SIZE,
             zeroing: zeroing * BLOCK_SIZE,
-            low_space: low(free, c.rec.size_blocks, self.cfg.low_space_percent),
+            low_space: low(free, c.rec.usable_blocks(), self.cfg.low_space_percent),
             drain: self.drain_view(&c.rec.name),
         }
     }
@@ -326,7 +486,7 @@ impl Controller {
             .fold((0, 0), |(f, s), (&id, c)| {
                 (
                     f + meta.pool.get(id).map_or(0, FreeMap::free_blocks),
-                    s + c.rec.size_blocks,
+                    s + c.rec.usable_blocks(),
                 )
             });
         let is_low = low(free, size, self.cfg.low_space_percent);
@@ -367,7 +527,7 @@ impl Controller {
             }
             return Ok(());
         };
-        let file = {
+        let (file, labelled) = {
             let meta = self.meta.lock().await;
             let c = meta
                 .containers
@@ -375,11 +535,16 @@ impl Controller {
                 .ok_or_else(|| ControlError::NotFound(format!("container {id}")))?;
             match c.health {
                 Health::Failed { .. } => return Ok(()),
-                Health::Ok => c.file.clone(),
+                Health::Ok => (c.file.clone(), c.rec.label_blocks > 0),
             }
         };
         let probed = match &file {
-            Some(f) => probe_within(f, self.cfg.container_timeout).await,
+            Some(f) => match probe_within(f, self.cfg.container_timeout).await {
+                // Answering is not enough: it must still be this container (a remote
+                // server that came back with another disk).
+                Ok(()) if labelled => self.verify_label(id, f).await,
+                r => r,
+            },
             None => Err("not open".to_string()),
         };
         match probed {
@@ -451,7 +616,7 @@ impl Controller {
 
     /// One probe of a failed container; true once it is no longer failed.
     async fn try_recover(&self, id: ContainerId, prober: &mut Prober) -> bool {
-        let (location, size, file) = {
+        let (location, size, file, labelled) = {
             let meta = self.meta.lock().await;
             let Some(c) = meta.containers.get(&id) else {
                 return true;
@@ -463,6 +628,7 @@ impl Controller {
                 c.rec.path.clone(),
                 c.rec.size_blocks * BLOCK_SIZE,
                 c.file.clone(),
+                c.rec.label_blocks > 0,
             )
         };
         let timeout = self.cfg.container_timeout;
@@ -475,6 +641,26 @@ impl Controller {
         };
         if prober.probe(&file, timeout).await.is_err() {
             return false;
+        }
+        // What answers at its location must be this container: a server restarted with
+        // another disk, or another device at the path, stays failed.
+        if labelled {
+            if let Err(why) = self.verify_label(id, &file).await {
+                let mut meta = self.meta.lock().await;
+                if let Some(c) = meta.containers.get_mut(&id) {
+                    if let Health::Failed { reason, .. } = &mut c.health {
+                        if *reason != why {
+                            warn!(
+                                container = c.rec.name,
+                                reason = why,
+                                "container answers, but is not the one added; it stays failed"
+                            );
+                            *reason = why;
+                        }
+                    }
+                }
+                return false;
+            }
         }
         {
             let mut meta = self.meta.lock().await;
@@ -500,6 +686,23 @@ impl Controller {
             reason: String::new(),
         });
         true
+    }
+
+    /// Reads container `id`'s label through `file` and checks it names this pool and `id`.
+    pub(super) async fn verify_label(
+        &self,
+        id: ContainerId,
+        file: &Arc<Container>,
+    ) -> Result<(), String> {
+        let found = container_io(file, self.cfg.container_timeout, label::read)
+            .await
+            .map_err(|e| format!("its label cannot be read: {e}"))?;
+        label::expect(&found, self.pool_id, id.0).map_err(|why| {
+            format!(
+                "{} answers, but {why}: it is not the container that was added (another device at its path, or another disk behind its server?)",
+                file.describe()
+            )
+        })
     }
 
     /// Sends a command about the whole agent to every connected agent, without waiting:

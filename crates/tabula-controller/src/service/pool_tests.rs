@@ -22,8 +22,11 @@ async fn placement(ctl: &Controller, name: &str) -> Vec<(u64, String, u64)> {
     out
 }
 
+/// Adds a new file container `dir/containers/NAME.img` (for a data directory, the one
+/// place in it where containers may be).
 async fn add_file(ctl: &Controller, dir: &Path, name: &str, size: u64) -> PathBuf {
-    let path = dir.join(format!("{name}.img"));
+    std::fs::create_dir_all(dir.join("containers")).unwrap();
+    let path = dir.join("containers").join(format!("{name}.img"));
     ctl.add_container(name, path.to_str().unwrap(), Some(size))
         .await
         .unwrap();
@@ -115,9 +118,12 @@ async fn a_failed_container_takes_no_new_space_and_recovers_by_itself() {
     );
     // Now the controller cannot read it either (truncated under it): failed.
     let f = std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .open(&other)
         .unwrap();
+    let mut label = vec![0u8; 4096];
+    f.read_exact_at(&mut label, 0).unwrap();
     f.set_len(0).unwrap();
     ctl.report_container("a", id, Some("EIO".into()))
         .await
@@ -137,8 +143,24 @@ async fn a_failed_container_takes_no_new_space_and_recovers_by_itself() {
             .iter()
             .all(|(_, c, _)| c == "default")
     );
-    // It answers again: the probe clears the state without any restart.
-    f.set_len(32 * MIB).unwrap();
+    // It answers, but without its label (as if another device were at its path): it stays
+    // failed, saying why.
+    f.set_len(33 * MIB).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = ctl.container_by_name("other").await.unwrap();
+        assert_eq!(c.state, "failed");
+        if c.error
+            .as_deref()
+            .is_some_and(|e| e.contains("no tabula label"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{c:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // It answers again, itself: the probe clears the state without any restart.
+    f.write_all_at(&label, 0).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while ctl.container_by_name("other").await.unwrap().state != "ok" {
         assert!(Instant::now() < deadline, "never recovered");
@@ -177,7 +199,7 @@ fn stamp(path: &Path, entries: &[(u64, String, u64)], container: &str) {
 }
 
 fn read_stamp(dir: &Path, container: &str, phys: u64) -> u64 {
-    let f = std::fs::File::open(dir.join(format!("{container}.img"))).unwrap();
+    let f = std::fs::File::open(dir.join(format!("containers/{container}.img"))).unwrap();
     let mut b = [0u8; 8];
     f.read_exact_at(&mut b, phys).unwrap();
     u64::from_le_bytes(b)
@@ -385,7 +407,9 @@ async fn a_move_stops_rather_than_free_space_a_table_outside_the_lineage_maps() 
 /// of `tabula serve` gives no `--size` to omit).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_default_container_file_left_by_a_first_start_is_taken_at_the_next() {
-    for (left, expect) in [(8 * MIB, 8 * MIB), (0, 64 * MIB)] {
+    // A file taken as it is gives up its first MiB to the label area; one created afresh
+    // gets it on top of the size asked for.
+    for (left, expect) in [(8 * MIB, 7 * MIB), (0, 64 * MIB)] {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("containers")).unwrap();
         let f = std::fs::File::create(dir.path().join("containers/default.img")).unwrap();
@@ -401,4 +425,217 @@ async fn a_default_container_file_left_by_a_first_start_is_taken_at_the_next() {
         ctl.fault(fault(v.id, FaultOp::Write, 0, 4)).await.unwrap();
         assert_consistent(&ctl).await;
     }
+}
+
+// ---- container identity (issue 17, finding 1) ----
+
+/// The error of adding `location` as container `name`.
+async fn add_fails(
+    ctl: &Controller,
+    name: &str,
+    location: &str,
+    size: Option<u64>,
+) -> ControlError {
+    match ctl.add_container(name, location, size).await {
+        Ok(v) => panic!("{location} was accepted as container {name}: {v:?}"),
+        Err(e) => e,
+    }
+}
+
+/// One file reached by another spelling (`..`), a symlink or a hard link is the same
+/// container: adding it again is refused, naming the container it already is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_path_to_a_container_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 8 * MIB).await;
+    let data = dir.path().canonicalize().unwrap();
+    let dotdot = data.join("containers/../containers/default.img");
+    let link = data.join("link.img");
+    std::os::unix::fs::symlink(data.join("containers/default.img"), &link).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let hard = other.path().join("hard.img");
+    std::fs::hard_link(data.join("containers/default.img"), &hard).unwrap();
+    let outside_link = other.path().join("sym.img");
+    std::os::unix::fs::symlink(data.join("containers/default.img"), &outside_link).unwrap();
+    for p in [&dotdot, &outside_link, &hard] {
+        let e = add_fails(&ctl, "dup", p.to_str().unwrap(), None).await;
+        assert!(
+            matches!(&e, ControlError::Exists(m) if m.contains("'default'")),
+            "{}: {e:?}",
+            p.display()
+        );
+    }
+    // A file container of its own elsewhere is fine, and is then refused by another path.
+    let c2 = add_file(&ctl, other.path(), "c2", 4 * MIB).await;
+    let again = other.path().join("containers/./c2.img");
+    let e = add_fails(&ctl, "c2b", again.to_str().unwrap(), None).await;
+    assert!(
+        matches!(&e, ControlError::Exists(m) if m.contains("'c2'")),
+        "{e:?}"
+    );
+    assert!(c2.exists());
+    assert_eq!(ctl.list_containers().await.len(), 2);
+    assert_consistent(&ctl).await;
+}
+
+/// The data directory holds the controller's metadata: nothing there may become a
+/// container except files in its `containers/` folder (where the default container lives).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_inside_the_data_dir_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 8 * MIB).await;
+    let data = dir.path();
+    for (p, size) in [
+        (data.join("tabula.wal"), None),
+        (data.join("tabula.redb"), None),
+        (data.join("new.img"), Some(4 * MIB)),
+        (data.join("containers/../tabula.wal"), None),
+    ] {
+        let e = add_fails(&ctl, "meta", p.to_str().unwrap(), size).await;
+        assert!(
+            matches!(&e, ControlError::Invalid(m) if m.contains("data directory")),
+            "{}: {e:?}",
+            p.display()
+        );
+    }
+    assert!(!data.join("new.img").exists());
+    // A hard link to the metadata log elsewhere is the log all the same.
+    let other = tempfile::tempdir().unwrap();
+    let hard = other.path().join("wal.img");
+    std::fs::hard_link(data.join("tabula.wal"), &hard).unwrap();
+    let e = add_fails(&ctl, "meta", hard.to_str().unwrap(), None).await;
+    assert!(
+        matches!(&e, ControlError::Invalid(m) if m.contains("metadata")),
+        "{e:?}"
+    );
+    // A new file next to the default container is allowed.
+    add_file(&ctl, data, "extra", 4 * MIB).await;
+    assert_consistent(&ctl).await;
+}
+
+/// A container carries a label naming its pool and itself: a copy of it (as another host
+/// sees the same device) is refused as a member of this pool, and another pool refuses it
+/// naming the pool it belongs to, until it is removed there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_is_refused_by_a_second_pool_until_removed_from_the_first() {
+    let (da, db, shared) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let a = setup(da.path(), 8 * MIB).await;
+    let b = setup(db.path(), 8 * MIB).await;
+    let path = add_file(&a, shared.path(), "c", 4 * MIB).await;
+    // Another host's view of the same device: same bytes, another inode.
+    let copy = shared.path().join("copy.img");
+    std::fs::copy(&path, &copy).unwrap();
+    let e = add_fails(&a, "c2", copy.to_str().unwrap(), None).await;
+    assert!(
+        matches!(&e, ControlError::Exists(m) if m.contains("already in this pool as 'c'")),
+        "{e:?}"
+    );
+    let e = add_fails(&b, "c", path.to_str().unwrap(), None).await;
+    let pool_a = format!("{:016x}", a.pool_id());
+    assert!(
+        matches!(&e, ControlError::Exists(m) if m.contains(&pool_a) && m.contains("wipe")),
+        "{e:?}"
+    );
+    assert_eq!(b.list_containers().await.len(), 1);
+    // Removing it wipes the label: then the other pool may take it.
+    a.remove_container("c").await.unwrap();
+    b.add_container("c", path.to_str().unwrap(), None)
+        .await
+        .unwrap();
+    assert_consistent(&a).await;
+    assert_consistent(&b).await;
+}
+
+/// `check` reads every container's label: a label overwritten by another container's (a
+/// device swapped under its path) or wiped is an error naming the container.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_a_wrong_or_missing_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 8 * MIB).await;
+    let other = tempfile::tempdir().unwrap();
+    let c2 = add_file(&ctl, other.path(), "c2", 4 * MIB).await;
+    let c = ctl.check().await.unwrap();
+    assert!(c.ok, "{:?}", c.problems);
+    assert_eq!(c.labels, 2, "{c:?}");
+    let mut saved = vec![0u8; 4096];
+    std::fs::File::open(&c2)
+        .unwrap()
+        .read_exact_at(&mut saved, 0)
+        .unwrap();
+    // Swap: c2 now carries the default container's label.
+    let mut label = vec![0u8; 4096];
+    let default = std::fs::File::open(dir.path().join("containers/default.img")).unwrap();
+    default.read_exact_at(&mut label, 0).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&c2).unwrap();
+    f.write_all_at(&label, 0).unwrap();
+    let c = ctl.check().await.unwrap();
+    assert!(!c.ok);
+    assert!(
+        c.problems
+            .iter()
+            .any(|p| p.contains("c2") && p.contains("label")),
+        "{:?}",
+        c.problems
+    );
+    // Wiped.
+    f.write_all_at(&[0u8; 4096], 0).unwrap();
+    let c = ctl.check().await.unwrap();
+    assert!(
+        c.problems
+            .iter()
+            .any(|p| p.contains("c2") && p.contains("label")),
+        "{:?}",
+        c.problems
+    );
+    // Its own label back: clean again.
+    f.write_all_at(&saved, 0).unwrap();
+    let c = ctl.check().await.unwrap();
+    assert!(c.ok, "{:?}", c.problems);
+}
+
+/// A failed add leaves nothing behind (a retry is not told the file exists), and bad
+/// paths are refused as bad input, not as a server error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_add_leaves_nothing_and_bad_paths_are_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = setup(dir.path(), 8 * MIB).await;
+    let other = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(other.path().join("containers")).unwrap();
+    let path = other.path().join("containers/big.img");
+    for size in [
+        1 << 63,
+        (1 << 50) / 4096 * 4096 * 1024,
+        u64::MAX / 4096 * 4096,
+    ] {
+        let e = add_fails(&ctl, "big", path.to_str().unwrap(), Some(size)).await;
+        assert!(!matches!(e, ControlError::Storage(_)), "{size}: {e:?}");
+        assert!(
+            !path.exists(),
+            "a failed add of {size} bytes left {}",
+            path.display()
+        );
+    }
+    add_file(&ctl, other.path(), "big", 4 * MIB).await;
+    let nul = format!("{}/a\0b.img", other.path().display());
+    let long = format!("{}/{}", other.path().display(), "x/".repeat(6000));
+    let long_name = format!("{}/{}.img", other.path().display(), "y".repeat(300));
+    let missing = format!("{}/missing.img", other.path().display());
+    let folder = other.path().display().to_string();
+    for p in [missing, folder] {
+        let e = add_fails(&ctl, "bad", &p, None).await;
+        assert!(matches!(e, ControlError::Invalid(_)), "{p}: {e:?}");
+    }
+    for p in [nul, long, long_name] {
+        let e = add_fails(&ctl, "bad", &p, Some(4 * MIB)).await;
+        assert!(
+            matches!(e, ControlError::Invalid(_)),
+            "{}: {e:?}",
+            &p[..80.min(p.len())]
+        );
+    }
+    assert_consistent(&ctl).await;
 }

@@ -310,7 +310,7 @@ async fn out_of_space_fails_then_new_container_allows_writes() {
     assert_eq!(err, ControlError::NoSpace);
     assert!(ctl.status().await.out_of_space);
     assert_consistent(&ctl).await;
-    let extra = dir.path().join("extra.img");
+    let extra = dir.path().join("containers/extra.img");
     ctl.add_container("extra", extra.to_str().unwrap(), Some(8 * MIB))
         .await
         .unwrap();
@@ -616,7 +616,7 @@ async fn migrate_refuses_a_container_smaller_than_a_segment() {
         .create_vdisk("vd", 16 * MIB, Some(4 * MIB), None, None)
         .await
         .unwrap();
-    let small = dir.path().join("small.img");
+    let small = dir.path().join("containers/small.img");
     ctl.add_container("small", small.to_str().unwrap(), Some(2 * MIB))
         .await
         .unwrap();
