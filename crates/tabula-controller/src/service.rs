@@ -737,7 +737,13 @@ impl Controller {
                 }
                 Self::snapshot_of(&meta, id)
             };
-            for holder in self.agents.holders(id, None) {
+            // An ended session cannot take it (and resyncs if it registers again).
+            for holder in self
+                .agents
+                .holders(id, None)
+                .into_iter()
+                .filter(|h| h.ended_until.is_none())
+            {
                 let cmd = Command::Replace(snap.clone());
                 tokio::spawn(async move {
                     if let Err(e) = holder.port.apply(cmd).await {
@@ -1611,8 +1617,9 @@ impl ControlPlane for Controller {
         held: Vec<VdiskId>,
     ) -> Result<(), ControlError> {
         // In-process: no lease, the agent lives and dies with the controller.
-        self.agents.register(name, port, held, None);
-        Ok(())
+        self.agents
+            .register(name, port, held, None, "in-process")
+            .map(|_| ())
     }
 
     async fn open_vdisk(&self, agent: &str, name: &str) -> Result<TableSnapshot, ControlError> {
