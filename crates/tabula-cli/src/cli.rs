@@ -147,7 +147,8 @@ pub struct AgentArgs {
     /// NBD address: HOST:PORT, [::1]:PORT or unix:/path/to/socket.
     #[arg(long, default_value = DEFAULT_NBD)]
     pub nbd_listen: String,
-    /// This agent's name (unique per host; shown in `tabula status`). Default: the host name.
+    /// This agent's name, unique among the controller's agents (shown in `tabula status`).
+    /// Default: the host name. A name in use by a live agent is refused.
     #[arg(long)]
     pub name: Option<String>,
     /// How long an I/O that needs the controller (an allocating write, a trim) waits for an
