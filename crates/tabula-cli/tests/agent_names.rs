@@ -206,7 +206,8 @@ fn connected(c: &Cluster, name: &str) -> Option<bool> {
 
 #[test]
 fn a_second_agent_with_a_live_name_is_refused_and_the_first_keeps_serving() {
-    let mut c = Cluster::start_with_lease("1G", &["A", "B"], "5s");
+    // A long lease, so a restart that waited for it would stand out from a slow start.
+    let mut c = Cluster::start_with_lease("1G", &["A", "B"], "8s");
     c.controller
         .cli(&["vdisk", "create", "vd", "--size", "16M"]);
     let (a_port, b_port) = (c.agent("A").nbd_port, c.agent("B").nbd_port);
@@ -290,7 +291,7 @@ fn a_second_agent_with_a_live_name_is_refused_and_the_first_keeps_serving() {
     a.disconnect();
 
     // A restarted A (its old process killed: the stream drops) registers at once, without
-    // waiting for the old session's 5 s lease.
+    // waiting for the old session's 8 s lease.
     c.agent_mut("A").proc.kill9();
     let killed = Instant::now();
     poll(
@@ -304,7 +305,7 @@ fn a_second_agent_with_a_live_name_is_refused_and_the_first_keeps_serving() {
     });
     let took = killed.elapsed();
     assert!(
-        took < Duration::from_secs(4),
+        took < Duration::from_secs(5),
         "a restarted agent waited {took:?} to register again"
     );
     let mut a = Client::connect(c.agent("A").nbd_port, "vd").unwrap();
@@ -324,7 +325,9 @@ struct Written {
 #[test]
 fn a_snapshot_waits_out_a_replaced_session_that_may_still_write() {
     const BLOCKS: u64 = 64;
-    let mut c = Cluster::start("1G", &["B"]);
+    // The old agent writes for up to this lease after the cut: room for the new agent to
+    // start and the snapshot to begin meanwhile, even on a loaded machine.
+    let mut c = Cluster::start_with_lease("1G", &["B"], "5s");
     c.controller.cli(&[
         "vdisk",
         "create",
@@ -381,6 +384,7 @@ fn a_snapshot_waits_out_a_replaced_session_that_may_still_write() {
 
     // Cut A off. It may go on writing in place until its lease runs out.
     proxy.cut();
+    let cut = Instant::now();
     poll(
         "the controller sees A's session end",
         Duration::from_secs(10),
@@ -394,9 +398,9 @@ fn a_snapshot_waits_out_a_replaced_session_that_may_still_write() {
     let began = Instant::now();
     c.controller.cli(&["snapshot", "create", "vd", "s1"]);
     let returned = Instant::now();
-    // The old agent's lease has surely run out by now (3 s lease plus margin, from before
-    // the cut); then stop the writer (its last write may wait out --fault-wait).
-    std::thread::sleep(Duration::from_secs(4).saturating_sub(began.elapsed()));
+    // Once the old agent's lease has surely run out (5 s plus margin, from before the cut),
+    // stop the writer (its last write may wait out --fault-wait).
+    std::thread::sleep(Duration::from_secs(6).saturating_sub(cut.elapsed()));
     stop.store(true, Ordering::SeqCst);
     let log = writer.join().unwrap();
     let late: Vec<&Written> = log.iter().filter(|w| w.issued > returned).collect();
