@@ -167,8 +167,10 @@ impl RemoteControl {
                 Registration::Refused(e) => {
                     // The controller still counts this agent's previous session (it noticed
                     // the cut later than the agent did): retry until its lease has run out.
-                    if refusals == 0 {
-                        warn!(error = %e, "the controller refused to register this agent again; retrying until its previous session's lease runs out");
+                    // Still refused after many tries, another agent has taken the name
+                    // (this one was paused past its lease): keep saying so.
+                    if refusals % 60 == 0 {
+                        warn!(error = %e, refusals, "the controller refused to register this agent again; retrying until its previous session's lease runs out");
                     } else {
                         debug!(error = %e, "registration refused again; retrying");
                     }

@@ -271,14 +271,16 @@ impl Agents {
         }
     }
 
-    /// Records that `name` holds a copy of `vdisk`'s table.
-    pub fn attach(&self, name: &str, vdisk: VdiskId) -> bool {
+    /// Records that `name` holds a copy of `vdisk`'s table: in its current session, if that
+    /// is `session` (when given). A session replaced meanwhile must not get the table, or it
+    /// would hold a copy recorded under its successor, not under itself.
+    pub fn attach(&self, name: &str, session: Option<u64>, vdisk: VdiskId) -> bool {
         match self.inner.lock().slots.get_mut(name) {
-            Some(s) => {
+            Some(s) if session.is_none_or(|x| x == s.session) => {
                 s.vdisks.insert(vdisk);
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 

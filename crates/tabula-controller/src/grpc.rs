@@ -249,7 +249,7 @@ impl Control for ControlService {
         self.check_session(&req.agent, req.session)?;
         let snap = self
             .ctl
-            .open_vdisk(&req.agent, &req.name)
+            .open_vdisk_in(&req.agent, Some(req.session), &req.name)
             .await
             .map_err(status)?;
         Ok(Response::new(snapshot_to_pb(&snap)))

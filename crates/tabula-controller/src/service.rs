@@ -1087,6 +1087,28 @@ impl Controller {
 
     // ---- agents ----
 
+    /// Attaches `agent` (in `session`, if given: a networked agent's) to vdisk `name` and
+    /// returns its table.
+    pub async fn open_vdisk_in(
+        &self,
+        agent: &str,
+        session: Option<u64>,
+        name: &str,
+    ) -> Result<TableSnapshot, ControlError> {
+        let meta = self.meta.lock().await;
+        let id = meta.by_name(name)?;
+        if !self.agents.attach(agent, session, id) {
+            return Err(ControlError::Unavailable(format!(
+                "agent '{agent}' has no current session (register again)"
+            )));
+        }
+        let snap = Self::snapshot_of(&meta, id);
+        let seq = meta.vdisks[&id].last_seq;
+        drop(meta);
+        self.journal.wait(seq).await?;
+        Ok(snap)
+    }
+
     /// Sends `cmd` to every agent holding `vdisk` (but `except`) at once and waits until each
     /// has acknowledged or been evicted (its lease waited out). Returns false if an agent
     /// without a lease failed to acknowledge: then superseded space must not be reused
@@ -1623,18 +1645,7 @@ impl ControlPlane for Controller {
     }
 
     async fn open_vdisk(&self, agent: &str, name: &str) -> Result<TableSnapshot, ControlError> {
-        let meta = self.meta.lock().await;
-        let id = meta.by_name(name)?;
-        if !self.agents.attach(agent, id) {
-            return Err(ControlError::Unavailable(format!(
-                "agent '{agent}' has no session (register first)"
-            )));
-        }
-        let snap = Self::snapshot_of(&meta, id);
-        let seq = meta.vdisks[&id].last_seq;
-        drop(meta);
-        self.journal.wait(seq).await?;
-        Ok(snap)
+        self.open_vdisk_in(agent, None, name).await
     }
 
     async fn list_vdisks(&self) -> Result<Vec<String>, ControlError> {

@@ -668,3 +668,41 @@ async fn a_name_with_a_live_session_is_refused_naming_its_address() {
         .unwrap();
     assert_consistent(&ctl).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_session_cannot_open_a_table_under_its_successor() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctl, _v) = leased_written(dir.path(), 300, |_| {}).await;
+    let lease = Some(Duration::from_millis(300));
+    let old = ctl
+        .agents
+        .register(
+            "b",
+            Arc::new(NullAgent),
+            Vec::new(),
+            lease,
+            "192.0.2.1:5000",
+        )
+        .unwrap();
+    ctl.agents.disconnected("b", old);
+    let new = ctl
+        .agents
+        .register(
+            "b",
+            Arc::new(NullAgent),
+            Vec::new(),
+            lease,
+            "192.0.2.2:6000",
+        )
+        .unwrap();
+    // The old session's open passed its session check before it was replaced: it must not
+    // get the table, which would be recorded as held by the new session only.
+    let e = ctl.open_vdisk_in("b", Some(old), "vd").await.unwrap_err();
+    assert!(matches!(e, ControlError::Unavailable(_)), "{e:?}");
+    let id = ctl.vdisk_by_name("vd").await.unwrap().id;
+    assert!(ctl.agents.holders(VdiskId(id), None).is_empty());
+    ctl.open_vdisk_in("b", Some(new), "vd").await.unwrap();
+    let holders = ctl.agents.holders(VdiskId(id), None);
+    assert_eq!(holders.len(), 1);
+    assert_eq!(holders[0].session, new);
+}
