@@ -10,6 +10,12 @@
 //! through exactly that hole if refusals extend the lease). So with the controller
 //! unreachable the agent serves from its copies until its lease ends, then holds I/O until
 //! it has reconnected and resynchronised; `--lease` is the outage it rides through.
+//!
+//! Names: the controller refuses a name whose session is live. Before this agent ever had
+//! a session that means another agent runs under its name, and the agent gives up (see
+//! [`RemoteControl::refused`]); later it means the controller still counts this agent's
+//! previous session (a cut it noticed after the agent did), and the agent retries until
+//! that session's lease has run out.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,7 +34,7 @@ use tabula_proto::{
 };
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::lease::Lease;
 
@@ -42,6 +48,18 @@ pub struct RemoteControl {
     lease: Arc<Lease>,
     /// How long to wait for any one call before treating the controller as unreachable.
     call_timeout: Duration,
+    /// Why the controller refused this agent's name before it ever had a session.
+    refused: tokio::sync::watch::Sender<Option<String>>,
+}
+
+/// The outcome of one registration attempt.
+enum Registration {
+    /// A session, and when the request was sent (the lease runs from then).
+    Session(pb::RegisterReply, Instant),
+    /// The controller answered and refused the name (in use by a live session, or invalid).
+    Refused(ControlError),
+    /// No answer from the controller.
+    Unreachable(String),
 }
 
 fn unavailable(what: &str, s: &tonic::Status) -> ControlError {
@@ -74,7 +92,40 @@ impl RemoteControl {
             session: AtomicU64::new(0),
             lease: Arc::new(Lease::expired()),
             call_timeout,
+            refused: tokio::sync::watch::channel(None).0,
         }))
+    }
+
+    /// Resolves if the controller refused this agent's name before the agent ever had a
+    /// session (another agent runs under it, or it is invalid), with the controller's
+    /// reason: the agent cannot serve under that name and should exit.
+    pub async fn refused(&self) -> String {
+        let mut rx = self.refused.subscribe();
+        loop {
+            if let Some(why) = rx.borrow_and_update().clone() {
+                return why;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    async fn try_register(&self, name: &str, port: &Arc<dyn AgentPort>) -> Registration {
+        let began = Instant::now();
+        let req = pb::RegisterRequest {
+            agent: name.to_string(),
+            held_vdisks: port.held_vdisks().into_iter().map(|v| v.0).collect(),
+        };
+        match self.client.clone().register(self.request(req)).await {
+            Ok(r) => Registration::Session(r.into_inner(), began),
+            Err(s) => match error_from_status(&s) {
+                e @ (ControlError::Exists(_) | ControlError::Invalid(_)) => {
+                    Registration::Refused(e)
+                }
+                _ => Registration::Unreachable(s.message().to_string()),
+            },
+        }
     }
 
     pub fn lease(&self) -> Arc<Lease> {
@@ -87,24 +138,53 @@ impl RemoteControl {
         r
     }
 
-    /// Keeps a session with the controller for as long as the agent lives.
-    async fn keep_session(self: Arc<Self>, name: String, port: Arc<dyn AgentPort>) {
+    /// Keeps a session with the controller for as long as the agent lives, starting with
+    /// `first` if the first attempt (at start) got one.
+    async fn keep_session(
+        self: Arc<Self>,
+        name: String,
+        port: Arc<dyn AgentPort>,
+        mut first: Option<(pb::RegisterReply, Instant)>,
+    ) {
         let mut backoff = Duration::from_millis(100);
-        let mut was_connected = false;
+        let mut was_connected = first.is_some();
+        // Whether a session stream ever opened: until then a refusal means the name is
+        // another agent's.
+        let mut established = false;
+        let mut refusals = 0u64;
         loop {
-            let began = Instant::now();
-            let req = pb::RegisterRequest {
-                agent: name.clone(),
-                held_vdisks: port.held_vdisks().into_iter().map(|v| v.0).collect(),
+            let attempt = match first.take() {
+                Some((reply, began)) => Registration::Session(reply, began),
+                None => self.try_register(&name, &port).await,
             };
-            let reply = match self.client.clone().register(self.request(req)).await {
-                Ok(r) => r.into_inner(),
-                Err(s) => {
+            let (reply, began) = match attempt {
+                Registration::Session(reply, began) => (reply, began),
+                Registration::Refused(e) if !established => {
+                    error!(error = %e, "the controller refused this agent's name; stopping");
+                    self.refused.send_replace(Some(e.to_string()));
+                    return;
+                }
+                Registration::Refused(e) => {
+                    // The controller still counts this agent's previous session (it noticed
+                    // the cut later than the agent did): retry until its lease has run out.
+                    // Still refused after many tries, another agent has taken the name
+                    // (this one was paused past its lease): keep saying so.
+                    if refusals % 60 == 0 {
+                        warn!(error = %e, refusals, "the controller refused to register this agent again; retrying until its previous session's lease runs out");
+                    } else {
+                        debug!(error = %e, "registration refused again; retrying");
+                    }
+                    refusals += 1;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+                Registration::Unreachable(e) => {
                     if was_connected {
-                        warn!(error = %s.message(), "controller unreachable; retrying");
+                        warn!(error = e, "controller unreachable; retrying");
                         was_connected = false;
                     } else {
-                        debug!(error = %s.message(), "controller unreachable; retrying");
+                        debug!(error = e, "controller unreachable; retrying");
                     }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -112,6 +192,7 @@ impl RemoteControl {
                 }
             };
             backoff = Duration::from_millis(100);
+            refusals = 0;
             let lease = Duration::from_millis(reply.lease_ms);
             self.session.store(reply.session, Ordering::Release);
             self.lease.extend_to(began + lease);
@@ -121,19 +202,20 @@ impl RemoteControl {
                 let port = port.clone();
                 tokio::spawn(async move { port.session_started().await })
             };
-            self.run_session(&port, reply, lease).await;
+            established |= self.run_session(&port, reply, lease).await;
             resync.abort();
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     /// One session: heartbeats up, grants and commands down, until either side ends it.
+    /// Returns whether its stream opened.
     async fn run_session(
         &self,
         port: &Arc<dyn AgentPort>,
         reply: pb::RegisterReply,
         lease: Duration,
-    ) {
+    ) -> bool {
         let (tx, rx) = mpsc::unbounded_channel::<pb::AgentMessage>();
         let send = |msg: agent_message::Msg| tx.send(pb::AgentMessage { msg: Some(msg) }).is_ok();
         send(agent_message::Msg::HelloSession(reply.session));
@@ -146,7 +228,7 @@ impl RemoteControl {
             Ok(r) => r.into_inner(),
             Err(s) => {
                 warn!(error = %s.message(), "could not open the session stream");
-                return;
+                return false;
             }
         };
         // Commands are applied in order, by one task, so heartbeats never wait behind a drain.
@@ -228,13 +310,15 @@ impl RemoteControl {
             }
         }
         applier.abort();
+        true
     }
 }
 
 #[async_trait::async_trait]
 impl ControlPlane for RemoteControl {
-    /// Starts the session keeper and returns at once: the agent serves (from nothing, at
-    /// first) while the controller is unreachable.
+    /// Registers once, then leaves the session to the keeper. A refusal (the name is in use
+    /// by a live session, or invalid) is returned; an unreachable controller is not: the
+    /// agent serves (from nothing, at first) and the keeper retries.
     async fn register_agent(
         &self,
         name: &str,
@@ -245,7 +329,15 @@ impl ControlPlane for RemoteControl {
             .me
             .upgrade()
             .ok_or_else(|| ControlError::Unavailable("the agent is shutting down".into()))?;
-        tokio::spawn(me.keep_session(name.to_string(), port));
+        let first = match self.try_register(name, &port).await {
+            Registration::Session(reply, began) => Some((reply, began)),
+            Registration::Refused(e) => return Err(e),
+            Registration::Unreachable(e) => {
+                warn!(error = e, "controller unreachable at start; retrying");
+                None
+            }
+        };
+        tokio::spawn(me.keep_session(name.to_string(), port, first));
         Ok(())
     }
 

@@ -255,6 +255,9 @@ pub struct AgentView {
     pub transport: String,
     /// Whether its session is up.
     pub connected: bool,
+    /// The address its session registered from (`None` for an in-process agent).
+    #[serde(default)]
+    pub address: Option<String>,
     /// Time left on its lease; `None` for an in-process agent, which needs none.
     pub lease_ms_left: Option<u64>,
     pub tables: Vec<AgentTableView>,

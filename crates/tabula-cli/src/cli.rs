@@ -160,7 +160,8 @@ pub struct AgentArgs {
     /// NBD address: HOST:PORT, [::1]:PORT or unix:/path/to/socket.
     #[arg(long, default_value = DEFAULT_NBD)]
     pub nbd_listen: String,
-    /// This agent's name (unique per host; shown in `tabula status`). Default: the host name.
+    /// This agent's name, unique among the controller's agents (shown in `tabula status`).
+    /// Default: the host name. A name in use by a live agent is refused.
     #[arg(long)]
     pub name: Option<String>,
     /// The longest one I/O waits for what it needs before it fails with an I/O error: the

@@ -258,7 +258,7 @@ async fn agent(args: AgentArgs, controller: &str) -> Result<()> {
     .map_err(anyhow::Error::msg)
     .context("--controller")?;
     let lease = remote.lease();
-    let plane: Arc<dyn ControlPlane> = remote;
+    let plane: Arc<dyn ControlPlane> = remote.clone();
     let agent = Agent::start_with_lease(cfg, plane, lease)
         .await
         .context("starting the agent")?;
@@ -268,5 +268,9 @@ async fn agent(args: AgentArgs, controller: &str) -> Result<()> {
         "tabula agent ready: {name}: NBD on {}, controller {controller}",
         nbd.local_addr_string()
     );
-    run_until_signal(None, Some((nbd, agent))).await
+    // A controller unreachable at the start may refuse the name once it answers.
+    tokio::select! {
+        r = run_until_signal(None, Some((nbd, agent))) => r,
+        why = remote.refused() => Err(anyhow::anyhow!(why)).context("the controller refused this agent"),
+    }
 }

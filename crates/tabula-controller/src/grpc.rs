@@ -137,6 +137,10 @@ impl Control for ControlService {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterReply>, Status> {
+        let peer = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map_or_else(|| "an unknown address".to_string(), |c| c.0.to_string());
         let req = req.into_inner();
         validate_name("agent", &req.agent).map_err(status)?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -146,12 +150,17 @@ impl Control for ControlService {
             next: AtomicU64::new(1),
         });
         let lease = self.ctl.config().lease;
-        let session = self.ctl.agents.register(
-            &req.agent,
-            port.clone(),
-            req.held_vdisks.into_iter().map(VdiskId).collect(),
-            Some(lease),
-        );
+        let session = self
+            .ctl
+            .agents
+            .register(
+                &req.agent,
+                port.clone(),
+                req.held_vdisks.into_iter().map(VdiskId).collect(),
+                Some(lease),
+                &peer,
+            )
+            .map_err(status)?;
         let mut waiting = self.waiting.lock();
         waiting.retain(|_, s| s.agent != req.agent);
         waiting.insert(
@@ -193,6 +202,7 @@ impl Control for ControlService {
             ))));
         };
         debug!(agent, session, "session open");
+        self.ctl.agents.opened(&agent, session);
         let ctl = self.ctl.clone();
         tokio::spawn(async move {
             loop {
@@ -239,7 +249,7 @@ impl Control for ControlService {
         self.check_session(&req.agent, req.session)?;
         let snap = self
             .ctl
-            .open_vdisk(&req.agent, &req.name)
+            .open_vdisk_in(&req.agent, Some(req.session), &req.name)
             .await
             .map_err(status)?;
         Ok(Response::new(snapshot_to_pb(&snap)))

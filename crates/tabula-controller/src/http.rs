@@ -345,6 +345,8 @@ pub async fn serve(
     let listener = listener.tap_io(|s| {
         let _ = s.set_nodelay(true);
     });
+    // Agents' registrations record the address they come from (`ConnectInfo`).
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -823,7 +823,13 @@ impl Controller {
                 }
                 Self::snapshot_of(&meta, id)
             };
-            for holder in self.agents.holders(id, None) {
+            // An ended session cannot take it (and resyncs if it registers again).
+            for holder in self
+                .agents
+                .holders(id, None)
+                .into_iter()
+                .filter(|h| h.ended_until.is_none())
+            {
                 let cmd = Command::Replace(snap.clone());
                 tokio::spawn(async move {
                     if let Err(e) = holder.port.apply(cmd).await {
@@ -1170,6 +1176,28 @@ impl Controller {
     }
 
     // ---- agents ----
+
+    /// Attaches `agent` (in `session`, if given: a networked agent's) to vdisk `name` and
+    /// returns its table.
+    pub async fn open_vdisk_in(
+        &self,
+        agent: &str,
+        session: Option<u64>,
+        name: &str,
+    ) -> Result<TableSnapshot, ControlError> {
+        let meta = self.meta.lock().await;
+        let id = meta.by_name(name)?;
+        if !self.agents.attach(agent, session, id) {
+            return Err(ControlError::Unavailable(format!(
+                "agent '{agent}' has no current session (register again)"
+            )));
+        }
+        let snap = Self::snapshot_of(&meta, id);
+        let seq = meta.vdisks[&id].last_seq;
+        drop(meta);
+        self.journal.wait(seq).await?;
+        Ok(snap)
+    }
 
     /// Sends `cmd` to every agent holding `vdisk` (but `except`) at once and waits until each
     /// has acknowledged or been evicted (its lease waited out). Returns false if an agent
@@ -1701,23 +1729,13 @@ impl ControlPlane for Controller {
         held: Vec<VdiskId>,
     ) -> Result<(), ControlError> {
         // In-process: no lease, the agent lives and dies with the controller.
-        self.agents.register(name, port, held, None);
-        Ok(())
+        self.agents
+            .register(name, port, held, None, "in-process")
+            .map(|_| ())
     }
 
     async fn open_vdisk(&self, agent: &str, name: &str) -> Result<TableSnapshot, ControlError> {
-        let meta = self.meta.lock().await;
-        let id = meta.by_name(name)?;
-        if !self.agents.attach(agent, id) {
-            return Err(ControlError::Unavailable(format!(
-                "agent '{agent}' has no session (register first)"
-            )));
-        }
-        let snap = Self::snapshot_of(&meta, id);
-        let seq = meta.vdisks[&id].last_seq;
-        drop(meta);
-        self.journal.wait(seq).await?;
-        Ok(snap)
+        self.open_vdisk_in(agent, None, name).await
     }
 
     async fn list_vdisks(&self) -> Result<Vec<String>, ControlError> {

@@ -77,6 +77,19 @@ impl Controller {
     /// Holds the I/O of `vdisk` on every agent that exports it until each has drained what
     /// was in flight. On timeout or failure the hold is released and the caller told why.
     async fn hold(&self, vdisk: VdiskId, what: &str) -> Result<(), ControlError> {
+        // A holder whose session ended or whose stream closed may still write in place
+        // until its lease runs out, and cannot be held: wait it out first (fence, then
+        // proceed), before holding anyone else's I/O. Its lease cannot be renewed, so the
+        // wait is bounded by one lease.
+        if let Some(until) = self.agents.unreachable_until(vdisk) {
+            info!(
+                %vdisk,
+                wait_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64,
+                "{what}: waiting for the lease of an agent session that can no longer be reached \
+                 but may still write"
+            );
+            tokio::time::sleep_until(until.into()).await;
+        }
         let holders = self.agents.holders(vdisk, None);
         if holders.is_empty() {
             return Ok(());
@@ -107,7 +120,12 @@ impl Controller {
 
     /// Releases a hold without waiting for acknowledgements.
     fn release_hold(&self, vdisk: VdiskId) {
-        for h in self.agents.holders(vdisk, None) {
+        for h in self
+            .agents
+            .holders(vdisk, None)
+            .into_iter()
+            .filter(|h| h.ended_until.is_none())
+        {
             tokio::spawn(async move {
                 let _ = h.port.apply(Command::Unblock { vdisk }).await;
             });

@@ -65,12 +65,15 @@ async fn leased_setup(dir: &Path, lease_ms: u64) -> (Arc<Controller>, VdiskView)
 async fn an_allocation_waits_until_a_silent_holder_lease_runs_out() {
     let dir = tempfile::tempdir().unwrap();
     let (ctl, v) = leased_setup(dir.path(), 300).await;
-    ctl.agents.register(
-        "b",
-        Arc::new(SilentAgent),
-        vec![VdiskId(v.id)],
-        Some(Duration::from_millis(300)),
-    );
+    ctl.agents
+        .register(
+            "b",
+            Arc::new(SilentAgent),
+            vec![VdiskId(v.id)],
+            Some(Duration::from_millis(300)),
+            "192.0.2.1:5000",
+        )
+        .unwrap();
     let t = std::time::Instant::now();
     ctl.fault(fault(v.id, FaultOp::Write, 0, 1)).await.unwrap();
     // b may read the segment as unallocated until it acknowledges or stops: the answer to a
@@ -94,12 +97,16 @@ async fn a_renewing_agent_is_waited_for_and_freed_space_follows_its_ack() {
     let dir = tempfile::tempdir().unwrap();
     let (ctl, v) = leased_setup(dir.path(), 300).await;
     ctl.fault(fault(v.id, FaultOp::Write, 0, 2)).await.unwrap();
-    let session = ctl.agents.register(
-        "b",
-        Arc::new(SilentAgent),
-        vec![VdiskId(v.id)],
-        Some(Duration::from_millis(300)),
-    );
+    let session = ctl
+        .agents
+        .register(
+            "b",
+            Arc::new(SilentAgent),
+            vec![VdiskId(v.id)],
+            Some(Duration::from_millis(300)),
+            "192.0.2.1:5000",
+        )
+        .unwrap();
     // b keeps renewing for a second without acknowledging: the trim must not free the
     // space while b's lease is alive.
     let renewer = {
@@ -427,12 +434,15 @@ async fn faults_are_told_to_retry_while_a_change_waits_for_a_lease() {
     let dir = tempfile::tempdir().unwrap();
     let (ctl, v) = leased_setup(dir.path(), 1500).await;
     ctl.fault(fault(v.id, FaultOp::Write, 0, 1)).await.unwrap();
-    ctl.agents.register(
-        "b",
-        Arc::new(SilentAgent),
-        vec![VdiskId(v.id)],
-        Some(Duration::from_millis(1500)),
-    );
+    ctl.agents
+        .register(
+            "b",
+            Arc::new(SilentAgent),
+            vec![VdiskId(v.id)],
+            Some(Duration::from_millis(1500)),
+            "192.0.2.1:5000",
+        )
+        .unwrap();
     let trim = {
         let ctl = ctl.clone();
         tokio::spawn(async move { ctl.fault(fault(v.id, FaultOp::Trim, 0, 1)).await })
@@ -628,4 +638,252 @@ async fn migrate_refuses_a_container_smaller_than_a_segment() {
     );
     ctl.fault(fault(v.id, FaultOp::Write, 0, 1)).await.unwrap();
     assert_consistent(&ctl).await;
+}
+
+// ---- agent identity: a session that may still write is never skipped ----
+
+/// A controller with leases of `lease_ms`, in-process agent "a", a 16 MiB vdisk with its
+/// segments 0, 1 and 4 written, and `cfg` adjusted by `tune`.
+async fn leased_written(
+    dir: &Path,
+    lease_ms: u64,
+    tune: impl FnOnce(&mut ControllerConfig),
+) -> (Arc<Controller>, VdiskView) {
+    let mut cfg = leased(dir, lease_ms, false);
+    tune(&mut cfg);
+    let ctl = Controller::open(cfg).await.unwrap();
+    ctl.ensure_default_container(64 * MIB).await.unwrap();
+    ctl.register_agent("a", Arc::new(NullAgent), Vec::new())
+        .await
+        .unwrap();
+    let v = ctl
+        .create_vdisk("vd", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
+    ctl.fault(fault(v.id, FaultOp::Write, 0, 2)).await.unwrap();
+    ctl.fault(fault(v.id, FaultOp::Write, 4, 5)).await.unwrap();
+    (ctl, v)
+}
+
+/// Agent "b" holding `v` whose stream dropped (it may still write until its lease ends),
+/// then "b" registered again (a restart, or a second process with the same name). Returns
+/// when the first session's lease was last renewed.
+fn replaced_b(ctl: &Controller, v: &VdiskView, lease_ms: u64) -> std::time::Instant {
+    let lease = Some(Duration::from_millis(lease_ms));
+    let renewed = std::time::Instant::now();
+    let old = ctl
+        .agents
+        .register(
+            "b",
+            Arc::new(SilentAgent),
+            vec![VdiskId(v.id)],
+            lease,
+            "192.0.2.1:5000",
+        )
+        .unwrap();
+    ctl.agents.disconnected("b", old);
+    ctl.agents
+        .register(
+            "b",
+            Arc::new(NullAgent),
+            Vec::new(),
+            lease,
+            "192.0.2.2:5000",
+        )
+        .unwrap();
+    renewed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_session_is_waited_for_until_its_lease_runs_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctl, v) = leased_written(dir.path(), 600, |_| {}).await;
+    let renewed = replaced_b(&ctl, &v, 600);
+    // The old session's agent may still read segment 0 until its lease ends: the trim must
+    // not free it before.
+    ctl.fault(fault(v.id, FaultOp::Trim, 0, 1)).await.unwrap();
+    assert!(
+        renewed.elapsed() >= Duration::from_millis(600),
+        "freed after {:?}, while the replaced session's lease still ran",
+        renewed.elapsed()
+    );
+    assert_consistent(&ctl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_waits_out_a_replaced_session_before_it_holds_io() {
+    let dir = tempfile::tempdir().unwrap();
+    // A hold shorter than the lease: the wait for the old session comes before the hold,
+    // so it does not cancel the snapshot.
+    let (ctl, v) = leased_written(dir.path(), 600, |c| {
+        c.snapshot_hold = Duration::from_millis(200)
+    })
+    .await;
+    let renewed = replaced_b(&ctl, &v, 600);
+    ctl.create_snapshot("vd", "s").await.unwrap();
+    assert!(
+        renewed.elapsed() >= Duration::from_millis(600),
+        "snapshot taken after {:?}, while the replaced session could still write in place",
+        renewed.elapsed()
+    );
+    assert_consistent(&ctl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_agent_is_waited_for_by_changes_begun_after_its_eviction() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctl, v) = leased_written(dir.path(), 800, |c| {
+        c.ack_timeout = Duration::from_millis(100)
+    })
+    .await;
+    let lease = Some(Duration::from_millis(800));
+    let session = ctl
+        .agents
+        .register(
+            "b",
+            Arc::new(SilentAgent),
+            vec![VdiskId(v.id)],
+            lease,
+            "192.0.2.1:5000",
+        )
+        .unwrap();
+    // b renews but never acknowledges, until it is evicted.
+    let renewer = {
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            let mut last = std::time::Instant::now();
+            for _ in 0..100 {
+                if !ctl.agents.renew("b", session, Default::default()) {
+                    break;
+                }
+                last = std::time::Instant::now();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            last
+        })
+    };
+    // A first write evicts b after the ack timeout and waits for its lease...
+    let first = {
+        let ctl = ctl.clone();
+        tokio::spawn(async move { ctl.fault(fault(v.id, FaultOp::Write, 8, 9)).await })
+    };
+    let renewed = renewer.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ... and a trim begun meanwhile must wait for it too: b may still read segment 4.
+    ctl.fault(fault(v.id, FaultOp::Trim, 4, 5)).await.unwrap();
+    assert!(
+        renewed.elapsed() >= Duration::from_millis(800),
+        "freed {:?} after the evicted agent's last renewal, within its lease",
+        renewed.elapsed()
+    );
+    first.await.unwrap().unwrap();
+    assert_consistent(&ctl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_with_a_live_session_is_refused_naming_its_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctl, v) = leased_written(dir.path(), 300, |_| {}).await;
+    let lease = Some(Duration::from_millis(300));
+    let first = ctl
+        .agents
+        .register(
+            "b",
+            Arc::new(NullAgent),
+            vec![VdiskId(v.id)],
+            lease,
+            "192.0.2.1:5000",
+        )
+        .unwrap();
+    ctl.agents.opened("b", first);
+    let e = ctl
+        .agents
+        .register(
+            "b",
+            Arc::new(NullAgent),
+            Vec::new(),
+            lease,
+            "192.0.2.2:6000",
+        )
+        .unwrap_err();
+    assert!(matches!(e, ControlError::Exists(_)), "{e:?}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("192.0.2.1:5000") && msg.contains("--name"),
+        "the refusal names the live session's address and says what to do: {msg}"
+    );
+    // The first session is untouched: still current, still renewing.
+    assert!(ctl.agents.renew("b", first, Default::default()));
+    let view = ctl.status().await.agents;
+    let b = view.iter().find(|a| a.name == "b").expect("b listed");
+    assert!(b.connected);
+    assert_eq!(b.address.as_deref(), Some("192.0.2.1:5000"));
+    // A session whose lease ran out with its stream still open (a paused process) is not
+    // live: its name is free again.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let second = ctl
+        .agents
+        .register(
+            "b",
+            Arc::new(NullAgent),
+            Vec::new(),
+            lease,
+            "192.0.2.2:6000",
+        )
+        .unwrap();
+    ctl.agents.opened("b", second);
+    // A session whose stream closed (a restart) frees its name at once.
+    ctl.agents.disconnected("b", second);
+    ctl.agents
+        .register(
+            "b",
+            Arc::new(NullAgent),
+            Vec::new(),
+            lease,
+            "192.0.2.3:7000",
+        )
+        .unwrap();
+    // The in-process agent of `tabula serve` re-registers freely (no lease).
+    ctl.register_agent("a", Arc::new(NullAgent), Vec::new())
+        .await
+        .unwrap();
+    assert_consistent(&ctl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_session_cannot_open_a_table_under_its_successor() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctl, _v) = leased_written(dir.path(), 300, |_| {}).await;
+    let lease = Some(Duration::from_millis(300));
+    let old = ctl
+        .agents
+        .register(
+            "b",
+            Arc::new(NullAgent),
+            Vec::new(),
+            lease,
+            "192.0.2.1:5000",
+        )
+        .unwrap();
+    ctl.agents.disconnected("b", old);
+    let new = ctl
+        .agents
+        .register(
+            "b",
+            Arc::new(NullAgent),
+            Vec::new(),
+            lease,
+            "192.0.2.2:6000",
+        )
+        .unwrap();
+    // The old session's open passed its session check before it was replaced: it must not
+    // get the table, which would be recorded as held by the new session only.
+    let e = ctl.open_vdisk_in("b", Some(old), "vd").await.unwrap_err();
+    assert!(matches!(e, ControlError::Unavailable(_)), "{e:?}");
+    let id = ctl.vdisk_by_name("vd").await.unwrap().id;
+    assert!(ctl.agents.holders(VdiskId(id), None).is_empty());
+    ctl.open_vdisk_in("b", Some(new), "vd").await.unwrap();
+    let holders = ctl.agents.holders(VdiskId(id), None);
+    assert_eq!(holders.len(), 1);
+    assert_eq!(holders[0].session, new);
 }
