@@ -5,6 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::cluster::Cluster;
 use common::nbd::{Client, stamp_block};
 use common::{Server, have, run_timeout};
 use serde_json::Value;
@@ -66,13 +67,11 @@ fn one_write_at_the_end_of_the_largest_vdisk_costs_little_memory() {
     srv.stop_and_check();
 }
 
-/// Creates vdisks `{prefix}00000`.. (`n` of them, 1 MiB each) through the admin API, eight
-/// requests at a time (their commits share the journal's group commit).
-fn create_vdisks(srv: &Server, prefix: &str, n: usize) {
-    let api = srv.api();
+/// Creates vdisks `{prefix}00000`.. (`n` of them, 1 MiB each) through the admin API at
+/// `api`, eight requests at a time (their commits share the journal's group commit).
+fn create_vdisks(api: &str, prefix: &str, n: usize) {
     std::thread::scope(|s| {
         for t in 0..8 {
-            let api = &api;
             s.spawn(move || {
                 let agent: ureq::Agent = ureq::Agent::config_builder()
                     .timeout_global(Some(Duration::from_secs(30)))
@@ -150,7 +149,7 @@ fn nbdinfo_lists_600_vdisks_without_attaching_them() {
     const N: usize = 600;
     let mut srv = Server::start_with("1G", true);
     let t0 = Instant::now();
-    create_vdisks(&srv, "vd", N);
+    create_vdisks(&srv.api(), "vd", N);
     eprintln!("{N} vdisks created in {:?}", t0.elapsed());
     let url = format!(
         "nbd+unix:///?socket={}",
@@ -176,9 +175,49 @@ fn nbdinfo_lists_over_tcp_for_longer_than_the_old_handshake_bound() {
     }
     const N: usize = 160;
     let mut srv = Server::start("1G");
-    create_vdisks(&srv, "tcp", N);
+    create_vdisks(&srv.api(), "tcp", N);
     let url = format!("nbd://127.0.0.1:{}", srv.nbd_port);
     assert_listed(&nbdinfo_list(&url, Duration::from_secs(120)), "tcp", N);
     assert_eq!(attached(&srv), 0, "listing attached vdisks");
     srv.stop_and_check();
+}
+
+/// The same through a separate agent process: INFO goes to the controller as a
+/// `DescribeVdisk` call (sizes current after a resize) and attaches nothing; connecting to one
+/// export attaches that one only.
+#[test]
+fn nbdinfo_lists_through_a_remote_agent_without_attaching() {
+    if !have("nbdinfo") || !have("qemu-io") {
+        return;
+    }
+    const N: usize = 12;
+    let mut c = Cluster::start("1G", &["a"]);
+    create_vdisks(&c.controller.url(), "rv", N);
+    c.controller
+        .cli(&["vdisk", "resize", "rv00003", "--size", "2M"]);
+    let url = format!("nbd://127.0.0.1:{}", c.agent("a").nbd_port);
+    let mut listed = nbdinfo_list(&url, Duration::from_secs(60));
+    assert_eq!(listed[3], ("rv00003".to_string(), 2 << 20));
+    listed[3].1 = 1 << 20;
+    assert_listed(&listed, "rv", N);
+    common::qemu_io(&c.agent("a").url("rv00005"), &["write -P 7 0 4k"]);
+    // The agent reports what it holds in its heartbeats: wait for the one it attached.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let held = loop {
+        let view = c.controller.agent_view("a").expect("agent a in status");
+        let held: Vec<String> = view["vdisks"]
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !held.is_empty() || Instant::now() > deadline {
+            break held;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(held, vec!["rv00005".to_string()], "listing attached vdisks");
+    c.stop_and_check();
 }
