@@ -30,7 +30,9 @@ fuzz_target!(|data: &[u8]| {
             max_in_flight: 8,
             max_in_flight_bytes: 256 << 10,
             max_option_len: 4096,
-            handshake_timeout: Duration::from_millis(500),
+            option_timeout: Duration::from_millis(500),
+            max_options: 64,
+            options_per_export: 4,
         });
         let (client, server) = tokio::io::duplex(1 << 20);
         let task = tokio::spawn(serve_connection(server, provider, cfg));

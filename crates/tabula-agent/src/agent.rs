@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use tabula_api::{AgentPort, AgentReport, Command, ControlError, ControlPlane, TableSnapshot};
 use tabula_container::{Container, ContainerOptions, Location, Prober, label};
 use tabula_core::{ContainerId, VdiskId};
-use tabula_nbd::server::{Export, ExportProvider, OpenError};
+use tabula_nbd::server::{Export, ExportInfo, ExportProvider, OpenError};
 use tracing::{debug, info, warn};
 
 use crate::lease::Lease;
-use crate::volume::{Replaced, Volume, VolumeExport};
+use crate::volume::{Replaced, Volume, VolumeExport, export_info};
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -634,6 +634,26 @@ impl ExportProvider for Agent {
             Ok(vol) => Ok(Arc::new(VolumeExport::new(self.shared.clone(), vol))),
             Err(ControlError::NotFound(_)) => Err(OpenError::NotFound),
             Err(e) => Err(OpenError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// NBD_OPT_INFO: from the attached copy if there is one, else from the controller's
+    /// metadata without attaching. Attaching would fetch the whole table and make this agent
+    /// one of the vdisk's holders for good (every snapshot then waits for it): a client
+    /// listing a few thousand exports would attach them all.
+    async fn info(&self, name: &str) -> Result<ExportInfo, OpenError> {
+        let attached = self.shared.volumes.lock().get(name).cloned();
+        if let Some(vol) = attached {
+            return Ok(export_info(vol.name(), vol.size_bytes(), vol.read_only()));
+        }
+        match self.shared.control.describe_vdisk(name).await {
+            Ok(s) => Ok(export_info(&s.name, s.size_bytes, s.read_only)),
+            Err(ControlError::NotFound(_)) => Err(OpenError::NotFound),
+            // The controller cannot say now: attaching waits for it as a GO would.
+            Err(e) => {
+                debug!(vdisk = name, error = %e, "describing a vdisk failed; attaching instead");
+                Ok(self.open(name).await?.info())
+            }
         }
     }
 }

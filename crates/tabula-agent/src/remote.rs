@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use tabula_api::{
     AgentPort, ContainerLocation, ControlError, ControlPlane, Fault, RangeUpdate, TableSnapshot,
+    VdiskSummary,
 };
 use tabula_core::{ContainerId, VdiskId};
 use tabula_proto::pb::control_client::ControlClient;
@@ -365,6 +366,24 @@ impl ControlPlane for RemoteControl {
             .await
             .map_err(|s| unavailable("listing vdisks", &s))?;
         Ok(r.into_inner().names)
+    }
+
+    async fn describe_vdisk(&self, name: &str) -> Result<VdiskSummary, ControlError> {
+        let r = self
+            .client
+            .clone()
+            .describe_vdisk(self.request(pb::DescribeVdiskRequest {
+                name: name.to_string(),
+            }))
+            .await
+            .map_err(|s| unavailable("describing a vdisk", &s))?
+            .into_inner();
+        Ok(VdiskSummary {
+            vdisk: VdiskId(r.vdisk),
+            name: r.name,
+            size_bytes: r.size_bytes,
+            read_only: r.read_only,
+        })
     }
 
     async fn container(&self, id: ContainerId) -> Result<ContainerLocation, ControlError> {

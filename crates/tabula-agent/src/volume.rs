@@ -180,6 +180,10 @@ impl Volume {
         &self.name
     }
 
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
     pub fn entries(&self) -> usize {
         self.table.read().table.len()
     }
@@ -1087,18 +1091,23 @@ impl VolumeExport {
     }
 }
 
+/// What NBD clients are told about a vdisk, whether attached or only described.
+pub(crate) fn export_info(name: &str, size: u64, read_only: bool) -> ExportInfo {
+    ExportInfo {
+        size,
+        read_only,
+        description: Some(format!("tabula vdisk {name}")),
+        min_block: 1,
+        preferred_block: BLOCK_SIZE as u32,
+        can_multi_conn: true,
+        can_fast_zero: true,
+    }
+}
+
 #[async_trait::async_trait]
 impl Export for VolumeExport {
     fn info(&self) -> ExportInfo {
-        ExportInfo {
-            size: self.vol.size_bytes(),
-            read_only: self.vol.read_only,
-            description: Some(format!("tabula vdisk {}", self.vol.name)),
-            min_block: 1,
-            preferred_block: BLOCK_SIZE as u32,
-            can_multi_conn: true,
-            can_fast_zero: true,
-        }
+        export_info(&self.vol.name, self.vol.size_bytes(), self.vol.read_only)
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, IoError> {

@@ -10,7 +10,7 @@ use tabula_agent::lease::Lease;
 use tabula_agent::{Agent, AgentConfig};
 use tabula_api::{
     AgentPort, Command, ContainerLocation, ControlError, ControlPlane, Fault, RangeUpdate,
-    TableSnapshot,
+    TableSnapshot, VdiskSummary,
 };
 use tabula_core::{ContainerId, Entry, Generation, Phys, State, VdiskId};
 use tabula_nbd::server::{Export, ExportProvider};
@@ -82,6 +82,19 @@ impl ControlPlane for Scripted {
 
     async fn list_vdisks(&self) -> Result<Vec<String>, ControlError> {
         Ok(vec!["vd".into()])
+    }
+
+    async fn describe_vdisk(&self, name: &str) -> Result<VdiskSummary, ControlError> {
+        if name != "vd" {
+            return Err(ControlError::NotFound(name.into()));
+        }
+        let snap = self.snap.lock();
+        Ok(VdiskSummary {
+            vdisk: snap.vdisk,
+            name: snap.name.clone(),
+            size_bytes: snap.size_bytes,
+            read_only: snap.read_only,
+        })
     }
 
     async fn container(&self, id: ContainerId) -> Result<ContainerLocation, ControlError> {
@@ -414,4 +427,28 @@ async fn a_flush_is_acknowledged_only_while_the_vdisk_is_known_to_exist() {
     a.session_started().await;
     let err = export.flush().await.expect_err("flush of a deleted vdisk");
     assert_eq!(err.errno, Errno::Shutdown, "{}", err.message);
+}
+
+/// NBD_OPT_INFO (a client listing exports asks it of every one) is answered from the
+/// controller's description of the vdisk: no table is fetched and the agent does not become a
+/// holder. Once attached, the copy answers.
+#[tokio::test]
+async fn info_describes_without_attaching() {
+    let ctl = scripted(snapshot(1, vec![mapped(0, 256, 0)]), None);
+    let a = Agent::start(quick_config(), ctl.clone()).await.unwrap();
+    let info = a.info("vd").await.expect("described");
+    assert_eq!((info.size, info.read_only), (4 << 20, false));
+    assert!(matches!(
+        a.info("nope").await,
+        Err(tabula_nbd::server::OpenError::NotFound)
+    ));
+    assert_eq!(
+        ctl.opens.load(Ordering::SeqCst),
+        0,
+        "INFO attached the vdisk"
+    );
+    let export = export_of(&a).await;
+    assert_eq!(ctl.opens.load(Ordering::SeqCst), 1);
+    assert_eq!(a.info("vd").await.unwrap(), export.info());
+    assert_eq!(ctl.opens.load(Ordering::SeqCst), 1);
 }

@@ -68,6 +68,15 @@ pub struct TableSnapshot {
     pub entries: Vec<Entry>,
 }
 
+/// What a vdisk is, without its table: enough to describe it to an NBD client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VdiskSummary {
+    pub vdisk: VdiskId,
+    pub name: String,
+    pub size_bytes: u64,
+    pub read_only: bool,
+}
+
 /// The operation an inhibited I/O was attempting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -232,6 +241,9 @@ pub trait ControlPlane: Send + Sync + 'static {
     async fn open_vdisk(&self, agent: &str, name: &str) -> Result<TableSnapshot, ControlError>;
     /// Names of the vdisks an agent may export.
     async fn list_vdisks(&self) -> Result<Vec<String>, ControlError>;
+    /// Describes a vdisk by name without attaching to it: no table is sent and the agent
+    /// does not become one of its holders.
+    async fn describe_vdisk(&self, name: &str) -> Result<VdiskSummary, ControlError>;
     /// Where a container's bytes are.
     async fn container(&self, id: ContainerId) -> Result<ContainerLocation, ControlError>;
     /// Resolves an inhibited I/O.

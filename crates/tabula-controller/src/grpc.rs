@@ -263,6 +263,23 @@ impl Control for ControlService {
         Ok(Response::new(pb::VdiskNames { names }))
     }
 
+    async fn describe_vdisk(
+        &self,
+        req: Request<pb::DescribeVdiskRequest>,
+    ) -> Result<Response<pb::VdiskSummary>, Status> {
+        let s = self
+            .ctl
+            .describe_vdisk(&req.into_inner().name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::VdiskSummary {
+            vdisk: s.vdisk.0,
+            name: s.name,
+            size_bytes: s.size_bytes,
+            read_only: s.read_only,
+        }))
+    }
+
     async fn get_container(
         &self,
         req: Request<pb::GetContainerRequest>,

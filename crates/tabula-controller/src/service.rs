@@ -23,7 +23,7 @@ use tabula_api::admin::CowPolicy;
 use tabula_api::admin::{CheckView, ContainerView, MapEntryView, MapView, StatusView, VdiskView};
 use tabula_api::{
     AgentPort, Command, ContainerLocation, ControlError, ControlPlane, Fault, FaultOp, RangeUpdate,
-    TableSnapshot,
+    TableSnapshot, VdiskSummary,
 };
 use tabula_core::table::TableError;
 use tabula_core::{
@@ -1743,6 +1743,18 @@ impl ControlPlane for Controller {
         let mut names: Vec<String> = meta.names.keys().cloned().collect();
         names.sort();
         Ok(names)
+    }
+
+    async fn describe_vdisk(&self, name: &str) -> Result<VdiskSummary, ControlError> {
+        let meta = self.meta.lock().await;
+        let id = meta.by_name(name)?;
+        let rec = &meta.vdisks[&id].rec;
+        Ok(VdiskSummary {
+            vdisk: id,
+            name: rec.name.clone(),
+            size_bytes: rec.size_bytes,
+            read_only: rec.read_only,
+        })
     }
 
     async fn report_container(

@@ -26,17 +26,23 @@
 //! edit stores a segment in this canonical form (the simplest representation that holds its
 //! content), so the representation is a function of the content.
 //!
-//! Words live in pages of 512 segments (4 KiB), pages in directories of 512 pages, each
-//! allocated on first use; a missing directory or page is all unmapped, and pages and
-//! directories that become all-unmapped after an unmap or a shrink are freed. A sparse vdisk
-//! costs 8 bytes of top-level pointer per 262,144 segments of size (256 GiB at 1 MiB segments)
-//! plus 4 KiB per touched page and directory; a dense one costs just over 8 bytes per segment.
-//! Every segment inside a run set to a state without target (a big `invalid` range, say) costs
-//! its word like a mapped one.
+//! Words live in pages of 512 segments (4 KiB), pages in directories of 512 pages (2^18
+//! segments: 256 GiB at 1 MiB segments), each allocated on first use; a missing directory or
+//! page is all unmapped, and pages and directories that become all-unmapped after an unmap or
+//! a shrink are freed. The first 512 directories (2^27 segments: 128 TiB at 1 MiB
+//! segments) are found by index in a vector of at most 4 KiB of pointers; directories beyond
+//! that, which only larger tables have, are kept in an ordered map by directory number. So
+//! memory follows what is mapped, never the size or the highest offset written: one segment
+//! at the end of the largest vdisk (2^42 or even 2^50 segments) costs a page, a directory and
+//! a map node, about 8 KiB. A dense table costs just over 8 bytes per segment. Every segment
+//! inside a run set to a state without target (a big `invalid` range, say) costs its word like
+//! a mapped one.
 //!
-//! A lookup reads one word per segment touched (two pointer hops and an index); a range
-//! inside one regular segment — the 4 KiB I/O of the hot path — is a single word read with
-//! no search. [`entries`](SegmentTable::entries) and friends merge neighbouring segments that
+//! A lookup reads one word per segment touched (two pointer hops and an index, plus a short
+//! B-tree search beyond the first 2^27 segments); a range inside one regular segment — the
+//! 4 KiB I/O of the hot path — is a single word read with no search. Walks (`entries`,
+//! `mapped_blocks`, unmapping a range) skip missing directories through the map, so their cost
+//! follows the pages present, not the span walked. [`entries`](SegmentTable::entries) and friends merge neighbouring segments that
 //! are virtually contiguous, physically contiguous and in the same state, exactly as a
 //! [`MappingTable`] holds them, so the two can be compared entry by entry. `len`,
 //! `mapped_blocks` and `is_empty` walk the table (O(segments)); they are for status, not for
@@ -55,7 +61,9 @@ const PAGE_MASK: u64 = PAGE_SEGMENTS - 1;
 const PAGE_WORDS: usize = PAGE_SEGMENTS as usize;
 /// Segments covered by one directory of pages.
 const DIR_SHIFT: u32 = 2 * PAGE_BITS;
-const DIR_MASK: u64 = (1 << DIR_SHIFT) - 1;
+/// Directories found by index in a vector; those beyond are in an ordered map. 512 pointers
+/// are 4 KiB at most, whatever the table's size.
+const DENSE_DIRS: u64 = 512;
 
 type Page = [u64; PAGE_WORDS];
 type Dir = [Option<Box<Page>>; PAGE_WORDS];
@@ -146,9 +154,8 @@ fn push_merged(out: &mut Vec<Entry>, e: Entry) {
 pub struct SegmentTable {
     size: u64,
     seg: u64,
-    /// Directories of pages of segment words, indexed by `segment >> 18`; trailing `None`s
-    /// are trimmed.
-    dirs: Vec<Option<Box<Dir>>>,
+    /// Directories of pages of segment words, by `segment >> 18`.
+    dirs: Dirs,
     /// Entries of the irregular segments, clipped to the segment, sorted and merged.
     irregular: BTreeMap<u64, Vec<Entry>>,
 }
@@ -160,7 +167,7 @@ impl SegmentTable {
         SegmentTable {
             size,
             seg: segment_blocks.max(1),
-            dirs: Vec::new(),
+            dirs: Dirs::default(),
             irregular: BTreeMap::new(),
         }
     }
@@ -255,9 +262,9 @@ impl SegmentTable {
     /// Heap bytes held, counted from capacities: exact for the words, directories and
     /// entry vectors, estimated for the side map's B-tree nodes.
     pub fn heap_bytes(&self) -> usize {
-        let dirs = self.dirs.capacity() * size_of::<Option<Box<Dir>>>();
+        let dirs = self.dirs.heap_bytes();
         let mut pages = 0;
-        for dir in self.dirs.iter().flatten() {
+        for (_, dir) in self.dirs.iter() {
             pages += size_of::<Dir>();
             pages += dir.iter().flatten().count() * size_of::<Page>();
         }
@@ -541,12 +548,18 @@ impl SegmentTable {
     /// at side-map entries inside its segment, and each segment is in canonical form).
     pub fn validate(&self) -> Result<(), String> {
         let nsegs = self.size.div_ceil(self.seg);
-        for (d, dir) in self.dirs.iter().enumerate() {
-            let Some(dir) = dir else { continue };
+        for (d, dir) in self.dirs.iter() {
+            // Memory follows content: no directory or page is kept that holds nothing.
+            if dir.iter().all(Option::is_none) {
+                return Err(format!("directory {d} is empty but kept"));
+            }
             for (p, page) in dir.iter().enumerate() {
                 let Some(page) = page else { continue };
+                if page.iter().all(|&w| w == 0) {
+                    return Err(format!("page {p} of directory {d} is empty but kept"));
+                }
                 for (i, &w) in page.iter().enumerate() {
-                    let s = ((d as u64) << DIR_SHIFT) | ((p as u64) << PAGE_BITS) | i as u64;
+                    let s = (d << DIR_SHIFT) | ((p as u64) << PAGE_BITS) | i as u64;
                     if w == 0 {
                         continue;
                     }
@@ -646,23 +659,19 @@ impl SegmentTable {
     /// The page holding segment `s`, or the next segment that may have one.
     #[inline]
     fn page_at(&self, s: u64) -> Result<&Page, u64> {
-        match self.dirs.get((s >> DIR_SHIFT) as usize) {
-            None => Err(u64::MAX),
-            Some(None) => Err((s | DIR_MASK).saturating_add(1)),
-            Some(Some(dir)) => match &dir[((s >> PAGE_BITS) & PAGE_MASK) as usize] {
-                Some(page) => Ok(page),
-                None => Err((s | PAGE_MASK).saturating_add(1)),
-            },
+        let dir = self.dirs.get(s >> DIR_SHIFT).map_err(|next| {
+            // The first segment of the next directory that may exist.
+            next.map_or(u64::MAX, |d| d << DIR_SHIFT)
+        })?;
+        match &dir[((s >> PAGE_BITS) & PAGE_MASK) as usize] {
+            Some(page) => Ok(page),
+            None => Err((s | PAGE_MASK).saturating_add(1)),
         }
     }
 
     /// The word of segment `s`, allocating its directory and page.
     fn slot(&mut self, s: u64) -> &mut u64 {
-        let d = (s >> DIR_SHIFT) as usize;
-        if self.dirs.len() <= d {
-            self.dirs.resize_with(d + 1, || None);
-        }
-        let dir = self.dirs[d].get_or_insert_with(|| Box::new([const { None }; PAGE_WORDS]));
+        let dir = self.dirs.get_or_insert(s >> DIR_SHIFT);
         let page = dir[((s >> PAGE_BITS) & PAGE_MASK) as usize]
             .get_or_insert_with(|| Box::new([0; PAGE_WORDS]));
         &mut page[(s & PAGE_MASK) as usize]
@@ -762,12 +771,9 @@ impl SegmentTable {
     /// Clears every segment from `s` on.
     fn truncate_segments(&mut self, s: u64) {
         drop(self.irregular.split_off(&s));
-        let d = (s >> DIR_SHIFT) as usize;
-        if self.dirs.len() <= d {
-            return;
-        }
-        self.dirs.truncate(d + 1);
-        if let Some(dir) = self.dirs[d].as_mut() {
+        let d = s >> DIR_SHIFT;
+        self.dirs.truncate(d);
+        if let Some(dir) = self.dirs.get_mut(d) {
             let p = ((s >> PAGE_BITS) & PAGE_MASK) as usize;
             for page in &mut dir[p + 1..] {
                 *page = None;
@@ -779,40 +785,152 @@ impl SegmentTable {
         self.release(s, s);
     }
 
-    /// Frees the pages of segments `first..=last` that hold no word, their directories if
-    /// left empty, and trailing empty directories.
+    /// Frees the pages of segments `first..=last` that hold no word, and their directories if
+    /// left empty. Visits only the directories present in the range.
     fn release(&mut self, first: u64, last: u64) {
         let (d0, d1) = (first >> DIR_SHIFT, last >> DIR_SHIFT);
-        let mut d = d0;
-        while d <= d1 && (d as usize) < self.dirs.len() {
-            if let Some(dir) = self.dirs[d as usize].as_mut() {
-                let p0 = if d == d0 {
-                    (first >> PAGE_BITS) & PAGE_MASK
-                } else {
-                    0
-                };
-                let p1 = if d == d1 {
-                    (last >> PAGE_BITS) & PAGE_MASK
-                } else {
-                    PAGE_MASK
-                };
-                for page in &mut dir[p0 as usize..=p1 as usize] {
-                    if page.as_ref().is_some_and(|p| p.iter().all(|&w| w == 0)) {
-                        *page = None;
-                    }
-                }
-                if dir.iter().all(Option::is_none) {
-                    self.dirs[d as usize] = None;
+        for d in self.dirs.present(d0, d1) {
+            let dir = self.dirs.get_mut(d).expect("present");
+            let p0 = if d == d0 {
+                (first >> PAGE_BITS) & PAGE_MASK
+            } else {
+                0
+            };
+            let p1 = if d == d1 {
+                (last >> PAGE_BITS) & PAGE_MASK
+            } else {
+                PAGE_MASK
+            };
+            for page in &mut dir[p0 as usize..=p1 as usize] {
+                if page.as_ref().is_some_and(|p| p.iter().all(|&w| w == 0)) {
+                    *page = None;
                 }
             }
-            d += 1;
+            if dir.iter().all(Option::is_none) {
+                self.dirs.remove(d);
+            }
         }
-        while matches!(self.dirs.last(), Some(None)) {
-            self.dirs.pop();
+    }
+}
+
+/// The directories of a [`SegmentTable`]: the first [`DENSE_DIRS`] by index in a vector
+/// (trailing `None`s trimmed, so a small table's vector is as long as it needs), the rest in
+/// an ordered map. Neither ever holds a directory that is all unmapped for long: `release`
+/// drops them.
+#[derive(Clone, Default)]
+struct Dirs {
+    dense: Vec<Option<Box<Dir>>>,
+    far: BTreeMap<u64, Box<Dir>>,
+}
+
+impl Dirs {
+    /// Directory `d`, or the number of the next directory at or after `d` that may exist.
+    #[inline]
+    fn get(&self, d: u64) -> Result<&Dir, Option<u64>> {
+        if d < DENSE_DIRS {
+            match self.dense.get(d as usize) {
+                Some(Some(dir)) => Ok(dir),
+                Some(None) => Err(Some(d + 1)),
+                None => Err(self.far.keys().next().copied()),
+            }
+        } else {
+            match self.far.get(&d) {
+                Some(dir) => Ok(dir),
+                None => Err(self.far.range(d..).next().map(|(&k, _)| k)),
+            }
         }
-        if self.dirs.is_empty() {
-            self.dirs = Vec::new();
+    }
+
+    #[inline]
+    fn get_mut(&mut self, d: u64) -> Option<&mut Dir> {
+        if d < DENSE_DIRS {
+            self.dense.get_mut(d as usize)?.as_deref_mut()
+        } else {
+            self.far.get_mut(&d).map(|b| &mut **b)
         }
+    }
+
+    #[inline]
+    fn get_or_insert(&mut self, d: u64) -> &mut Dir {
+        let new = || Box::new([const { None }; PAGE_WORDS]);
+        if d < DENSE_DIRS {
+            let i = d as usize;
+            if self.dense.len() <= i {
+                self.dense.resize_with(i + 1, || None);
+            }
+            self.dense[i].get_or_insert_with(new)
+        } else {
+            self.far.entry(d).or_insert_with(new)
+        }
+    }
+
+    fn remove(&mut self, d: u64) {
+        if d < DENSE_DIRS {
+            if let Some(slot) = self.dense.get_mut(d as usize) {
+                *slot = None;
+            }
+            self.trim();
+        } else {
+            self.far.remove(&d);
+            if self.far.is_empty() {
+                // An emptied B-tree may keep its root node.
+                self.far = BTreeMap::new();
+            }
+        }
+    }
+
+    /// Drops every directory after `d`.
+    fn truncate(&mut self, d: u64) {
+        if d < DENSE_DIRS {
+            self.dense.truncate(d as usize + 1);
+            self.trim();
+            self.far = BTreeMap::new();
+        } else {
+            drop(self.far.split_off(&(d + 1)));
+            if self.far.is_empty() {
+                self.far = BTreeMap::new();
+            }
+        }
+    }
+
+    /// Drops trailing `None`s, and the vector's buffer when nothing is left.
+    fn trim(&mut self) {
+        while matches!(self.dense.last(), Some(None)) {
+            self.dense.pop();
+        }
+        if self.dense.is_empty() {
+            self.dense = Vec::new();
+        }
+    }
+
+    /// The numbers of the directories present in `d0..=d1`, in order.
+    fn present(&self, d0: u64, d1: u64) -> Vec<u64> {
+        let dense = (d0..=d1.min(DENSE_DIRS - 1))
+            .take_while(|&d| (d as usize) < self.dense.len())
+            .filter(|&d| self.dense[d as usize].is_some());
+        let far_from = d0.max(DENSE_DIRS);
+        let far = (far_from <= d1)
+            .then(|| self.far.range(far_from..=d1).map(|(&k, _)| k))
+            .into_iter()
+            .flatten();
+        dense.chain(far).collect()
+    }
+
+    /// Every directory present, with its number, in order.
+    fn iter(&self) -> impl Iterator<Item = (u64, &Dir)> {
+        let dense = self
+            .dense
+            .iter()
+            .enumerate()
+            .filter_map(|(d, dir)| Some((d as u64, &**dir.as_ref()?)));
+        dense.chain(self.far.iter().map(|(&d, dir)| (d, &**dir)))
+    }
+
+    /// Heap bytes of the vector and the map's nodes (estimated: a key and a pointer in a
+    /// B-tree leaf about two-thirds full); the directories themselves are not counted.
+    fn heap_bytes(&self) -> usize {
+        self.dense.capacity() * size_of::<Option<Box<Dir>>>()
+            + self.far.len() * (size_of::<u64>() + size_of::<Box<Dir>>()) * 3 / 2
     }
 }
 
@@ -1045,6 +1163,50 @@ mod tests {
         assert_eq!(t.heap_bytes(), 0);
     }
 
+    /// The largest vdisk `create` accepts is 4096 PiB: 2^50 blocks, 2^42 segments of 1 MiB.
+    const LARGEST: u64 = 1 << 50;
+
+    #[test]
+    fn one_write_at_the_end_of_the_largest_vdisk_costs_little() {
+        // Issue 17, finding 4: the top level was a Vec indexed by `segment >> 18`, so one
+        // segment at the end of 2^42 cost 2^24 pointers (128 MiB) until the table was dropped.
+        for seg in [256, 1] {
+            let mut t = SegmentTable::new(LARGEST, seg);
+            t.set(LARGEST - 1, LARGEST, phys(1, 0), State::Normal)
+                .unwrap();
+            assert!(
+                t.heap_bytes() < 1 << 20,
+                "segments of {seg} blocks: {} bytes",
+                t.heap_bytes()
+            );
+            assert_eq!(t.lookup(LARGEST - 1, LARGEST)[0].target, phys(1, 0));
+            assert_eq!(t.lookup(LARGEST - 2, LARGEST - 1)[0].target, None);
+            // A write near the start, then one in every 2^k-th directory: each costs its
+            // own pages and directory, never the space between them.
+            t.set(0, 1, phys(1, 1), State::Normal).unwrap();
+            let segs = LARGEST / seg;
+            let mut k = 18;
+            while (1u64 << k) < segs {
+                let b = (1u64 << k) * seg;
+                t.set(b, b + 1, phys(1, 2 + k), State::Normal).unwrap();
+                k += 1;
+            }
+            assert!(t.heap_bytes() < 1 << 20, "{} bytes", t.heap_bytes());
+            assert_eq!(t.entries().count() as u64, 2 + k - 18);
+            t.validate().unwrap();
+            // Walking the whole table skips the space between them.
+            assert_eq!(t.mapped_blocks(), 2 + k - 18);
+            t.set_mapped_state(0, LARGEST, State::New).unwrap();
+            assert!(t.entries().all(|e| e.state == State::New));
+            t.resize(LARGEST / 2);
+            t.validate().unwrap();
+            t.resize(LARGEST);
+            t.remove(0, LARGEST).unwrap();
+            assert!(t.is_empty());
+            assert_eq!(t.heap_bytes(), 0);
+        }
+    }
+
     #[derive(Clone, Debug)]
     enum Op {
         Set(u64, u64, Option<(u32, u64)>, State),
@@ -1148,6 +1310,67 @@ mod tests {
             let rebuilt = SegmentTable::from_entries(t.size(), seg, m.entries()).unwrap();
             prop_assert_eq!(&rebuilt, &t);
             same(&rebuilt, &m)?;
+        }
+
+        /// The same comparison in a table of 2^50 blocks, with edits clustered at its start,
+        /// around the end of the first directory, around the boundary between the indexed
+        /// directories and the mapped ones, far out and at the end, and removals and state
+        /// changes spanning clusters: the sparse upper level behaves like the dense one.
+        #[test]
+        fn matches_mapping_table_across_far_directories(
+            seg in prop_oneof![Just(1u64), Just(4u64), Just(256u64)],
+            ops in proptest::collection::vec(
+                (0usize..6, 0usize..6, op()),
+                1..40,
+            ),
+        ) {
+            let size = LARGEST;
+            let bases = |seg: u64| {
+                let dir = seg << DIR_SHIFT;
+                [0, dir - 24, DENSE_DIRS * dir - 24, 1 << 44, size / 2 + 3, size - 52]
+            };
+            let base = bases(seg);
+            let mut t = SegmentTable::new(size, seg);
+            let mut m = MappingTable::new(size);
+            for (i, j, op) in ops {
+                let (a, z) = (base[i], base[j].max(base[i]));
+                match op {
+                    Op::Set(b, e, target, state) => {
+                        let target = to_phys(target);
+                        let (b, e) = (a + b, a + e);
+                        prop_assert_eq!(t.set(b, e, target, state), m.set(b, e, target, state));
+                    }
+                    Op::Remove(b, e) => {
+                        let (b, e) = (a + b, z + e);
+                        prop_assert_eq!(t.remove(b, e), m.remove(b, e));
+                    }
+                    Op::Resize(n) => {
+                        // Shrinks and grows back, cutting wherever a cluster is.
+                        t.resize(a + n);
+                        m.resize(a + n);
+                        t.resize(size);
+                        m.resize(size);
+                    }
+                    Op::SetMappedState(b, e, s) => {
+                        let (b, e) = (a + b, z + e);
+                        prop_assert_eq!(t.set_mapped_state(b, e, s), m.set_mapped_state(b, e, s));
+                    }
+                    Op::Lookup(b, e) => {
+                        let (b, e) = (a + b, z + e);
+                        prop_assert_eq!(t.lookup(b, e), m.lookup(b, e));
+                        prop_assert_eq!(t.entries_in(b, e), m.entries_in(b, e));
+                    }
+                }
+                same(&t, &m)?;
+            }
+            for &b in &base {
+                prop_assert_eq!(t.lookup(b, b + 64), m.lookup(b, b + 64));
+            }
+            let rebuilt = SegmentTable::from_entries(size, seg, m.entries()).unwrap();
+            prop_assert_eq!(&rebuilt, &t);
+            prop_assert!(t.heap_bytes() < 1 << 20, "{} bytes", t.heap_bytes());
+            t.remove(0, size).unwrap();
+            prop_assert_eq!(t.heap_bytes(), 0);
         }
 
         /// `from_entries` agrees with MappingTable's on arbitrary entry lists (valid or not,

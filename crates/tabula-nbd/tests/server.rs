@@ -867,21 +867,21 @@ async fn too_many_options_closes() {
     let _ = w.await;
     assert!(matches!(
         finished(h).await,
-        Err(ServerError::TooManyOptions)
+        Err(ServerError::TooManyOptions(_))
     ));
 }
 
 #[tokio::test]
 async fn handshake_timeout_closes() {
     let cfg = ServerConfig {
-        handshake_timeout: Duration::from_millis(200),
+        option_timeout: Duration::from_millis(200),
         ..ServerConfig::default()
     };
     let (mut c, _e, h) = connect(cfg).await;
     assert!(c.closed().await);
     assert!(matches!(
         finished(h).await,
-        Err(ServerError::HandshakeTimeout)
+        Err(ServerError::OptionTimeout(_))
     ));
 }
 
@@ -1069,4 +1069,247 @@ async fn interop_nbdinfo_and_qemu_io() {
         .unwrap()
         .unwrap()
         .unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Many exports (issue 17, finding 6)
+// ---------------------------------------------------------------------------
+
+/// `n` exports named `vd00000`.., all backed by one small in-memory disk; counts how often
+/// an export is opened (what an agent pays an attach for).
+struct ManyExports {
+    n: usize,
+    export: Arc<MemExport>,
+    opens: std::sync::atomic::AtomicUsize,
+}
+
+impl ManyExports {
+    fn new(n: usize) -> Arc<ManyExports> {
+        Arc::new(ManyExports {
+            n,
+            export: mem(64 << 10, false),
+            opens: Default::default(),
+        })
+    }
+
+    fn name(i: usize) -> String {
+        format!("vd{i:05}")
+    }
+
+    fn known(&self, name: &str) -> bool {
+        name.strip_prefix("vd")
+            .and_then(|i| i.parse::<usize>().ok())
+            .is_some_and(|i| i < self.n && Self::name(i) == name)
+    }
+}
+
+#[async_trait::async_trait]
+impl ExportProvider for ManyExports {
+    async fn list(&self) -> Vec<String> {
+        (0..self.n).map(Self::name).collect()
+    }
+
+    async fn open(&self, name: &str) -> Result<Arc<dyn server::Export>, server::OpenError> {
+        if !self.known(name) {
+            return Err(server::OpenError::NotFound);
+        }
+        self.opens
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(self.export.clone())
+    }
+
+    /// From "metadata": no open.
+    async fn info(&self, name: &str) -> Result<ExportInfo, server::OpenError> {
+        if !self.known(name) {
+            return Err(server::OpenError::NotFound);
+        }
+        Ok(server::Export::info(&*self.export))
+    }
+}
+
+async fn connect_to(
+    provider: Arc<dyn ExportProvider>,
+    cfg: ServerConfig,
+) -> (Client<DuplexStream>, JoinHandle<Result<(), ServerError>>) {
+    let (s, h) = spawn_server(provider, cfg);
+    let c = Client::start(
+        s,
+        ClientFlags {
+            fixed_newstyle: true,
+            no_zeroes: true,
+        },
+    )
+    .await;
+    (c, h)
+}
+
+/// LIST: the names, in order, then the ACK.
+async fn list_names<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>) -> Vec<String> {
+    let r = c.option_all(&ClientOption::List).await;
+    assert_eq!(r.last().unwrap().0, NBD_REP_ACK);
+    r[..r.len() - 1]
+        .iter()
+        .map(|(t, d)| {
+            assert_eq!(*t, NBD_REP_SERVER);
+            let len = u32::from_be_bytes(d[..4].try_into().unwrap()) as usize;
+            String::from_utf8(d[4..4 + len].to_vec()).unwrap()
+        })
+        .collect()
+}
+
+/// A client listing 5,000 exports the way `nbdinfo --list` does (LIST, then INFO and
+/// LIST_META_CONTEXT for each) takes more options than the old fixed cap of 1,024 and, with
+/// pauses between options that are each well inside the bound, longer than a whole-handshake
+/// limit would allow. It must get through, and INFO must not open (attach) any export.
+#[tokio::test]
+async fn a_client_lists_and_describes_5000_exports() {
+    const N: usize = 5000;
+    let many = ManyExports::new(N);
+    let cfg = ServerConfig {
+        option_timeout: Duration::from_millis(1000),
+        ..ServerConfig::default()
+    };
+    let (mut c, h) = connect_to(many.clone(), cfg).await;
+    let r = c.option_all(&ClientOption::StructuredReply).await;
+    assert_eq!(r, vec![(NBD_REP_ACK, vec![])]);
+    let names = list_names(&mut c).await;
+    assert_eq!(names.len(), N);
+    let started = std::time::Instant::now();
+    for (i, name) in names.iter().enumerate() {
+        if i % 1000 == 999 {
+            // A slow client: 1.5 s in all, but never 1 s between two options.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let r = c
+            .option_all(&ClientOption::Info(InfoRequest {
+                name: name.clone(),
+                requests: vec![NBD_INFO_NAME, NBD_INFO_DESCRIPTION, NBD_INFO_BLOCK_SIZE],
+            }))
+            .await;
+        assert_eq!(r.last().unwrap().0, NBD_REP_ACK, "{name}: {r:?}");
+        let export = r
+            .iter()
+            .find(|(t, d)| *t == NBD_REP_INFO && d[..2] == NBD_INFO_EXPORT.to_be_bytes())
+            .expect("NBD_INFO_EXPORT");
+        assert_eq!(
+            u64::from_be_bytes(export.1[2..10].try_into().unwrap()),
+            64 << 10
+        );
+        let r = c
+            .option_all(&ClientOption::ListMetaContext(MetaContextRequest {
+                export_name: name.clone(),
+                queries: vec![],
+            }))
+            .await;
+        assert_eq!(r.len(), 2, "{name}: {r:?}");
+    }
+    assert!(started.elapsed() > Duration::from_millis(1000));
+    assert_eq!(
+        many.opens.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "INFO opened exports"
+    );
+    let (size, _, _) = c.negotiate(&names[N - 1], false, false).await;
+    assert_eq!(size, 64 << 10);
+    let r = c.call(NBD_CMD_READ, 0, 0, 512, &[]).await;
+    assert_eq!((r.error, r.data.len()), (0, 512));
+    assert_eq!(many.opens.load(std::sync::atomic::Ordering::Relaxed), 1);
+    c.request(NBD_CMD_DISC, 0, 8, 0, 0, &[]).await;
+    assert!(c.closed().await);
+    finished(h).await.unwrap();
+}
+
+/// Protections that stay: after listing 5,000 exports, an endless stream of options is still
+/// cut off, at a number that follows the listing (a few per export), not never.
+#[tokio::test]
+async fn endless_options_after_a_list_are_cut_off() {
+    const N: usize = 5000;
+    let (mut c, h) = connect_to(ManyExports::new(N), ServerConfig::default()).await;
+    assert_eq!(list_names(&mut c).await.len(), N);
+    let mut b = BytesMut::new();
+    for _ in 0..100 {
+        ClientOption::Unknown(99).encode(&mut b);
+    }
+    let (mut rd, mut wr) = tokio::io::split(c.s);
+    // Options keep coming (up to 100,000, far more than any listing needs) until the server
+    // closes.
+    let w = tokio::spawn(async move {
+        for _ in 0..1000 {
+            if wr.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+        wr
+    });
+    let mut replies = 0usize;
+    let mut h_buf = [0u8; OPTION_REPLY_HEADER_LEN];
+    loop {
+        match tokio::time::timeout(T, rd.read_exact(&mut h_buf)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => break,
+            Err(_) => panic!("the server neither answered nor closed"),
+        }
+        let hdr = codec::parse_option_reply_header(&h_buf).unwrap();
+        let mut d = vec![0u8; hdr.length as usize];
+        rd.read_exact(&mut d).await.unwrap();
+        replies += 1;
+    }
+    let _ = w.await;
+    // The LIST itself was the first option.
+    let cfg = ServerConfig::default();
+    assert_eq!(replies, cfg.max_options + cfg.options_per_export * N - 1);
+    assert!(matches!(
+        finished(h).await,
+        Err(ServerError::TooManyOptions(_))
+    ));
+}
+
+/// A client that stops in the middle of an option is cut off by the inactivity bound.
+#[tokio::test]
+async fn a_client_stalled_inside_an_option_is_cut_off() {
+    let cfg = ServerConfig {
+        option_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    };
+    let (mut c, h) = connect_to(ManyExports::new(10), cfg).await;
+    assert_eq!(list_names(&mut c).await.len(), 10);
+    let mut b = BytesMut::new();
+    ClientOption::List.encode(&mut b);
+    c.send_raw(&b[..10]).await;
+    let t0 = std::time::Instant::now();
+    assert!(c.closed().await);
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    assert!(finished(h).await.is_err());
+}
+
+/// A client that sends options but never reads the replies is cut off once the server cannot
+/// write, by the same bound, instead of holding the server's task for ever.
+#[tokio::test]
+async fn a_client_that_never_reads_replies_is_cut_off() {
+    let cfg = ServerConfig {
+        option_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    };
+    let many = ManyExports::new(5000);
+    // A small pipe, so unread replies fill it quickly.
+    let (client, server_side) = tokio::io::duplex(64 << 10);
+    let h = tokio::spawn(serve_connection(server_side, many, Arc::new(cfg)));
+    let (mut rd, mut wr) = tokio::io::split(client);
+    let mut g = [0u8; 18];
+    rd.read_exact(&mut g).await.unwrap();
+    let flags = ClientFlags {
+        fixed_newstyle: true,
+        no_zeroes: true,
+    };
+    wr.write_all(&flags.to_wire().to_be_bytes()).await.unwrap();
+    let mut b = BytesMut::new();
+    for _ in 0..50 {
+        ClientOption::List.encode(&mut b);
+    }
+    wr.write_all(&b).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let r = finished(h).await;
+    assert!(r.is_err(), "{r:?}");
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    drop(rd);
 }

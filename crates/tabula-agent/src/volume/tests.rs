@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use std::sync::atomic::AtomicU32;
 
-use tabula_api::{AgentPort, Command, ContainerLocation, ControlPlane, TableSnapshot};
+use tabula_api::{
+    AgentPort, Command, ContainerLocation, ControlPlane, TableSnapshot, VdiskSummary,
+};
 use tabula_container::Container;
 use tabula_core::{ContainerId, Entry, Phys};
 
@@ -69,6 +71,9 @@ impl ControlPlane for OneContainer {
     }
     async fn list_vdisks(&self) -> Result<Vec<String>, ControlError> {
         Ok(Vec::new())
+    }
+    async fn describe_vdisk(&self, name: &str) -> Result<VdiskSummary, ControlError> {
+        Err(ControlError::NotFound(name.into()))
     }
     async fn container(&self, id: ContainerId) -> Result<ContainerLocation, ControlError> {
         if id != C1 {

@@ -20,9 +20,6 @@ use super::{Export, ExportInfo, ExportProvider, OpenError, ServerConfig, ServerE
 use crate::codec::{self, ClientOption, Command, Errno, InfoRequest, MetaContextRequest};
 use crate::consts::*;
 
-/// Options accepted before the connection is dropped (denial of service
-/// guard: otherwise a client could haggle forever within the timeout).
-const MAX_OPTIONS: usize = 1024;
 /// Largest read we send as one OFFSET_DATA chunk (chunk length is u32 and
 /// includes the 8-byte offset).
 const MAX_CHUNK_DATA: u32 = u32::MAX - 15;
@@ -49,24 +46,17 @@ where
     // The BufReader survives into the transmission phase so nothing the
     // client pipelined after the handshake is lost.
     let mut io = BufReader::with_capacity(READ_BUF, stream);
-    let negotiated =
-        match tokio::time::timeout(cfg.handshake_timeout, handshake(&mut io, &*provider, &cfg))
-            .await
-        {
-            Ok(Ok(Some(n))) => n,
-            Ok(Ok(None)) => {
-                let _ = io.shutdown().await;
-                return Ok(());
-            }
-            Ok(Err(e)) => {
-                let _ = io.shutdown().await;
-                return Err(e);
-            }
-            Err(_) => {
-                let _ = io.shutdown().await;
-                return Err(ServerError::HandshakeTimeout);
-            }
-        };
+    let negotiated = match handshake(&mut io, &*provider, &cfg).await {
+        Ok(Some(n)) => n,
+        Ok(None) => {
+            let _ = io.shutdown().await;
+            return Ok(());
+        }
+        Err(e) => {
+            let _ = io.shutdown().await;
+            return Err(e);
+        }
+    };
     debug!(
         export = %negotiated.name,
         structured = negotiated.structured,
@@ -124,7 +114,47 @@ async fn write_flush<S: AsyncWrite + Unpin>(io: &mut S, buf: &mut BytesMut) -> s
     io.flush().await
 }
 
+/// What one option did to the handshake.
+enum Step {
+    /// Haggling goes on.
+    Next,
+    /// The client aborted.
+    Abort,
+    /// An export was selected: transmission begins.
+    Done(Negotiated),
+}
+
+/// Handshake state carried from one option to the next.
+struct Haggle {
+    no_zeroes: bool,
+    structured: bool,
+    /// (export name the context was selected for, context id)
+    meta: Option<(String, u32)>,
+    next_context_id: u32,
+    /// Options answered so far, and how many this client may send: the configured base plus
+    /// a few for each export in the longest list it was sent.
+    options: usize,
+    allowed: usize,
+}
+
+/// Bounds one step of the handshake by the configured inactivity limit.
+async fn bounded<T>(
+    cfg: &ServerConfig,
+    step: impl Future<Output = Result<T, ServerError>>,
+) -> Result<T, ServerError> {
+    tokio::time::timeout(cfg.option_timeout, step)
+        .await
+        .map_err(|_| ServerError::OptionTimeout(cfg.option_timeout))?
+}
+
 /// Runs option haggling. `Ok(None)` means the client aborted.
+///
+/// There is no bound on the whole handshake, which a client listing thousands of exports
+/// legitimately needs minutes for; instead each step (the greeting and the client's flags,
+/// then each option: waiting for it, reading it, answering it) must finish within
+/// `option_timeout`, so a silent or stalled client, or one that does not take its replies,
+/// is cut off; and the number of options is capped, the cap growing with the exports listed,
+/// so an endless stream of options is cut off too.
 async fn handshake<S>(
     io: &mut BufReader<S>,
     provider: &dyn ExportProvider,
@@ -134,150 +164,185 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut out = BytesMut::with_capacity(1024);
-    codec::encode_greeting(&mut out);
-    write_flush(io, &mut out).await?;
-
-    let mut flag_bytes = [0u8; 4];
-    io.read_exact(&mut flag_bytes).await?;
-    let client_flags = codec::parse_client_flags(&flag_bytes)?;
+    let client_flags = bounded(cfg, async {
+        codec::encode_greeting(&mut out);
+        write_flush(io, &mut out).await?;
+        let mut flag_bytes = [0u8; 4];
+        io.read_exact(&mut flag_bytes).await?;
+        Ok(codec::parse_client_flags(&flag_bytes)?)
+    })
+    .await?;
     if !client_flags.fixed_newstyle {
         return Err(ServerError::NotFixedNewstyle);
     }
-
-    let mut structured = false;
-    // (export name the context was selected for, context id)
-    let mut meta: Option<(String, u32)> = None;
-    let mut next_context_id: u32 = 1;
-
-    for _ in 0..MAX_OPTIONS {
-        let mut hdr = [0u8; OPTION_HEADER_LEN];
-        io.read_exact(&mut hdr).await?;
-        let hdr = codec::parse_option_header(&hdr)?;
-        if hdr.length > cfg.max_option_len {
-            // Don't read (or buffer) an attacker-sized payload.
-            return Err(ServerError::OptionTooLarge(hdr.length));
+    let mut st = Haggle {
+        no_zeroes: client_flags.no_zeroes,
+        structured: false,
+        meta: None,
+        next_context_id: 1,
+        options: 0,
+        allowed: cfg.max_options,
+    };
+    loop {
+        if st.options >= st.allowed {
+            return Err(ServerError::TooManyOptions(st.options));
         }
-        let mut payload = vec![0u8; hdr.length as usize];
-        io.read_exact(&mut payload).await?;
-        let opt = hdr.option;
+        st.options += 1;
+        match bounded(cfg, option(io, &mut out, &mut st, provider, cfg)).await? {
+            Step::Next => {}
+            Step::Abort => return Ok(None),
+            Step::Done(n) => return Ok(Some(n)),
+        }
+    }
+}
 
-        let parsed = match codec::parse_option(opt, &payload) {
-            Ok(p) => p,
-            Err(e) => {
-                debug!(option = opt, error = %e, "malformed option");
-                codec::encode_rep_error(&mut out, opt, NBD_REP_ERR_INVALID, &e.to_string());
-                write_flush(io, &mut out).await?;
-                continue;
+/// Reads one option and answers it.
+async fn option<S>(
+    io: &mut BufReader<S>,
+    out: &mut BytesMut,
+    st: &mut Haggle,
+    provider: &dyn ExportProvider,
+    cfg: &ServerConfig,
+) -> Result<Step, ServerError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut hdr = [0u8; OPTION_HEADER_LEN];
+    io.read_exact(&mut hdr).await?;
+    let hdr = codec::parse_option_header(&hdr)?;
+    if hdr.length > cfg.max_option_len {
+        // Don't read (or buffer) an attacker-sized payload.
+        return Err(ServerError::OptionTooLarge(hdr.length));
+    }
+    let mut payload = vec![0u8; hdr.length as usize];
+    io.read_exact(&mut payload).await?;
+    let opt = hdr.option;
+
+    let parsed = match codec::parse_option(opt, &payload) {
+        Ok(p) => p,
+        Err(e) => {
+            debug!(option = opt, error = %e, "malformed option");
+            codec::encode_rep_error(out, opt, NBD_REP_ERR_INVALID, &e.to_string());
+            write_flush(io, out).await?;
+            return Ok(Step::Next);
+        }
+    };
+
+    match parsed {
+        ClientOption::ExportName(name) => {
+            let export = provider
+                .open(&name)
+                .await
+                .map_err(|_| ServerError::ExportUnavailable(name.clone()))?;
+            let info = export.info();
+            let flags = transmission_flags(&info, st.structured);
+            codec::encode_export_name_reply(out, info.size, flags, st.no_zeroes);
+            write_flush(io, out).await?;
+            let meta_context = active_context(&st.meta, &name);
+            return Ok(Step::Done(Negotiated {
+                name,
+                export,
+                info,
+                flags,
+                structured: st.structured,
+                meta_context,
+            }));
+        }
+        ClientOption::Abort => {
+            codec::encode_rep_ack(out, opt);
+            // The client may already have gone; that's fine.
+            let _ = write_flush(io, out).await;
+            return Ok(Step::Abort);
+        }
+        ClientOption::List => {
+            let names = provider.list().await;
+            // A client that lists N exports may then ask about each (INFO,
+            // LIST_META_CONTEXT, ...): allow for that, once, whatever it lists again.
+            st.allowed = st.allowed.max(
+                cfg.max_options
+                    .saturating_add(cfg.options_per_export.saturating_mul(names.len())),
+            );
+            for name in &names {
+                codec::encode_rep_server(out, opt, name, None);
+                if out.len() >= WRITE_BUF {
+                    write_flush(io, out).await?;
+                }
             }
-        };
-
-        match parsed {
-            ClientOption::ExportName(name) => {
-                let export = provider
-                    .open(&name)
-                    .await
-                    .map_err(|_| ServerError::ExportUnavailable(name.clone()))?;
-                let info = export.info();
-                let flags = transmission_flags(&info, structured);
-                codec::encode_export_name_reply(&mut out, info.size, flags, client_flags.no_zeroes);
-                write_flush(io, &mut out).await?;
-                let meta_context = active_context(&meta, &name);
-                return Ok(Some(Negotiated {
-                    name,
+            codec::encode_rep_ack(out, opt);
+        }
+        ClientOption::Info(req) | ClientOption::Go(req) => {
+            let go = opt == NBD_OPT_GO;
+            // GO returns the opened export; INFO (or an error) goes on haggling.
+            if let Some((Some(export), info)) =
+                info_replies(out, opt, &req, go, st.structured, provider, cfg).await
+            {
+                write_flush(io, out).await?;
+                let flags = transmission_flags(&info, st.structured);
+                let meta_context = active_context(&st.meta, &req.name);
+                return Ok(Step::Done(Negotiated {
+                    name: req.name,
                     export,
                     info,
                     flags,
-                    structured,
+                    structured: st.structured,
                     meta_context,
                 }));
             }
-            ClientOption::Abort => {
-                codec::encode_rep_ack(&mut out, opt);
-                // The client may already have gone; that's fine.
-                let _ = write_flush(io, &mut out).await;
-                return Ok(None);
-            }
-            ClientOption::List => {
-                for name in provider.list().await {
-                    codec::encode_rep_server(&mut out, opt, &name, None);
-                }
-                codec::encode_rep_ack(&mut out, opt);
-            }
-            ClientOption::Info(req) | ClientOption::Go(req) => {
-                let go = opt == NBD_OPT_GO;
-                if let Some((export, info)) =
-                    info_replies(&mut out, opt, &req, go, structured, provider, cfg).await
-                {
-                    write_flush(io, &mut out).await?;
-                    if go {
-                        let flags = transmission_flags(&info, structured);
-                        let meta_context = active_context(&meta, &req.name);
-                        return Ok(Some(Negotiated {
-                            name: req.name,
-                            export,
-                            info,
-                            flags,
-                            structured,
-                            meta_context,
-                        }));
-                    }
-                }
-            }
-            ClientOption::StructuredReply => {
-                structured = true;
-                codec::encode_rep_ack(&mut out, opt);
-            }
-            ClientOption::ListMetaContext(req) => {
-                if !structured {
-                    codec::encode_rep_error(
-                        &mut out,
-                        opt,
-                        NBD_REP_ERR_INVALID,
-                        "structured replies must be negotiated first",
-                    );
-                } else {
-                    if lists_base_allocation(&req) {
-                        // The id in LIST replies is reserved: send zero.
-                        codec::encode_rep_meta_context(&mut out, opt, 0, BASE_ALLOCATION);
-                    }
-                    codec::encode_rep_ack(&mut out, opt);
-                }
-            }
-            ClientOption::SetMetaContext(req) => {
-                // Replaces the previous selection even if this one fails.
-                meta = None;
-                if !structured {
-                    codec::encode_rep_error(
-                        &mut out,
-                        opt,
-                        NBD_REP_ERR_INVALID,
-                        "structured replies must be negotiated first",
-                    );
-                } else {
-                    if req.queries.iter().any(|q| q == BASE_ALLOCATION) {
-                        let id = next_context_id;
-                        next_context_id = next_context_id.wrapping_add(1).max(1);
-                        codec::encode_rep_meta_context(&mut out, opt, id, BASE_ALLOCATION);
-                        meta = Some((req.export_name, id));
-                    }
-                    codec::encode_rep_ack(&mut out, opt);
-                }
-            }
-            ClientOption::StartTls => {
-                codec::encode_rep_error(&mut out, opt, NBD_REP_ERR_UNSUP, "TLS is not supported");
-            }
-            ClientOption::ExtendedHeaders | ClientOption::Unknown(_) => {
+        }
+        ClientOption::StructuredReply => {
+            st.structured = true;
+            codec::encode_rep_ack(out, opt);
+        }
+        ClientOption::ListMetaContext(req) => {
+            if !st.structured {
                 codec::encode_rep_error(
-                    &mut out,
+                    out,
                     opt,
-                    NBD_REP_ERR_UNSUP,
-                    &format!("option {opt} is not supported"),
+                    NBD_REP_ERR_INVALID,
+                    "structured replies must be negotiated first",
                 );
+            } else {
+                if lists_base_allocation(&req) {
+                    // The id in LIST replies is reserved: send zero.
+                    codec::encode_rep_meta_context(out, opt, 0, BASE_ALLOCATION);
+                }
+                codec::encode_rep_ack(out, opt);
             }
         }
-        write_flush(io, &mut out).await?;
+        ClientOption::SetMetaContext(req) => {
+            // Replaces the previous selection even if this one fails.
+            st.meta = None;
+            if !st.structured {
+                codec::encode_rep_error(
+                    out,
+                    opt,
+                    NBD_REP_ERR_INVALID,
+                    "structured replies must be negotiated first",
+                );
+            } else {
+                if req.queries.iter().any(|q| q == BASE_ALLOCATION) {
+                    let id = st.next_context_id;
+                    st.next_context_id = st.next_context_id.wrapping_add(1).max(1);
+                    codec::encode_rep_meta_context(out, opt, id, BASE_ALLOCATION);
+                    st.meta = Some((req.export_name, id));
+                }
+                codec::encode_rep_ack(out, opt);
+            }
+        }
+        ClientOption::StartTls => {
+            codec::encode_rep_error(out, opt, NBD_REP_ERR_UNSUP, "TLS is not supported");
+        }
+        ClientOption::ExtendedHeaders | ClientOption::Unknown(_) => {
+            codec::encode_rep_error(
+                out,
+                opt,
+                NBD_REP_ERR_UNSUP,
+                &format!("option {opt} is not supported"),
+            );
+        }
     }
-    Err(ServerError::TooManyOptions)
+    write_flush(io, out).await?;
+    Ok(Step::Next)
 }
 
 fn active_context(meta: &Option<(String, u32)>, export: &str) -> Option<u32> {
@@ -300,8 +365,11 @@ fn lists_base_allocation(req: &MetaContextRequest) -> bool {
             .any(|q| q == BASE_ALLOCATION || q == "base:")
 }
 
-/// Encodes the replies to INFO/GO into `out`. Returns the opened export on
-/// success (the ACK is already encoded), `None` after an error reply.
+/// Encodes the replies to INFO/GO into `out`. Returns the export's info on
+/// success (the ACK is already encoded), with the opened export for GO;
+/// `None` after an error reply. INFO does not open the export: the provider
+/// answers it from what it knows (a client listing thousands of exports asks
+/// about each).
 async fn info_replies(
     out: &mut BytesMut,
     opt: u32,
@@ -310,9 +378,14 @@ async fn info_replies(
     structured: bool,
     provider: &dyn ExportProvider,
     cfg: &ServerConfig,
-) -> Option<(Arc<dyn Export>, ExportInfo)> {
-    let export = match provider.open(&req.name).await {
-        Ok(e) => e,
+) -> Option<(Option<Arc<dyn Export>>, ExportInfo)> {
+    let found = if go {
+        provider.open(&req.name).await.map(|e| (e.info(), Some(e)))
+    } else {
+        provider.info(&req.name).await.map(|i| (i, None))
+    };
+    let (info, export) = match found {
+        Ok(found) => found,
         Err(OpenError::NotFound) => {
             let msg = format!("export {:?} not found", req.name);
             codec::encode_rep_error(out, opt, NBD_REP_ERR_UNKNOWN, &msg);
@@ -323,7 +396,6 @@ async fn info_replies(
             return None;
         }
     };
-    let info = export.info();
     codec::encode_info_export(out, opt, info.size, transmission_flags(&info, structured));
     let (min, preferred, max) = block_sizes(&info, cfg);
     let mut sent_block_size = false;

@@ -33,8 +33,16 @@ pub struct ServerConfig {
     pub max_in_flight_bytes: usize,
     /// Option payloads above this close the connection unread.
     pub max_option_len: u32,
-    /// Bound on the whole handshake phase.
-    pub handshake_timeout: Duration,
+    /// Bound on each step of the handshake: sending the greeting and reading the client's
+    /// flags, then each option (waiting for it, reading it, answering it). A silent or
+    /// stalled client, or one that does not read its replies, is cut off after this. There
+    /// is no bound on the whole handshake: a client listing thousands of exports needs long.
+    pub option_timeout: Duration,
+    /// Options a client may send before it is cut off...
+    pub max_options: usize,
+    /// ...plus this many for each export in the longest list it was sent (a client that
+    /// lists N exports asks about each: INFO, LIST_META_CONTEXT, ...).
+    pub options_per_export: usize,
 }
 
 impl Default for ServerConfig {
@@ -44,7 +52,9 @@ impl Default for ServerConfig {
             max_in_flight: 128,
             max_in_flight_bytes: 64 << 20,
             max_option_len: 64 << 10,
-            handshake_timeout: Duration::from_secs(30),
+            option_timeout: Duration::from_secs(30),
+            max_options: 1024,
+            options_per_export: 4,
         }
     }
 }
@@ -142,9 +152,16 @@ pub enum OpenError {
 #[async_trait::async_trait]
 pub trait ExportProvider: Send + Sync + 'static {
     async fn list(&self) -> Vec<String>;
-    /// Called for `NBD_OPT_INFO`, `NBD_OPT_GO` and `NBD_OPT_EXPORT_NAME`;
-    /// the name may be empty (the "default" export).
+    /// Called for `NBD_OPT_GO` and `NBD_OPT_EXPORT_NAME`; the name may be
+    /// empty (the "default" export).
     async fn open(&self, name: &str) -> Result<Arc<dyn Export>, OpenError>;
+    /// Called for `NBD_OPT_INFO`: what the export would be, without opening
+    /// it for I/O. A provider whose `open` is expensive (an agent attaches
+    /// the vdisk) answers from metadata: a client listing exports asks this
+    /// of every one. The default opens the export.
+    async fn info(&self, name: &str) -> Result<ExportInfo, OpenError> {
+        Ok(self.open(name).await?.info())
+    }
 }
 
 /// Why a connection ended other than by a clean client disconnect.
@@ -154,14 +171,14 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("protocol violation: {0}")]
     Protocol(#[from] ProtocolError),
-    #[error("handshake did not finish within the timeout")]
-    HandshakeTimeout,
+    #[error("the client sent no complete option, or did not read the replies, within {0:?}")]
+    OptionTimeout(Duration),
     #[error("client did not set NBD_FLAG_C_FIXED_NEWSTYLE")]
     NotFixedNewstyle,
     #[error("option payload of {0} bytes exceeds the configured limit")]
     OptionTooLarge(u32),
-    #[error("client sent too many options")]
-    TooManyOptions,
+    #[error("the client sent {0} options without choosing an export")]
+    TooManyOptions(usize),
     #[error("NBD_OPT_EXPORT_NAME for unavailable export {0:?}")]
     ExportUnavailable(String),
     #[error("write payload of {0} bytes exceeds the advertised maximum")]
