@@ -951,6 +951,27 @@ impl Controller {
     /// Deletes a vdisk (with its snapshots if `with_snapshots`), or a snapshot by its
     /// `VDISK@SNAP` name. Space no other table maps is zeroed and freed.
     pub async fn delete_vdisk(&self, name: &str, with_snapshots: bool) -> Result<(), ControlError> {
+        self.delete_vdisk_checked(name, with_snapshots, false).await
+    }
+
+    /// Deletes a vdisk even while NBD clients are connected to it (or, with
+    /// `with_snapshots`, to its snapshots): their I/O fails from then on.
+    pub async fn force_delete_vdisk(
+        &self,
+        name: &str,
+        with_snapshots: bool,
+    ) -> Result<(), ControlError> {
+        self.delete_vdisk_checked(name, with_snapshots, true).await
+    }
+
+    /// Without `force`, a vdisk that clients are connected to (as `rbd rm` refuses an image
+    /// with watchers) is refused: deleting it fails every I/O they send.
+    async fn delete_vdisk_checked(
+        &self,
+        name: &str,
+        with_snapshots: bool,
+        force: bool,
+    ) -> Result<(), ControlError> {
         let mut meta = self.meta.lock().await;
         let id = meta.by_name(name)?;
         let snaps = meta.snapshots_of(id);
@@ -968,9 +989,48 @@ impl Controller {
         }
         let mut ids = snaps;
         ids.push(id);
+        self.refuse_connected(&meta, &format!("vdisk '{name}'"), &ids, force)?;
         self.delete_tables(&mut meta, &ids).await?;
         info!(vdisk = name, "deleted");
         Ok(())
+    }
+
+    /// Refuses (unless `force`) to delete tables that NBD clients are connected to, saying
+    /// which agents serve them and how to delete anyway.
+    fn refuse_connected(
+        &self,
+        meta: &Meta,
+        what: &str,
+        ids: &[VdiskId],
+        force: bool,
+    ) -> Result<(), ControlError> {
+        let conns = self.agents.connections(ids);
+        if conns.is_empty() {
+            return Ok(());
+        }
+        let total: u32 = conns.iter().map(|c| c.2).sum();
+        let list = conns
+            .iter()
+            .map(|(agent, v, n)| {
+                let export = meta.vdisks.get(v).map_or("?", |m| m.rec.name.as_str());
+                let s = if *n == 1 { "" } else { "s" };
+                format!("agent {agent}: {n} connection{s} to {export}")
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        if force {
+            warn!(
+                what,
+                clients = total,
+                connections = list,
+                "deleting with clients connected (--force): their I/O fails from now on"
+            );
+            return Ok(());
+        }
+        let s = if total == 1 { "" } else { "s" };
+        Err(ControlError::InUse(format!(
+            "{what} has {total} connected client{s} ({list}): disconnect them first, or pass --force to delete it anyway (their I/O then fails)"
+        )))
     }
 
     /// Deletes tables in one transaction, then detaches agents and frees what nobody else

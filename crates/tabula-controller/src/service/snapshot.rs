@@ -293,6 +293,16 @@ impl Controller {
 
     /// Deletes snapshot `VDISK@SNAP`; the space only it maps is freed.
     pub async fn delete_snapshot(&self, full: &str) -> Result<(), ControlError> {
+        self.delete_snapshot_checked(full, false).await
+    }
+
+    /// Deletes a snapshot even while NBD clients are connected to its export: their I/O
+    /// fails from then on.
+    pub async fn force_delete_snapshot(&self, full: &str) -> Result<(), ControlError> {
+        self.delete_snapshot_checked(full, true).await
+    }
+
+    async fn delete_snapshot_checked(&self, full: &str, force: bool) -> Result<(), ControlError> {
         let mut meta = self.meta.lock().await;
         let id = meta.by_name(full)?;
         if !meta.vdisks[&id].rec.read_only {
@@ -300,6 +310,7 @@ impl Controller {
                 "'{full}' is a vdisk, not a snapshot: use tabula vdisk delete"
             )));
         }
+        self.refuse_connected(&meta, &format!("snapshot '{full}'"), &[id], force)?;
         self.delete_tables(&mut meta, &[id]).await?;
         info!(snapshot = full, "snapshot deleted");
         Ok(())
