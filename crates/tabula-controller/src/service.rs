@@ -53,6 +53,10 @@ const BULK_RUNS: usize = 1024;
 /// How long a fault waits for the metadata lock before it is told to retry.
 const FAULT_LOCK_WAIT: Duration = Duration::from_secs(1);
 
+/// How long a delete waits for the clients of what it deletes to disconnect before it is
+/// refused (agents report a closed connection at once; this covers the trip).
+pub(crate) const CLIENTS_GONE_WAIT: Duration = Duration::from_secs(2);
+
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
     pub data_dir: PathBuf,
@@ -972,31 +976,43 @@ impl Controller {
         with_snapshots: bool,
         force: bool,
     ) -> Result<(), ControlError> {
-        let mut meta = self.meta.lock().await;
-        let id = meta.by_name(name)?;
-        let snaps = meta.snapshots_of(id);
-        if !snaps.is_empty() && !with_snapshots {
-            let names: Vec<&str> = snaps
-                .iter()
-                .map(|s| meta.vdisks[s].rec.name.as_str())
-                .collect();
-            return Err(ControlError::Invalid(format!(
-                "vdisk '{name}' has {} snapshot(s) ({}): delete them first (tabula snapshot delete {}) or pass --with-snapshots",
-                names.len(),
-                names.join(", "),
-                names[0]
-            )));
+        let deadline = tokio::time::Instant::now() + CLIENTS_GONE_WAIT;
+        loop {
+            let mut meta = self.meta.lock().await;
+            let id = meta.by_name(name)?;
+            let snaps = meta.snapshots_of(id);
+            if !snaps.is_empty() && !with_snapshots {
+                let names: Vec<&str> = snaps
+                    .iter()
+                    .map(|s| meta.vdisks[s].rec.name.as_str())
+                    .collect();
+                return Err(ControlError::Invalid(format!(
+                    "vdisk '{name}' has {} snapshot(s) ({}): delete them first (tabula snapshot delete {}) or pass --with-snapshots",
+                    names.len(),
+                    names.join(", "),
+                    names[0]
+                )));
+            }
+            let mut ids = snaps;
+            ids.push(id);
+            match self.refuse_connected(&meta, &format!("vdisk '{name}'"), &ids, force) {
+                Err(_) if tokio::time::Instant::now() < deadline => {}
+                r => {
+                    r?;
+                    self.delete_tables(&mut meta, &ids).await?;
+                    info!(vdisk = name, "deleted");
+                    return Ok(());
+                }
+            }
+            drop(meta);
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let mut ids = snaps;
-        ids.push(id);
-        self.refuse_connected(&meta, &format!("vdisk '{name}'"), &ids, force)?;
-        self.delete_tables(&mut meta, &ids).await?;
-        info!(vdisk = name, "deleted");
-        Ok(())
     }
 
     /// Refuses (unless `force`) to delete tables that NBD clients are connected to, saying
-    /// which agents serve them and how to delete anyway.
+    /// which agents serve them and how to delete anyway. Callers ask again for up to
+    /// [`CLIENTS_GONE_WAIT`] before refusing: a client that just disconnected reaches the
+    /// controller with its agent's next report.
     fn refuse_connected(
         &self,
         meta: &Meta,

@@ -760,7 +760,7 @@ async fn deleting_what_clients_are_connected_to_needs_force() {
         "host-b",
         Arc::new(Remote),
         vec![vd],
-        Some(Duration::from_millis(200)),
+        Some(Duration::from_millis(3000)),
     );
     let report = tabula_api::AgentReport {
         connections: vec![(vd, 1)],
@@ -770,7 +770,8 @@ async fn deleting_what_clients_are_connected_to_needs_force() {
     let a = send(&app, delete("/v1/vdisks/vd")).await;
     assert_eq!(a.status, StatusCode::CONFLICT);
     assert!(error_text(&a).unwrap().contains("host-b"));
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // (The refusal came after the 2 s wait for clients to leave; the lease ends at 3.5 s.)
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     let a = send(&app, delete("/v1/vdisks/vd")).await;
     assert_eq!(
         a.status,
@@ -778,6 +779,21 @@ async fn deleting_what_clients_are_connected_to_needs_force() {
         "{}",
         String::from_utf8_lossy(&a.body)
     );
+    // A client that leaves while the delete waits for it does not make it fail.
+    ctl.create_vdisk("gone", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
+    *port.0.lock() = vec![(id("gone").await, 1)];
+    let leaves = {
+        let port = port.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            port.0.lock().clear();
+        })
+    };
+    let a = send(&app, delete("/v1/vdisks/gone")).await;
+    assert_eq!(a.status, StatusCode::NO_CONTENT);
+    leaves.await.unwrap();
     // --force under clients.
     *port.0.lock() = vec![(id("cl").await, 1)];
     let a = send(&app, delete("/v1/vdisks/cl")).await;

@@ -303,14 +303,26 @@ impl Controller {
     }
 
     async fn delete_snapshot_checked(&self, full: &str, force: bool) -> Result<(), ControlError> {
-        let mut meta = self.meta.lock().await;
+        let deadline = tokio::time::Instant::now() + super::CLIENTS_GONE_WAIT;
+        let mut meta = loop {
+            let meta = self.meta.lock().await;
+            let id = meta.by_name(full)?;
+            if !meta.vdisks[&id].rec.read_only {
+                return Err(ControlError::Invalid(format!(
+                    "'{full}' is a vdisk, not a snapshot: use tabula vdisk delete"
+                )));
+            }
+            match self.refuse_connected(&meta, &format!("snapshot '{full}'"), &[id], force) {
+                Err(_) if tokio::time::Instant::now() < deadline => {}
+                r => {
+                    r?;
+                    break meta;
+                }
+            }
+            drop(meta);
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
         let id = meta.by_name(full)?;
-        if !meta.vdisks[&id].rec.read_only {
-            return Err(ControlError::Invalid(format!(
-                "'{full}' is a vdisk, not a snapshot: use tabula vdisk delete"
-            )));
-        }
-        self.refuse_connected(&meta, &format!("snapshot '{full}'"), &[id], force)?;
         self.delete_tables(&mut meta, &[id]).await?;
         info!(snapshot = full, "snapshot deleted");
         Ok(())
