@@ -50,7 +50,16 @@ fn malformed_requests_get_json_errors() {
     let mut srv = Server::start("64M");
     let api = srv.api();
     let json = Some("Content-Type: application/json");
-    let cases: &[(&str, &str, Option<&str>, Option<&str>, u16, &str)] = &[
+    // (method, path, content type header, body, status, what the error mentions)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Option<&'a str>,
+        Option<&'a str>,
+        u16,
+        &'a str,
+    );
+    let cases: &[Case] = &[
         ("POST", "/v1/vdisks", json, Some("{bad"), 400, "JSON"),
         (
             "POST",

@@ -90,7 +90,16 @@ async fn parse_errors_and_unknown_routes_answer_json() {
     let dir = tempfile::tempdir().unwrap();
     let app = app(controller(dir.path()).await, true, Limits::default());
     let json = Some("application/json");
-    let cases: &[(&str, &str, Option<&str>, &[u8], StatusCode, &str)] = &[
+    // (method, path, content type, body, status, what the error mentions)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Option<&'a str>,
+        &'a [u8],
+        StatusCode,
+        &'a str,
+    );
+    let cases: &[Case] = &[
         // curl -d '{bad' (malformed JSON)
         (
             "POST",
@@ -432,7 +441,7 @@ fn any_json() -> impl Strategy<Value = serde_json::Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(|n| Value::from(n)),
+        any::<i64>().prop_map(Value::from),
         any::<f64>()
             .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
         ".{0,20}".prop_map(Value::String),
