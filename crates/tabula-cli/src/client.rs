@@ -23,6 +23,8 @@ impl Client {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(std::time::Duration::from_secs(120)))
+            // The controller closes connections idle for 10 s: never reuse one near that.
+            .max_idle_age(std::time::Duration::from_secs(5))
             .build()
             .into();
         Client { base, agent }
