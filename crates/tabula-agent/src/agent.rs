@@ -137,6 +137,42 @@ pub(crate) struct Shared {
     gaps_healed: AtomicU64,
     /// Containers the controller reported failed (whether open here or not), with why.
     failed: parking_lot::Mutex<HashMap<ContainerId, String>>,
+    /// Open exports (NBD connections) per vdisk, reported to the controller, which refuses
+    /// to delete a vdisk under its clients.
+    connections: parking_lot::Mutex<HashMap<VdiskId, u32>>,
+    /// Wakes the heartbeat so the controller hears of a new or closed connection at once.
+    report_changed: tokio::sync::Notify,
+}
+
+/// One open export of a vdisk, counted for as long as it lives.
+pub(crate) struct Connection {
+    shared: Arc<Shared>,
+    vdisk: VdiskId,
+}
+
+impl Connection {
+    pub(crate) fn new(shared: &Arc<Shared>, vdisk: VdiskId) -> Connection {
+        *shared.connections.lock().entry(vdisk).or_default() += 1;
+        shared.report_changed.notify_one();
+        Connection {
+            shared: shared.clone(),
+            vdisk,
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let mut conns = self.shared.connections.lock();
+        if let Some(n) = conns.get_mut(&self.vdisk) {
+            *n -= 1;
+            if *n == 0 {
+                conns.remove(&self.vdisk);
+            }
+        }
+        drop(conns);
+        self.shared.report_changed.notify_one();
+    }
 }
 
 impl Shared {
@@ -451,6 +487,8 @@ impl Agent {
                 mismatches: AtomicU64::new(0),
                 gaps_healed: AtomicU64::new(0),
                 failed: parking_lot::Mutex::new(HashMap::new()),
+                connections: parking_lot::Mutex::new(HashMap::new()),
+                report_changed: tokio::sync::Notify::new(),
             }),
         };
         let port: Arc<dyn AgentPort> = Arc::new(agent.clone());
@@ -701,11 +739,24 @@ impl AgentPort for Agent {
             .map(|v| (v.id(), v.generation()))
             .collect();
         tables.sort();
+        let mut connections: Vec<_> = self
+            .shared
+            .connections
+            .lock()
+            .iter()
+            .map(|(v, n)| (*v, *n))
+            .collect();
+        connections.sort();
         Some(AgentReport {
             tables,
             table_mismatches: self.shared.mismatches.load(Ordering::Relaxed),
             gaps_healed: self.shared.gaps_healed.load(Ordering::Relaxed),
+            connections,
         })
+    }
+
+    async fn report_changed(&self) {
+        self.shared.report_changed.notified().await
     }
 
     fn held_vdisks(&self) -> Vec<VdiskId> {

@@ -255,9 +255,22 @@ impl RemoteControl {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sent: BTreeMap<u64, Instant> = BTreeMap::new();
         let mut seq = 0u64;
+        // A client connecting or leaving is reported at once (the controller refuses to
+        // delete a vdisk under its clients), but at most every 50 ms.
+        let mut early_after = Instant::now();
         loop {
+            let next_heartbeat = async {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = async {
+                        tokio::time::sleep_until(early_after.into()).await;
+                        port.report_changed().await
+                    } => {}
+                }
+            };
             tokio::select! {
-                _ = ticker.tick() => {
+                _ = next_heartbeat => {
+                    early_after = Instant::now() + Duration::from_millis(50);
                     seq += 1;
                     sent.insert(seq, Instant::now());
                     // Grants that never come must not pile up.
@@ -274,6 +287,11 @@ impl RemoteControl {
                             .collect(),
                         table_mismatches: report.table_mismatches,
                         gaps_healed: report.gaps_healed,
+                        connections: report
+                            .connections
+                            .iter()
+                            .map(|(v, n)| pb::ConnectionReport { vdisk: v.0, count: *n })
+                            .collect(),
                     };
                     if !send(agent_message::Msg::Heartbeat(hb)) {
                         break;

@@ -401,7 +401,8 @@ fn ctl_err(e: ControlError) -> IoError {
         | ControlError::Unavailable(_)
         | ControlError::Storage(_)
         | ControlError::Retry { .. }
-        | ControlError::Exists(_) => Errno::Io,
+        | ControlError::Exists(_)
+        | ControlError::InUse(_) => Errno::Io,
     };
     IoError {
         errno,
@@ -644,11 +645,18 @@ struct CopyStep {
 pub struct VolumeExport {
     shared: Arc<Shared>,
     vol: Arc<Volume>,
+    /// Counts this export (an NBD connection) until it is dropped.
+    _connection: crate::agent::Connection,
 }
 
 impl VolumeExport {
     pub(crate) fn new(shared: Arc<Shared>, vol: Arc<Volume>) -> VolumeExport {
-        VolumeExport { shared, vol }
+        let _connection = crate::agent::Connection::new(&shared, vol.id());
+        VolumeExport {
+            shared,
+            vol,
+            _connection,
+        }
     }
 
     fn check_attached(&self) -> Result<(), IoError> {

@@ -203,6 +203,10 @@ pub enum ControlError {
     Exists(String),
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// Refused while something uses it (NBD clients connected to a vdisk being deleted); the
+    /// message names the users and how to proceed anyway.
+    #[error("{0}")]
+    InUse(String),
     #[error("controller unavailable: {0}")]
     Unavailable(String),
     #[error("storage error: {0}")]
@@ -223,6 +227,9 @@ pub struct AgentReport {
     pub table_mismatches: u64,
     /// Gaps in the received generations that were healed by fetching the whole table.
     pub gaps_healed: u64,
+    /// NBD connections open to each vdisk (and snapshot) it exports; only non-zero counts.
+    #[serde(default)]
+    pub connections: Vec<(VdiskId, u32)>,
 }
 
 /// What an agent asks of the controller.
@@ -275,4 +282,9 @@ pub trait AgentPort: Send + Sync + 'static {
     }
     /// A new session with the controller has begun: resynchronise every table copy.
     async fn session_started(&self) {}
+    /// Resolves when the report changed in a way the controller should hear of before the
+    /// next heartbeat (a client connected or disconnected); never, by default.
+    async fn report_changed(&self) {
+        std::future::pending::<()>().await
+    }
 }

@@ -240,6 +240,10 @@ pub enum VdiskCmd {
         /// Delete its snapshots too (without it, a vdisk with snapshots is not deleted).
         #[arg(long)]
         with_snapshots: bool,
+        /// Delete it even while NBD clients are connected to it (or to its snapshots); their
+        /// I/O fails from then on. Without it, such a vdisk is not deleted.
+        #[arg(long)]
+        force: bool,
     },
     /// Create a writable vdisk from a snapshot, sharing all its space (copied on write).
     /// The clone depends on nothing: the snapshot and its vdisk can be deleted.
@@ -311,6 +315,10 @@ pub enum SnapshotCmd {
     Delete {
         /// VDISK@SNAP
         name: String,
+        /// Delete it even while NBD clients are connected to its export; their I/O fails
+        /// from then on.
+        #[arg(long)]
+        force: bool,
     },
     /// List the byte ranges whose contents may differ between two tables of one lineage
     /// (a vdisk, its snapshots and clones), without reading data: for incremental backup.
@@ -436,8 +444,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             VdiskCmd::Delete {
                 name,
                 with_snapshots,
+                force,
             } => {
-                client().delete_vdisk(&name, with_snapshots)?;
+                client().delete_vdisk(&name, with_snapshots, force)?;
                 println!("deleted vdisk {name}");
             }
             VdiskCmd::Clone { source, name, cow } => {
@@ -501,11 +510,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 let list = client().list_snapshots(vdisk.as_deref())?;
                 output::print(&list, json, output::snapshot_table)?;
             }
-            SnapshotCmd::Delete { name } => {
+            SnapshotCmd::Delete { name, force } => {
                 if !name.contains('@') {
                     bail!("give the snapshot as VDISK@SNAP (tabula snapshot list shows them)");
                 }
-                client().delete_snapshot(&name)?;
+                client().delete_snapshot(&name, force)?;
                 println!("deleted snapshot {name}");
             }
             SnapshotCmd::Diff { from, to, json } => {

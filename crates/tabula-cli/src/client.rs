@@ -23,6 +23,8 @@ impl Client {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(std::time::Duration::from_secs(120)))
+            // The controller closes connections idle for 10 s: never reuse one near that.
+            .max_idle_age(std::time::Duration::from_secs(5))
             .build()
             .into();
         Client { base, agent }
@@ -40,19 +42,35 @@ impl Client {
     }
 
     fn decode<T: DeserializeOwned>(mut resp: ureq::http::Response<ureq::Body>) -> Result<T> {
-        let status = resp.status();
-        if status.is_success() {
+        if resp.status().is_success() {
             return resp
                 .body_mut()
                 .read_json::<T>()
                 .context("the controller's answer could not be decoded");
         }
-        let msg = resp
+        Err(Self::error(resp))
+    }
+
+    /// The error an answer carries: the controller's `{"error": ...}` message, or, from
+    /// something else answering at that address (a proxy, another service), its status and
+    /// the start of its text.
+    fn error(mut resp: ureq::http::Response<ureq::Body>) -> anyhow::Error {
+        let status = resp.status();
+        let text = resp
             .body_mut()
-            .read_json::<ApiError>()
-            .map(|e| e.error)
-            .unwrap_or_else(|_| status.to_string());
-        Err(anyhow!("{msg}"))
+            .with_config()
+            .limit(64 << 10)
+            .read_to_string()
+            .unwrap_or_default();
+        if let Ok(e) = serde_json::from_str::<ApiError>(&text) {
+            return anyhow!("{}", e.error);
+        }
+        let text: String = text.trim().chars().take(200).collect();
+        if text.is_empty() {
+            anyhow!("the controller answered {status}")
+        } else {
+            anyhow!("the controller answered {status}: {text}")
+        }
     }
 
     fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
@@ -101,17 +119,18 @@ impl Client {
         self.post(&format!("/v1/vdisks/{}/resize", enc(name)), req)
     }
 
-    pub fn delete_vdisk(&self, name: &str, with_snapshots: bool) -> Result<()> {
-        let q = if with_snapshots {
-            "?with_snapshots=true"
-        } else {
-            ""
+    pub fn delete_vdisk(&self, name: &str, with_snapshots: bool, force: bool) -> Result<()> {
+        let q = match (with_snapshots, force) {
+            (false, false) => "",
+            (true, false) => "?with_snapshots=true",
+            (false, true) => "?force=true",
+            (true, true) => "?with_snapshots=true&force=true",
         };
         self.delete(&format!("/v1/vdisks/{}{q}", enc(name)))
     }
 
     fn delete(&self, path: &str) -> Result<()> {
-        let mut r = self
+        let r = self
             .agent
             .delete(&self.url(path))
             .call()
@@ -119,12 +138,7 @@ impl Client {
         if r.status().is_success() {
             return Ok(());
         }
-        let msg = r
-            .body_mut()
-            .read_json::<ApiError>()
-            .map(|e| e.error)
-            .unwrap_or_else(|_| r.status().to_string());
-        Err(anyhow!("{msg}"))
+        Err(Self::error(r))
     }
 
     pub fn create_snapshot(&self, vdisk: &str, name: &str) -> Result<SnapshotView> {
@@ -143,8 +157,9 @@ impl Client {
         }
     }
 
-    pub fn delete_snapshot(&self, full: &str) -> Result<()> {
-        self.delete(&format!("/v1/snapshots/{}", enc(full)))
+    pub fn delete_snapshot(&self, full: &str, force: bool) -> Result<()> {
+        let q = if force { "?force=true" } else { "" };
+        self.delete(&format!("/v1/snapshots/{}{q}", enc(full)))
     }
 
     pub fn clone_vdisk(&self, req: &CloneVdisk) -> Result<VdiskView> {

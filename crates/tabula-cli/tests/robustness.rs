@@ -180,7 +180,8 @@ fn deleting_a_connected_vdisk_fails_its_io_cleanly() {
     srv.cli(&["vdisk", "create", "vd", "--size", "8M"]);
     let mut c = Client::connect(srv.nbd_port, "vd").unwrap();
     c.write(0, &stamp_block(0, 1), false).unwrap();
-    srv.cli(&["vdisk", "delete", "vd"]);
+    // Refused without --force while the client is connected (tests/admin_api.rs).
+    srv.cli(&["vdisk", "delete", "vd", "--force"]);
     assert!(matches!(
         c.read(0, 4096),
         Err(NbdErr::Errno(_)) | Err(NbdErr::Io(_))

@@ -1152,7 +1152,13 @@ fn snapshot_cli_contract() {
     // space: its reads fail.
     let mut stale = Nbd::connect(port, "vd@s2");
     assert!(first_difference(&stale.read_all(), &ms2, 0).is_none());
-    srv.cli(&["snapshot", "delete", "vd@s2"]);
+    // Deleting a snapshot a client is connected to takes --force.
+    let msg = refused(&srv, &["snapshot", "delete", "vd@s2"]);
+    assert!(
+        msg.contains("1 connection to vd@s2") && msg.contains("--force"),
+        "{msg}"
+    );
+    srv.cli(&["snapshot", "delete", "vd@s2", "--force"]);
     let mut co = Nbd::connect(port, "other");
     for i in 0..(4 * MIB / SEG) {
         co.write(i * SEG, &pattern(0xee, SEG as usize), false)

@@ -364,6 +364,25 @@ impl Agents {
             .collect()
     }
 
+    /// The NBD connections agents report to any of `vdisks`: (agent, vdisk, count), in agent
+    /// order. An agent whose lease ran out serves nothing any more and is not counted.
+    pub fn connections(&self, vdisks: &[VdiskId]) -> Vec<(String, VdiskId, u32)> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for (n, s) in self.inner.lock().slots.iter() {
+            if s.lease.is_some() && s.expires <= now {
+                continue;
+            }
+            let report = s.port.report().unwrap_or_else(|| s.report.clone());
+            for (v, count) in report.connections {
+                if count > 0 && vdisks.contains(&v) {
+                    out.push((n.clone(), v, count));
+                }
+            }
+        }
+        out
+    }
+
     /// Every vdisk some current session holds a table of (for periodic replacement).
     pub fn held_vdisks(&self) -> BTreeSet<VdiskId> {
         self.inner

@@ -126,6 +126,11 @@ fn report_from(h: &pb::Heartbeat) -> AgentReport {
             .collect(),
         table_mismatches: h.table_mismatches,
         gaps_healed: h.gaps_healed,
+        connections: h
+            .connections
+            .iter()
+            .map(|c| (VdiskId(c.vdisk), c.count))
+            .collect(),
     }
 }
 

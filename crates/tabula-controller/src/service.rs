@@ -53,6 +53,10 @@ const BULK_RUNS: usize = 1024;
 /// How long a fault waits for the metadata lock before it is told to retry.
 const FAULT_LOCK_WAIT: Duration = Duration::from_secs(1);
 
+/// How long a delete waits for the clients of what it deletes to disconnect before it is
+/// refused (agents report a closed connection at once; this covers the trip).
+pub(crate) const CLIENTS_GONE_WAIT: Duration = Duration::from_secs(2);
+
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
     pub data_dir: PathBuf,
@@ -979,26 +983,98 @@ impl Controller {
     /// Deletes a vdisk (with its snapshots if `with_snapshots`), or a snapshot by its
     /// `VDISK@SNAP` name. Space no other table maps is zeroed and freed.
     pub async fn delete_vdisk(&self, name: &str, with_snapshots: bool) -> Result<(), ControlError> {
-        let mut meta = self.meta.lock().await;
-        let id = meta.by_name(name)?;
-        let snaps = meta.snapshots_of(id);
-        if !snaps.is_empty() && !with_snapshots {
-            let names: Vec<&str> = snaps
-                .iter()
-                .map(|s| meta.vdisks[s].rec.name.as_str())
-                .collect();
-            return Err(ControlError::Invalid(format!(
-                "vdisk '{name}' has {} snapshot(s) ({}): delete them first (tabula snapshot delete {}) or pass --with-snapshots",
-                names.len(),
-                names.join(", "),
-                names[0]
-            )));
+        self.delete_vdisk_checked(name, with_snapshots, false).await
+    }
+
+    /// Deletes a vdisk even while NBD clients are connected to it (or, with
+    /// `with_snapshots`, to its snapshots): their I/O fails from then on.
+    pub async fn force_delete_vdisk(
+        &self,
+        name: &str,
+        with_snapshots: bool,
+    ) -> Result<(), ControlError> {
+        self.delete_vdisk_checked(name, with_snapshots, true).await
+    }
+
+    /// Without `force`, a vdisk that clients are connected to (as `rbd rm` refuses an image
+    /// with watchers) is refused: deleting it fails every I/O they send.
+    async fn delete_vdisk_checked(
+        &self,
+        name: &str,
+        with_snapshots: bool,
+        force: bool,
+    ) -> Result<(), ControlError> {
+        let deadline = tokio::time::Instant::now() + CLIENTS_GONE_WAIT;
+        loop {
+            let mut meta = self.meta.lock().await;
+            let id = meta.by_name(name)?;
+            let snaps = meta.snapshots_of(id);
+            if !snaps.is_empty() && !with_snapshots {
+                let names: Vec<&str> = snaps
+                    .iter()
+                    .map(|s| meta.vdisks[s].rec.name.as_str())
+                    .collect();
+                return Err(ControlError::Invalid(format!(
+                    "vdisk '{name}' has {} snapshot(s) ({}): delete them first (tabula snapshot delete {}) or pass --with-snapshots",
+                    names.len(),
+                    names.join(", "),
+                    names[0]
+                )));
+            }
+            let mut ids = snaps;
+            ids.push(id);
+            match self.refuse_connected(&meta, &format!("vdisk '{name}'"), &ids, force) {
+                Err(_) if tokio::time::Instant::now() < deadline => {}
+                r => {
+                    r?;
+                    self.delete_tables(&mut meta, &ids).await?;
+                    info!(vdisk = name, "deleted");
+                    return Ok(());
+                }
+            }
+            drop(meta);
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let mut ids = snaps;
-        ids.push(id);
-        self.delete_tables(&mut meta, &ids).await?;
-        info!(vdisk = name, "deleted");
-        Ok(())
+    }
+
+    /// Refuses (unless `force`) to delete tables that NBD clients are connected to, saying
+    /// which agents serve them and how to delete anyway. Callers ask again for up to
+    /// [`CLIENTS_GONE_WAIT`] before refusing: a client that just disconnected reaches the
+    /// controller with its agent's next report.
+    fn refuse_connected(
+        &self,
+        meta: &Meta,
+        what: &str,
+        ids: &[VdiskId],
+        force: bool,
+    ) -> Result<(), ControlError> {
+        let conns = self.agents.connections(ids);
+        if conns.is_empty() {
+            return Ok(());
+        }
+        let total: u32 = conns.iter().map(|c| c.2).sum();
+        let list = conns
+            .iter()
+            .map(|(agent, v, n)| {
+                let export = meta.vdisks.get(v).map_or("?", |m| m.rec.name.as_str());
+                let s = if *n == 1 { "" } else { "s" };
+                format!("agent {agent}: {n} connection{s} to {export}")
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        if force {
+            warn!(
+                what,
+                clients = total,
+                connections = list,
+                "deleting with clients connected (--force): their I/O fails from now on"
+            );
+            return Ok(());
+        }
+        let s = if total == 1 { "" } else { "s" };
+        Err(ControlError::InUse(format!(
+            "{what} has {total} connected client{s} ({list}): disconnect them first, or pass --force to delete it anyway (their I/O then fails)"
+        )))
     }
 
     /// Deletes tables in one transaction, then detaches agents and frees what nobody else

@@ -312,6 +312,7 @@ pub fn error_to_pb(e: &ControlError) -> pb::Error {
         ControlError::NotFound(m) => (Kind::NotFound, m.clone(), 0),
         ControlError::Exists(m) => (Kind::Exists, m.clone(), 0),
         ControlError::Invalid(m) => (Kind::Invalid, m.clone(), 0),
+        ControlError::InUse(m) => (Kind::InUse, m.clone(), 0),
         ControlError::Unavailable(m) => (Kind::Unavailable, m.clone(), 0),
         ControlError::Storage(m) => (Kind::Storage, m.clone(), 0),
         ControlError::Retry { after_ms, reason } => (Kind::Retry, reason.clone(), *after_ms),
@@ -330,6 +331,7 @@ pub fn error_from_pb(e: pb::Error) -> ControlError {
         Kind::NotFound => ControlError::NotFound(e.message),
         Kind::Exists => ControlError::Exists(e.message),
         Kind::Invalid => ControlError::Invalid(e.message),
+        Kind::InUse => ControlError::InUse(e.message),
         Kind::Unavailable => ControlError::Unavailable(e.message),
         Kind::Storage => ControlError::Storage(e.message),
         Kind::Retry => ControlError::Retry {
@@ -347,6 +349,7 @@ pub fn error_to_status(e: &ControlError) -> tonic::Status {
         ControlError::NoSpace => tonic::Code::ResourceExhausted,
         ControlError::NotFound(_) => tonic::Code::NotFound,
         ControlError::Exists(_) => tonic::Code::AlreadyExists,
+        ControlError::InUse(_) => tonic::Code::FailedPrecondition,
         ControlError::Invalid(_) => tonic::Code::InvalidArgument,
         ControlError::Unavailable(_) | ControlError::Retry { .. } => tonic::Code::Unavailable,
         ControlError::Storage(_) => tonic::Code::Internal,
@@ -512,6 +515,7 @@ mod tests {
             ControlError::NotFound("vdisk x".into()),
             ControlError::Exists("vdisk x exists".into()),
             ControlError::Invalid("bad".into()),
+            ControlError::InUse("vdisk x has clients".into()),
             ControlError::Unavailable("down".into()),
             ControlError::Storage("disk".into()),
             ControlError::Retry {

@@ -299,7 +299,9 @@ impl Controller {
             _ => {
                 let c = open_location(stored_loc, 0, self.cfg.container_timeout)
                     .await
-                    .map_err(|e| ControlError::Storage(format!("opening {stored_loc}: {e}")))?;
+                    // The caller named something that cannot be opened (no such file, no
+                    // permission, no server there): a bad request, not a fault of ours.
+                    .map_err(|e| ControlError::Invalid(format!("opening {stored_loc}: {e}")))?;
                 let len = c.len_bytes().map_err(storage)?;
                 if len < LABEL_BYTES + BLOCK_SIZE {
                     return Err(ControlError::Invalid(format!(

@@ -311,13 +311,36 @@ impl Controller {
 
     /// Deletes snapshot `VDISK@SNAP`; the space only it maps is freed.
     pub async fn delete_snapshot(&self, full: &str) -> Result<(), ControlError> {
-        let mut meta = self.meta.lock().await;
+        self.delete_snapshot_checked(full, false).await
+    }
+
+    /// Deletes a snapshot even while NBD clients are connected to its export: their I/O
+    /// fails from then on.
+    pub async fn force_delete_snapshot(&self, full: &str) -> Result<(), ControlError> {
+        self.delete_snapshot_checked(full, true).await
+    }
+
+    async fn delete_snapshot_checked(&self, full: &str, force: bool) -> Result<(), ControlError> {
+        let deadline = tokio::time::Instant::now() + super::CLIENTS_GONE_WAIT;
+        let mut meta = loop {
+            let meta = self.meta.lock().await;
+            let id = meta.by_name(full)?;
+            if !meta.vdisks[&id].rec.read_only {
+                return Err(ControlError::Invalid(format!(
+                    "'{full}' is a vdisk, not a snapshot: use tabula vdisk delete"
+                )));
+            }
+            match self.refuse_connected(&meta, &format!("snapshot '{full}'"), &[id], force) {
+                Err(_) if tokio::time::Instant::now() < deadline => {}
+                r => {
+                    r?;
+                    break meta;
+                }
+            }
+            drop(meta);
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
         let id = meta.by_name(full)?;
-        if !meta.vdisks[&id].rec.read_only {
-            return Err(ControlError::Invalid(format!(
-                "'{full}' is a vdisk, not a snapshot: use tabula vdisk delete"
-            )));
-        }
         self.delete_tables(&mut meta, &[id]).await?;
         info!(snapshot = full, "snapshot deleted");
         Ok(())
