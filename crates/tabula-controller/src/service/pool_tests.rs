@@ -2,6 +2,7 @@
 //! drain and migration (with snapshots sharing the moved space), and removal.
 
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tabula_api::{ControlPlane, FaultOp};
 
@@ -231,6 +232,78 @@ async fn drain_moves_every_table_that_maps_the_space_and_the_container_can_go() 
         .unwrap();
     assert_eq!(ctl.list_containers().await.len(), 1);
     assert_consistent(&ctl).await;
+}
+
+/// Issue 17: a drain step whose run's tables change during its copy (snapshots taken and
+/// deleted) switches every table that maps the run at the end, rather than undoing the step:
+/// with snapshots taken and deleted throughout every step's copy, the drain still finishes,
+/// and the vdisk and every snapshot left, those taken during the drain included, map the
+/// moved data (shared once), with the states they had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_switches_the_snapshots_taken_and_deleted_during_its_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ControllerConfig::new(dir.path());
+    cfg.test_pauses.move_switch = Some(Duration::from_millis(100));
+    let ctl = Controller::open(cfg).await.unwrap();
+    ctl.ensure_default_container(64 * MIB).await.unwrap();
+    ctl.register_agent("a", Arc::new(super::tests::NullAgent), Vec::new())
+        .await
+        .unwrap();
+    let v = ctl
+        .create_vdisk("vd", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
+    ctl.fault(fault(v.id, FaultOp::Write, 0, 6)).await.unwrap();
+    let default = dir.path().join("containers/default.img");
+    stamp(&default, &placement(&ctl, "vd").await, "default");
+    add_file(&ctl, dir.path(), "b", 64 * MIB).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let snapper = {
+        let (ctl, stop) = (ctl.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                ctl.create_snapshot("vd", &format!("s{n}")).await.unwrap();
+                if n > 2 {
+                    ctl.delete_snapshot(&format!("vd@s{}", n - 2)).await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    ctl.drain_container("default").await.unwrap();
+    let done = finished(&ctl, "default").await;
+    stop.store(true, Ordering::Relaxed);
+    let n = snapper.await.unwrap();
+    assert_eq!(done.moved, 6 * MIB, "{done:?}");
+    // Snapshots were taken all along (one step's copy takes over 100 ms).
+    assert!(n >= 10, "only {n} snapshots");
+    let meta = ctl.meta.lock().await;
+    for x in meta.vdisks.values() {
+        let want = if x.rec.read_only {
+            State::NoWrite
+        } else {
+            State::New
+        };
+        for e in x.table.entries().filter(|e| e.target.is_some()) {
+            assert_eq!(e.state, want, "{}: {e:?}", x.rec.name);
+        }
+    }
+    drop(meta);
+    for name in ["vd".to_string(), format!("vd@s{}", n - 1), format!("vd@s{n}")] {
+        let p = placement(&ctl, &name).await;
+        assert_eq!(p.len(), 6, "{name}: {p:?}");
+        for (off, c, phys) in &p {
+            assert_eq!(c, "b", "{name}");
+            assert_eq!(read_stamp(dir.path(), "b", *phys), *off, "{name} at {off}");
+        }
+    }
+    assert_eq!(ctl.status().await.allocated, 6 * MIB);
+    assert_consistent(&ctl).await;
+    ctl.remove_container("default").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
