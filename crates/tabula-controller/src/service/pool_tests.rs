@@ -241,6 +241,18 @@ async fn drain_moves_every_table_that_maps_the_space_and_the_container_can_go() 
 /// moved data (shared once), with the states they had.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_switches_the_snapshots_taken_and_deleted_during_its_steps() {
+    move_under_a_snapshot_loop(false).await;
+}
+
+/// The same for a migration (its steps are a drain's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_switches_the_snapshots_taken_and_deleted_during_its_steps() {
+    move_under_a_snapshot_loop(true).await;
+}
+
+/// Drains `default` (or migrates `vd` out of it) into `b` while snapshots of `vd` are taken
+/// and deleted throughout, every step's switch paused 100 ms.
+async fn move_under_a_snapshot_loop(migrate: bool) {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = ControllerConfig::new(dir.path());
     cfg.test_pauses.move_switch = Some(Duration::from_millis(100));
@@ -276,8 +288,13 @@ async fn a_drain_switches_the_snapshots_taken_and_deleted_during_its_steps() {
         })
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
-    ctl.drain_container("default").await.unwrap();
-    let done = finished(&ctl, "default").await;
+    let done = if migrate {
+        ctl.migrate_vdisk("vd", "b").await.unwrap();
+        finished(&ctl, "vd").await
+    } else {
+        ctl.drain_container("default").await.unwrap();
+        finished(&ctl, "default").await
+    };
     stop.store(true, Ordering::Relaxed);
     let n = snapper.await.unwrap();
     assert_eq!(done.moved, 6 * MIB, "{done:?}");
