@@ -1,8 +1,8 @@
 //! Live moves of data between containers (seed 004 c12-20): draining a container and
 //! migrating a vdisk, while hosts keep reading and writing.
 //!
-//! A move goes one physical run (at most [`STEP_BLOCKS`]) at a time, each step under the
-//! metadata lock, so no fault, trim, snapshot or delete can change the run meanwhile:
+//! A move goes one physical run (at most [`STEP_BLOCKS`]) at a time, each step planned and
+//! switched under the metadata lock:
 //! 1. allocate a run elsewhere (in the target container for a migration; anywhere allocatable
 //!    for a drain, whose container takes no new space);
 //! 2. find every table that maps any of the old run (the vdisk and every snapshot and clone
@@ -11,9 +11,14 @@
 //!    faults, and the fault waits for the lock, so no write can land on the old run after
 //!    its copy was read, and none is lost;
 //! 3. copy the data and make the copy durable;
-//! 4. switch every table to the new run in one transaction, with the old run recorded as
-//!    zeroing, then push the new entries to every agent (each acknowledges once no I/O uses
-//!    the old run) and zero and free the old run.
+//! 4. switch every table that maps the run *now* to the new run in one transaction, with
+//!    the old run recorded as zeroing, then push the new entries to every agent (each
+//!    acknowledges once no I/O uses the old run) and zero and free the old run. The copy
+//!    is taken without the lock, and snapshots taken or deleted, copies-on-write and
+//!    rollbacks may change which tables map the run meanwhile; none of them writes it (its
+//!    writes fault and wait for the switch), so the copy stays valid for all of them. Only
+//!    space of the run freed meanwhile (it may have been reused), or a writable mapping of
+//!    it the step did not hold, undoes the step.
 //!
 //! A crash before step 4's commit leaves the tables as they were (the new run was never
 //! recorded as allocated, and agents resynchronise); after it, the old run is zeroed at the
@@ -457,34 +462,46 @@ impl Controller {
             tokio::time::sleep(p).await;
         }
         let mut meta = self.meta.lock().await;
-        let stale = meta
+        let (stale, held) = meta
             .moving
             .iter()
-            .any(|m| m.run == (plan.from, plan.n) && m.stale);
+            .find(|m| m.run == (plan.from, plan.n))
+            .map(|m| (m.stale, m.spans.clone()))
+            .unwrap_or_default();
         meta.moving.retain(|m| m.run != (plan.from, plan.n));
-        // Anything that changed a table mapping the run meanwhile (a copy-on-write, a
-        // snapshot, a delete) makes this copy stale: undo and let the next step look again.
-        let now = Self::mappers(&meta, plan.lineage, plan.from, plan.n);
+        // The tables that map the run now. Snapshots taken or deleted, copies-on-write and
+        // rollbacks change them during the copy, but none of them writes the run: writes to
+        // it fault and are told to retry (`maps_moving`) until this switch, so the copy is
+        // what every one of them maps, and the switch moves them all (undoing instead
+        // starved a drain under a busy snapshot schedule). Only space freed meanwhile, or a
+        // writable mapping the step did not hold, makes the copy stale.
+        let mappers = Self::mappers(&meta, plan.lineage, plan.from, plan.n);
         let outcome = match copied {
             Err(e) => Err(ControlError::Storage(format!(
                 "copying {} blocks from {}: {e}",
                 plan.n,
                 meta.container_name(plan.from.container)
             ))),
-            Ok(()) if stale || now != plan.mappers => Err(ControlError::Retry {
+            Ok(()) if stale => Err(ControlError::Retry {
                 after_ms: 0,
-                reason: "the run changed while it was copied".into(),
+                reason: "some of the run was freed while it was copied".into(),
             }),
-            Ok(()) => Self::only_lineage_maps(&meta, &plan),
+            Ok(()) if !Self::held_throughout(&meta, &held, &mappers) => Err(ControlError::Retry {
+                after_ms: 0,
+                reason: "the run became writable while it was copied".into(),
+            }),
+            Ok(()) => Self::only_lineage_maps(&meta, plan.from, plan.n, &mappers),
         };
         if let Err(e) = outcome {
             self.undo_step(&mut meta, &plan).await?;
             return Err(e);
         }
         let (from, to, n) = (plan.from, plan.to, plan.n);
-        // Step 4: switch every table, moving the shared-block counts with the data.
+        // Step 4: switch every table, moving the shared-block counts with the data. Each
+        // piece keeps its state: `new` in a vdisk snapshotted meanwhile, `no-write` in the
+        // snapshot, `normal` where a copy-out left the vdisk the only owner.
         let mut writes = Vec::new();
-        for m in &plan.mappers {
+        for m in &mappers {
             let w = Self::edit_table(&mut meta, m.vdisk, m.span(), |t| {
                 for &(b, e, p, state) in &m.pieces {
                     t.set(b, e, Some(to.offset(p - from.block)), state)?;
@@ -493,7 +510,7 @@ impl Controller {
             })?;
             writes.push(w);
         }
-        for m in &plan.mappers {
+        for m in &mappers {
             for &(b, e, p, _) in &m.pieces {
                 meta.release(&[(from.offset(p - from.block), e - b)]);
                 meta.share(&[(to.offset(p - from.block), e - b)]);
@@ -510,11 +527,26 @@ impl Controller {
         self.journal.wait(seq).await?;
         meta.mark_zeroing(&old);
         *job.hint.lock() = Some(to.offset(n));
+        // Agents learn the new run, and those that held spans no-write for the step get them
+        // back as they are now (a snapshot deleted or a range copied away meanwhile maps the
+        // run no more, but its agents still hold the span).
+        let mut spans: BTreeMap<VdiskId, (u64, u64)> = BTreeMap::new();
+        for (id, (b, e)) in mappers.iter().map(|m| (m.vdisk, m.span())).chain(held) {
+            let s = spans.entry(id).or_insert((b, e));
+            *s = (s.0.min(b), s.1.max(e));
+        }
         let mut all = true;
-        for m in &plan.mappers {
-            let (b, e) = m.span();
-            let update = self.range_update(&meta, m.vdisk, b, e, true);
-            all &= self.push(m.vdisk, None, Command::Update(update)).await;
+        for (id, (b, e)) in spans {
+            // A table deleted or shrunk meanwhile told its agents itself.
+            let Some(size) = meta.vdisks.get(&id).map(|v| v.table.size()) else {
+                continue;
+            };
+            let (b, e) = (b.min(size), e.min(size));
+            if b >= e {
+                continue;
+            }
+            let update = self.range_update(&meta, id, b, e, true);
+            all &= self.push(id, None, Command::Update(update)).await;
         }
         if all {
             self.zero_and_free(&mut meta, old).await?;
@@ -526,18 +558,23 @@ impl Controller {
     /// moves only theirs, and frees the old run. A table outside the lineage mapping it
     /// (which `tabula check` would report) would be left pointing at freed space, so the
     /// move stops instead.
-    fn only_lineage_maps(meta: &Meta, plan: &StepPlan) -> Result<(), ControlError> {
-        let mut refs = vec![0u32; plan.n as usize];
-        for m in &plan.mappers {
+    fn only_lineage_maps(
+        meta: &Meta,
+        from: Phys,
+        n: u64,
+        mappers: &[Mapper],
+    ) -> Result<(), ControlError> {
+        let mut refs = vec![0u32; n as usize];
+        for m in mappers {
             for &(b, e, p, _) in &m.pieces {
-                let i = (p - plan.from.block) as usize;
+                let i = (p - from.block) as usize;
                 for r in &mut refs[i..i + (e - b) as usize] {
                     *r += 1;
                 }
             }
         }
         for (i, &r) in refs.iter().enumerate() {
-            let at = plan.from.offset(i as u64);
+            let at = from.offset(i as u64);
             if r == 0 || meta.shared.extra(at) + 1 != r {
                 return Err(ControlError::Invalid(format!(
                     "block {} of container {} is referenced {} times but its vdisk's tables map it {r} times; run tabula check",
@@ -548,6 +585,34 @@ impl Controller {
             }
         }
         Ok(())
+    }
+
+    /// Whether no agent could write any of the run since the step began: every writable
+    /// table's piece that maps it is either in a span the step made no-write (`held`: set on
+    /// every agent, and shown in every table sent since), or in a state whose writes fault
+    /// (`new` in a snapshotted vdisk or a clone, `no-write`), and a write fault on the run
+    /// is told to retry until the switch. Read-only tables are never written.
+    fn held_throughout(meta: &Meta, held: &[(VdiskId, (u64, u64))], mappers: &[Mapper]) -> bool {
+        mappers.iter().all(|m| {
+            meta.vdisks[&m.vdisk].rec.read_only
+                || m.pieces.iter().all(|&(b, e, _, state)| {
+                    matches!(state, State::New | State::NoWrite) || {
+                        // Covered by the union of the held spans (pieces merge as states
+                        // change, so one piece may span several).
+                        let mut pos = b;
+                        while let Some(&(_, (_, he))) = held
+                            .iter()
+                            .find(|&&(id, (hb, he))| id == m.vdisk && hb <= pos && pos < he)
+                        {
+                            pos = he;
+                            if pos >= e {
+                                break;
+                            }
+                        }
+                        pos >= e
+                    }
+                })
+        })
     }
 
     /// Every table of `lineage` that maps any of `[at, at+n)`, with the pieces that do.

@@ -2,6 +2,7 @@
 //! drain and migration (with snapshots sharing the moved space), and removal.
 
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tabula_api::{ControlPlane, FaultOp};
 
@@ -252,6 +253,211 @@ async fn drain_moves_every_table_that_maps_the_space_and_the_container_can_go() 
         .await
         .unwrap();
     assert_eq!(ctl.list_containers().await.len(), 1);
+    assert_consistent(&ctl).await;
+}
+
+/// Issue 17: a drain step whose run's tables change during its copy (snapshots taken and
+/// deleted) switches every table that maps the run at the end, rather than undoing the step:
+/// with snapshots taken and deleted throughout every step's copy, the drain still finishes,
+/// and the vdisk and every snapshot left, those taken during the drain included, map the
+/// moved data (shared once), with the states they had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_switches_the_snapshots_taken_and_deleted_during_its_steps() {
+    move_under_a_snapshot_loop(false).await;
+}
+
+/// The same for a migration (its steps are a drain's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_switches_the_snapshots_taken_and_deleted_during_its_steps() {
+    move_under_a_snapshot_loop(true).await;
+}
+
+/// Drains `default` (or migrates `vd` out of it) into `b` while snapshots of `vd` are taken
+/// and deleted throughout, every step's switch paused 100 ms.
+async fn move_under_a_snapshot_loop(migrate: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ControllerConfig::new(dir.path());
+    cfg.test_pauses.move_switch = Some(Duration::from_millis(100));
+    let ctl = Controller::open(cfg).await.unwrap();
+    ctl.ensure_default_container(64 * MIB).await.unwrap();
+    ctl.register_agent("a", Arc::new(super::tests::NullAgent), Vec::new())
+        .await
+        .unwrap();
+    let v = ctl
+        .create_vdisk("vd", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
+    ctl.fault(fault(v.id, FaultOp::Write, 0, 6)).await.unwrap();
+    let default = dir.path().join("containers/default.img");
+    stamp(&default, &placement(&ctl, "vd").await, "default");
+    add_file(&ctl, dir.path(), "b", 64 * MIB).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let snapper = {
+        let (ctl, stop) = (ctl.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                ctl.create_snapshot("vd", &format!("s{n}")).await.unwrap();
+                if n > 2 {
+                    ctl.delete_snapshot(&format!("vd@s{}", n - 2))
+                        .await
+                        .unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let done = if migrate {
+        ctl.migrate_vdisk("vd", "b").await.unwrap();
+        finished(&ctl, "vd").await
+    } else {
+        ctl.drain_container("default").await.unwrap();
+        finished(&ctl, "default").await
+    };
+    stop.store(true, Ordering::Relaxed);
+    let n = snapper.await.unwrap();
+    assert_eq!(done.moved, 6 * MIB, "{done:?}");
+    // Snapshots were taken all along (one step's copy takes over 100 ms).
+    assert!(n >= 10, "only {n} snapshots");
+    let meta = ctl.meta.lock().await;
+    for x in meta.vdisks.values() {
+        let want = if x.rec.read_only {
+            State::NoWrite
+        } else {
+            State::New
+        };
+        for e in x.table.entries().filter(|e| e.target.is_some()) {
+            assert_eq!(e.state, want, "{}: {e:?}", x.rec.name);
+        }
+    }
+    drop(meta);
+    for name in [
+        "vd".to_string(),
+        format!("vd@s{}", n - 1),
+        format!("vd@s{n}"),
+    ] {
+        let p = placement(&ctl, &name).await;
+        assert_eq!(p.len(), 6, "{name}: {p:?}");
+        for (off, c, phys) in &p {
+            assert_eq!(c, "b", "{name}");
+            assert_eq!(read_stamp(dir.path(), "b", *phys), *off, "{name} at {off}");
+        }
+    }
+    assert_eq!(ctl.status().await.allocated, 6 * MIB);
+    assert_consistent(&ctl).await;
+    ctl.remove_container("default").await.unwrap();
+}
+
+/// What a drain step switches when the tables mapping its run changed during its copy: a
+/// copy-on-write (copy-out) that finished meanwhile left the vdisk the run's only owner
+/// (`normal`) and moved the snapshot to the copy, and a clone taken meanwhile maps the run
+/// `new`. The switch moves the vdisk and the clone, with those states, and leaves the
+/// snapshot where the copy-on-write put it; writes to the run from either wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_step_switches_what_maps_its_run_after_a_copy_on_write_and_a_clone() {
+    use tabula_api::admin::CowPolicy;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ControllerConfig::new(dir.path());
+    cfg.test_pauses.move_switch = Some(Duration::from_millis(1000));
+    let ctl = Controller::open(cfg).await.unwrap();
+    ctl.ensure_default_container(64 * MIB).await.unwrap();
+    ctl.register_agent("a", Arc::new(super::tests::NullAgent), Vec::new())
+        .await
+        .unwrap();
+    let v = ctl
+        .create_vdisk("vd", 16 * MIB, None, Some(CowPolicy::CopyOut), None)
+        .await
+        .unwrap();
+    // Four segments: one step's run.
+    ctl.fault(fault(v.id, FaultOp::Write, 0, 4)).await.unwrap();
+    let default = dir.path().join("containers/default.img");
+    let before = placement(&ctl, "vd").await;
+    stamp(&default, &before, "default");
+    ctl.create_snapshot("vd", "s1").await.unwrap();
+    ctl.create_snapshot("vd", "s2").await.unwrap();
+    let write = |op, s0, s1| Fault {
+        state: State::New,
+        ..fault(v.id, op, s0, s1)
+    };
+    // A copy-on-write of segment 0 starts before the drain; the test plays the agent's copy.
+    let u = ctl.fault(write(FaultOp::Write, 0, 1)).await.unwrap();
+    let c = u.copies[0].clone();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&default)
+        .unwrap();
+    let mut seg = vec![0u8; MIB as usize];
+    f.read_exact_at(&mut seg, before[0].2).unwrap();
+    f.write_all_at(&seg, c.to.block * BLOCK_SIZE).unwrap();
+    add_file(&ctl, dir.path(), "b", 64 * MIB).await;
+    ctl.drain_container("default").await.unwrap();
+    // Inside the first step (its switch waits a second): the copy finishes, a clone is
+    // taken, and writes to the run are told to wait.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ctl.fault(Fault {
+        copied: u.copies.clone(),
+        ..write(FaultOp::Copied, 0, 1)
+    })
+    .await
+    .unwrap();
+    let cl = ctl.clone_vdisk("vd@s2", "cl", None).await.unwrap();
+    for (id, s) in [(v.id, 0), (cl.id, 1)] {
+        let e = ctl
+            .fault(Fault {
+                state: State::New,
+                ..fault(id, FaultOp::Write, s, s + 1)
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ControlError::Retry { .. }), "{e:?}");
+    }
+    let running = move_of(&ctl, "default");
+    assert_eq!((running.state.as_str(), running.moved), ("running", 0));
+    // The step switches at the end of its pause (undone, it would take another pause).
+    let first = loop {
+        let m = move_of(&ctl, "default");
+        if m.moved > 0 || m.state != "running" {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(first.moved, 4 * MIB, "{first:?}");
+    assert!(
+        first.elapsed_ms < 1800,
+        "the first step was undone: {first:?}"
+    );
+    finished(&ctl, "default").await;
+    let state = |name: &'static str| {
+        let ctl = ctl.clone();
+        async move {
+            let m = ctl.map_view(name).await.unwrap();
+            // The state of each mapped MiB.
+            m.entries
+                .into_iter()
+                .filter(|e| e.container.is_some())
+                .flat_map(|e| std::iter::repeat_n(e.state, (e.length / MIB) as usize))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(state("vd").await, ["normal", "new", "new", "new"]);
+    assert_eq!(state("cl").await, ["new"; 4]);
+    for name in ["vd@s1", "vd@s2"] {
+        assert_eq!(state(name).await, ["no-write"; 4], "{name}");
+    }
+    for name in ["vd", "vd@s1", "vd@s2", "cl"] {
+        let p = placement(&ctl, name).await;
+        assert_eq!(p.len(), 4, "{name}: {p:?}");
+        for (off, c, phys) in &p {
+            assert_eq!(c, "b", "{name}");
+            assert_eq!(read_stamp(dir.path(), "b", *phys), *off, "{name} at {off}");
+        }
+    }
+    // The snapshots and the clone share segment 0's copy; segments 1-3 are shared by all.
+    assert_eq!(ctl.status().await.allocated, 5 * MIB);
     assert_consistent(&ctl).await;
 }
 
