@@ -393,9 +393,9 @@ impl Controller {
         meta.pool.insert(id, free);
         meta.containers
             .insert(id, ContainerMeta::new(rec, Some(file)));
-        self.check_low_space(&meta);
+        self.check_low_space(meta);
         info!(container = name, kind, size = %format_size((size_blocks - LABEL_BLOCKS) * BLOCK_SIZE), "container added");
-        Ok(self.container_view(&meta, id))
+        Ok(self.container_view(meta, id))
     }
 
     pub(super) fn container_view(&self, meta: &Meta, id: ContainerId) -> ContainerView {
