@@ -255,16 +255,21 @@ impl RemoteControl {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sent: BTreeMap<u64, Instant> = BTreeMap::new();
         let mut seq = 0u64;
-        // A client connecting or leaving is reported at once (the controller refuses to
-        // delete a vdisk under its clients), but at most every 50 ms.
+        // A client connecting is reported at once: the controller refuses to delete a vdisk
+        // under its clients, and must not miss one that just connected (and whose first
+        // request may already be on its way). Departures are reported at most every 50 ms.
         let mut early_after = Instant::now();
+        let mut reported: Vec<(VdiskId, u32)> = Vec::new();
         loop {
             let next_heartbeat = async {
                 tokio::select! {
                     _ = ticker.tick() => {}
                     _ = async {
-                        tokio::time::sleep_until(early_after.into()).await;
-                        port.report_changed().await
+                        port.report_changed().await;
+                        let now = port.report().unwrap_or_default().connections;
+                        if !gained_clients(&reported, &now) {
+                            tokio::time::sleep_until(early_after.into()).await;
+                        }
                     } => {}
                 }
             };
@@ -278,6 +283,7 @@ impl RemoteControl {
                         sent.pop_first();
                     }
                     let report = port.report().unwrap_or_default();
+                    reported.clone_from(&report.connections);
                     let hb = pb::Heartbeat {
                         seq,
                         tables: report
@@ -452,4 +458,12 @@ impl ControlPlane for RemoteControl {
             .map_err(|s| unavailable("reporting a container fault", &s))?;
         Ok(())
     }
+}
+
+/// Whether some vdisk has more connections in `now` than were last `reported`.
+fn gained_clients(reported: &[(VdiskId, u32)], now: &[(VdiskId, u32)]) -> bool {
+    now.iter().any(|(v, n)| {
+        let before = reported.iter().find(|(w, _)| w == v).map_or(0, |(_, m)| *m);
+        *n > before
+    })
 }
