@@ -26,24 +26,9 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{Agent, Cluster, agent_entry};
 use common::nbd::{Client, stamp_block};
-use common::{BIN, free_port};
+use common::{BIN, free_port, poll};
 
 const BLOCK: u64 = 4096;
-
-/// Polls `f` every 100 ms until it returns `Some`, or panics with `what` after `limit`.
-fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(t) = f() {
-            return t;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?}: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// The local ports of the TCP connections process `pid` has to `127.0.0.1:remote_port`
 /// (from /proc: its socket inodes, matched in /proc/net/tcp).

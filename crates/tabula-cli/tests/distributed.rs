@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{self, Agent, Cluster, Controller, agent_entry, wait_connected};
 use common::nbd::{Client, NbdErr, stamp_block};
-use common::{fio, have, run_timeout};
+use common::{fio, have, poll, run_timeout};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -100,21 +100,6 @@ fn write_blocks(c: &mut Client, first: u64, blocks: u64, version: u64, stamp_bas
         c.write(b * 4096, &stamped(b + stamp_base, n, version), false)
             .unwrap_or_else(|e| panic!("write blocks {b}..{}: {e:?}", b + n));
         b += n;
-    }
-}
-
-/// Polls `f` every 200 ms until it returns `Some`, or panics with `what` after `limit`.
-fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(t) = f() {
-            return t;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?}: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

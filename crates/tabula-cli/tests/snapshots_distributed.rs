@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, Controller, env_prefix};
 use common::nbd::{Client, NbdErr, stamp_block};
-use common::{BIN, fio, have, run_timeout};
+use common::{BIN, fio, have, poll, run_timeout};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -132,21 +132,6 @@ fn expect_blocks(what: &str, data: &[u8], want: impl Fn(u64) -> Option<u64>) {
             None => Content::Zeros,
         };
         assert_eq!(got, exp, "{what}: block {b} (byte {})", b * BLOCK);
-    }
-}
-
-/// Polls `f` every 100 ms until it returns `Some`, or panics with `what` after `limit`.
-fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(t) = f() {
-            return t;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?}: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -339,3 +339,18 @@ pub fn qemu_io(url: &str, cmds: &[&str]) -> String {
     );
     out
 }
+
+/// Polls `f` every 100 ms until it returns `Some`, or panics with `what` after `limit`.
+pub fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(t) = f() {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -338,11 +338,16 @@ fn value(dir: &str, field: &str, container: bool) -> BoxedStrategy<serde_json::V
     ];
     if field == "path" {
         // Only inside the test's directory (or an NBD server nobody runs): a relative path
-        // would land in the crate's directory. Paths the file system refuses (NUL bytes,
-        // 10 KB names) are the size and path validation's tests (issue 17, finding 5).
+        // would land in the crate's directory. Files directly in `containers/` are accepted;
+        // the metadata files, the rest of the data dir, NUL bytes and 10 KB paths are refused.
         let dir = dir.to_string();
+        let (d2, d3, d4) = (dir.clone(), dir.clone(), dir.clone());
         return prop_oneof![
-            4 => "[a-z]{1,6}".prop_map(move |s| json!(format!("{dir}/{s}.img"))),
+            4 => "[a-z]{1,6}".prop_map(move |s| json!(format!("{dir}/containers/{s}.img"))),
+            1 => "[a-z]{1,6}".prop_map(move |s| json!(format!("{d2}/{s}.img"))),
+            1 => Just(json!(format!("{d3}/tabula.wal"))),
+            1 => Just(json!(format!("{d4}/containers/a\u{0}b.img"))),
+            1 => Just(json!(format!("/tmp/{}", "x".repeat(10_000)))),
             1 => Just(json!("nbd://127.0.0.1:1/x")),
             1 => Just(json!("nbd://")),
             1 => Just(json!("")),
@@ -361,6 +366,8 @@ fn value(dir: &str, field: &str, container: bool) -> BoxedStrategy<serde_json::V
                 Just(json!(MIB)),
                 Just(json!(64 * MIB)),
             ],
+            // Sizes no file here can have: refused with 400, and nothing left behind.
+            1 => prop_oneof![Just(json!(1u64 << 50)), Just(json!(1u64 << 63))],
             1 => odd,
         ]
         .boxed();
