@@ -430,6 +430,8 @@ const MAX_BACKOFF: Duration = Duration::from_millis(10);
 struct Attempt {
     op: &'static str,
     off: u64,
+    /// The fault wait it was given, for the message.
+    wait: Duration,
     deadline: Instant,
     rounds: u32,
     /// What the last round found in the way.
@@ -441,6 +443,7 @@ impl Attempt {
         Attempt {
             op,
             off,
+            wait,
             deadline: Instant::now() + wait,
             rounds: 0,
             waiting_for: String::new(),
@@ -450,7 +453,7 @@ impl Attempt {
     /// Starts another round, or fails once the fault wait has passed. Past
     /// [`ROUNDS_BEFORE_BACKOFF`] rounds it pauses a little first: a table that never lets
     /// the I/O through (a bug) must not become a busy loop between agent and controller.
-    async fn round(&mut self, vdisk: &str, wait: Duration) -> Result<(), IoError> {
+    async fn round(&mut self, vdisk: &str) -> Result<(), IoError> {
         if self.rounds == 0 {
             self.rounds = 1;
             return Ok(());
@@ -460,9 +463,10 @@ impl Attempt {
             return Err(IoError {
                 errno: Errno::Io,
                 message: format!(
-                    "vdisk {vdisk}: {} at offset {} could not complete within {wait:?} (--fault-wait) in {} attempts; the table kept changing under it, last because of {}",
+                    "vdisk {vdisk}: {} at offset {} could not complete within {:?} (--fault-wait) in {} attempts; the table kept changing under it, last because of {}",
                     self.op,
                     self.off,
+                    self.wait,
                     self.rounds,
                     if self.waiting_for.is_empty() {
                         "a hold"
@@ -659,6 +663,11 @@ impl VolumeExport {
         }
     }
 
+    /// The attempts of one I/O, bounded by the agent's fault wait from now.
+    fn attempt(&self, op: &'static str, off: u64) -> Attempt {
+        Attempt::new(op, off, self.shared.cfg.fault_wait)
+    }
+
     fn check_attached(&self) -> Result<(), IoError> {
         if self.vol.detached.load(Ordering::Acquire) {
             return Err(IoError {
@@ -811,8 +820,7 @@ impl VolumeExport {
             self.open_container(c.to.container).await?;
         }
         loop {
-            att.round(&self.vol.name, self.shared.cfg.fault_wait)
-                .await?;
+            att.round(&self.vol.name).await?;
             self.ready(att.deadline).await?;
             let guard = self.vol.enter().await;
             if !self.usable_now() {
@@ -995,8 +1003,7 @@ impl VolumeExport {
         len: u64,
     ) -> Result<(Gate, Vec<PhysOp>), IoError> {
         loop {
-            att.round(&self.vol.name, self.shared.cfg.fault_wait)
-                .await?;
+            att.round(&self.vol.name).await?;
             self.check_io(off, len, true)?;
             self.ready(att.deadline).await?;
             let guard = self.vol.enter().await;
@@ -1120,10 +1127,9 @@ impl Export for VolumeExport {
 
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, IoError> {
         let len64 = len as u64;
-        let mut att = Attempt::new("read", offset, self.shared.cfg.fault_wait);
+        let mut att = self.attempt("read", offset);
         loop {
-            att.round(&self.vol.name, self.shared.cfg.fault_wait)
-                .await?;
+            att.round(&self.vol.name).await?;
             self.check_io(offset, len64, false)?;
             self.ready(att.deadline).await?;
             let guard = self.vol.enter().await;
@@ -1203,7 +1209,7 @@ impl Export for VolumeExport {
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), IoError> {
-        let mut att = Attempt::new("write", offset, self.shared.cfg.fault_wait);
+        let mut att = self.attempt("write", offset);
         let (guard, ops) = self.writable(&mut att, offset, data.len() as u64).await?;
         let (ops, guard) = run_io(
             &self.shared,
@@ -1252,7 +1258,7 @@ impl Export for VolumeExport {
     }
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
-        let mut att = Attempt::new("trim", offset, self.shared.cfg.fault_wait);
+        let mut att = self.attempt("trim", offset);
         self.check_io(offset, len as u64, false)?;
         self.ready(att.deadline).await?;
         // Trim is advisory: whole segments are returned to the pool, partial ones are kept.
@@ -1266,7 +1272,7 @@ impl Export for VolumeExport {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
-        let mut att = Attempt::new("write-zeroes", offset, self.shared.cfg.fault_wait);
+        let mut att = self.attempt("write-zeroes", offset);
         self.check_io(offset, len as u64, true)?;
         self.ready(att.deadline).await?;
         let len64 = len as u64;
@@ -1280,8 +1286,7 @@ impl Export for VolumeExport {
             drop(self.writable(&mut att, offset, len64).await?);
         }
         let (guard, fresh) = loop {
-            att.round(&self.vol.name, self.shared.cfg.fault_wait)
-                .await?;
+            att.round(&self.vol.name).await?;
             self.check_io(offset, len64, true)?;
             self.ready(att.deadline).await?;
             let guard = self.vol.enter().await;

@@ -388,8 +388,9 @@ fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
 }
 
-/// The size of the default container `serve` and `controller` create on first start.
-fn container_size_arg(s: &str) -> Result<u64, String> {
+/// A container file's size (the default container of `serve` and `controller`, `container
+/// serve --size`): a multiple of 4K up to 4E.
+pub(crate) fn container_size_arg(s: &str) -> Result<u64, String> {
     let size = size_arg(s)?;
     tabula_core::check_container_size(size).map_err(|e| e.to_string())?;
     Ok(size)

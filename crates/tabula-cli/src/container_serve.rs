@@ -34,18 +34,11 @@ pub struct ContainerServeArgs {
     pub export: String,
     /// Create the file as a sparse file of this size if it does not exist, or grow it to
     /// this size (never shrinks). Without it the file must exist.
-    #[arg(long, value_parser = size_arg)]
+    #[arg(long, value_parser = crate::cli::container_size_arg)]
     pub size: Option<u64>,
     /// Refuse writes.
     #[arg(long)]
     pub read_only: bool,
-}
-
-/// The size of the file: a container's, so by the same limits (a multiple of 4K up to 4E).
-fn size_arg(s: &str) -> Result<u64, String> {
-    let size = tabula_core::parse_size(s).map_err(|e| e.to_string())?;
-    tabula_core::check_container_size(size).map_err(|e| e.to_string())?;
-    Ok(size)
 }
 
 pub fn run(args: ContainerServeArgs) -> Result<()> {

@@ -202,22 +202,22 @@ fn nbdinfo_lists_through_a_remote_agent_without_attaching() {
     assert_listed(&listed, "rv", N);
     common::qemu_io(&c.agent("a").url("rv00005"), &["write -P 7 0 4k"]);
     // The agent reports what it holds in its heartbeats: wait for the one it attached.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let held = loop {
-        let view = c.controller.agent_view("a").expect("agent a in status");
-        let held: Vec<String> = view["vdisks"]
-            .as_array()
-            .map(|v| {
-                v.iter()
-                    .filter_map(|x| x.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if !held.is_empty() || Instant::now() > deadline {
-            break held;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let held = common::poll(
+        "agent a to report what it holds",
+        Duration::from_secs(20),
+        || {
+            let view = c.controller.agent_view("a").expect("agent a in status");
+            let held: Vec<String> = view["vdisks"]
+                .as_array()
+                .map(|v| {
+                    v.iter()
+                        .filter_map(|x| x.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (!held.is_empty()).then_some(held)
+        },
+    );
     assert_eq!(held, vec!["rv00005".to_string()], "listing attached vdisks");
     c.stop_and_check();
 }

@@ -51,8 +51,6 @@ struct Slot {
     /// When the controller stops counting on the agent having stopped (if it stops
     /// renewing). Only meaningful with a lease.
     expires: Instant,
-    /// When the session registered or last renewed its lease.
-    renewed: Instant,
     stream: Stream,
     /// The address the agent registered from, to name it in a refusal.
     peer: String,
@@ -60,6 +58,21 @@ struct Slot {
 }
 
 impl Slot {
+    /// When its lease was last renewed (or granted): `expires` is always set a lease and a
+    /// margin later. `None` without a lease.
+    fn renewed(&self) -> Option<Instant> {
+        self.lease.map(|l| {
+            self.expires
+                .checked_sub(l + lease_margin(l))
+                .unwrap_or(self.expires)
+        })
+    }
+
+    /// What the agent last reported: asked directly in-process, else its last heartbeat's.
+    fn report(&self) -> AgentReport {
+        self.port.report().unwrap_or_else(|| self.report.clone())
+    }
+
     /// Whether the session is in use: its stream is open and its lease has not run out. A
     /// second agent with the same name is refused meanwhile.
     fn live(&self, now: Instant) -> bool {
@@ -160,12 +173,15 @@ impl Agents {
                     "agent name in use by a live session; registration refused"
                 );
                 return Err(ControlError::Exists(format!(
-                    "agent name '{name}' is in use by a live session from {} (session {}, lease renewed {} ms ago): \
+                    "agent name '{name}' is in use by a live session from {} (session {}{}): \
                      give this agent a name of its own with --name (names must be unique among a controller's \
                      agents; the default is the host name), or stop the other agent",
                     s.peer,
                     s.session,
-                    now.saturating_duration_since(s.renewed).as_millis()
+                    s.renewed().map_or(String::new(), |t| format!(
+                        ", lease renewed {} ms ago",
+                        now.saturating_duration_since(t).as_millis()
+                    ))
                 )));
             }
         }
@@ -182,7 +198,6 @@ impl Agents {
                 vdisks: held.into_iter().collect(),
                 lease,
                 expires,
-                renewed: now,
                 stream: if lease.is_some() {
                     Stream::Pending
                 } else {
@@ -237,7 +252,6 @@ impl Agents {
                 if let Some(l) = s.lease {
                     s.expires = now + l + lease_margin(l);
                 }
-                s.renewed = now;
                 // A heartbeat arrives on the open stream.
                 s.stream = Stream::Open;
                 s.report = report;
@@ -373,7 +387,7 @@ impl Agents {
             if s.lease.is_some() && s.expires <= now {
                 continue;
             }
-            let report = s.port.report().unwrap_or_else(|| s.report.clone());
+            let report = s.report();
             for (v, count) in report.connections {
                 if count > 0 && vdisks.contains(&v) {
                     out.push((n.clone(), v, count));
@@ -517,7 +531,7 @@ impl Agents {
             .slots
             .iter()
             .map(|(n, s)| {
-                let report = s.port.report().unwrap_or_else(|| s.report.clone());
+                let report = s.report();
                 let reported: BTreeMap<VdiskId, u64> =
                     report.tables.iter().map(|(v, g)| (*v, g.0)).collect();
                 AgentView {

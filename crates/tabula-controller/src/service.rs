@@ -585,21 +585,10 @@ impl Controller {
             };
             // A labelled container must be the one added: another device at its path, or
             // another disk behind its server, starts failed (and is probed until it is).
-            if let (Some(f), true) = (&file, rec.label_blocks > 0) {
-                let read = pool::container_io(f, cfg.container_timeout, crate::label::read).await;
-                let why = match read {
-                    Ok(found) => crate::label::expect(&found, pool_id, id.0).err(),
-                    Err(e) => Some(format!("its label cannot be read: {e}")),
-                };
-                if let Some(why) = why {
-                    failed.push((
-                        id,
-                        format!(
-                            "{} answers, but {why}: it is not the container that was added",
-                            rec.path
-                        ),
-                    ));
-                }
+            if let (Some(f), true) = (&file, rec.label_blocks > 0)
+                && let Err(why) = pool::check_label(f, cfg.container_timeout, pool_id, id).await
+            {
+                failed.push((id, why));
             }
             meta.pool.insert(id, FreeMap::empty(rec.size_blocks));
             meta.containers.insert(id, ContainerMeta::new(rec, file));

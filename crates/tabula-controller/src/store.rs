@@ -35,7 +35,7 @@
 //! like `zeroing`). Reference counts of shared blocks are not stored: they are derived from
 //! the tables at load, so they can never disagree with them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -293,6 +293,11 @@ fn unjson<T: for<'a> Deserialize<'a>>(s: &str) -> Result<T, StoreError> {
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// The metadata redo log of the store at `db`: next to it, same name, `.wal`.
+pub fn wal_path(db: &Path) -> PathBuf {
+    db.with_extension("wal")
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -336,7 +341,7 @@ impl Store {
             .open_table(META)?
             .get(JOURNAL_SEQ)?
             .map_or(0, |v| v.value());
-        let wal_path = path.with_extension("wal");
+        let wal_path = wal_path(path);
         let (mut wal, replay) = Wal::open(&wal_path, after)
             .map_err(|e| StoreError::Log(format!("open {}: {e}", wal_path.display())))?;
         // Records after the last checkpoint: apply them in order and checkpoint.

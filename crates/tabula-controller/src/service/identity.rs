@@ -140,11 +140,13 @@ pub(super) fn check_data_dir(
         return Ok(());
     };
     let containers = std::fs::canonicalize(data.join("containers")).ok();
+    let db = data.join(super::DB_FILE);
+    let wal = crate::store::wal_path(&db);
     let metadata = format!(
         "the controller's data directory {}, which holds its metadata ({}, {})",
         data.display(),
         super::DB_FILE,
-        WAL_FILE
+        wal.file_name().unwrap_or_default().to_string_lossy()
     );
     if new.real.starts_with(&data) && new.real.parent() != containers.as_deref() {
         return Err(ControlError::Invalid(format!(
@@ -152,11 +154,11 @@ pub(super) fn check_data_dir(
             data.join("containers").display()
         )));
     }
-    for f in [super::DB_FILE, WAL_FILE] {
-        if new.ident.is_some() && new.ident == Ident::of_path(&data.join(f)) {
+    for f in [&db, &wal] {
+        if new.ident.is_some() && new.ident == Ident::of_path(f) {
             return Err(ControlError::Invalid(format!(
                 "{shown} is the controller's metadata file {} (by another path): a container there would overwrite it",
-                data.join(f).display()
+                f.display()
             )));
         }
     }
@@ -169,9 +171,6 @@ pub(super) fn check_data_dir(
     }
     Ok(())
 }
-
-/// The metadata log's file name (next to [`super::DB_FILE`]).
-const WAL_FILE: &str = "tabula.wal";
 
 /// Refuses `new` if it is the same file or device as the container `name` stored at
 /// `stored`, or if one holds the other's file system.

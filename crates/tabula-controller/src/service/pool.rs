@@ -127,8 +127,6 @@ impl Controller {
         if !self.meta.lock().await.containers.is_empty() {
             return Ok(());
         }
-        tabula_core::check_container_size(size)
-            .map_err(|e| ControlError::Invalid(format!("the default container: {e}")))?;
         let dir = self.cfg.data_dir.join("containers");
         std::fs::create_dir_all(&dir).map_err(storage)?;
         let path = dir.join("default.img");
@@ -259,20 +257,9 @@ impl Controller {
     ) -> Result<ContainerView, ControlError> {
         let file = match (size, created) {
             (Some(s), Some(abs)) => {
-                if s == 0 || s % BLOCK_SIZE != 0 {
-                    return Err(ControlError::Invalid(format!(
-                        "container size {s} is not a positive multiple of the block size {BLOCK_SIZE}"
-                    )));
-                }
-                // A file's length is an i64; the label area comes on top.
-                let max = (i64::MAX as u64 - LABEL_BYTES) / BLOCK_SIZE * BLOCK_SIZE;
-                if s > max {
-                    return Err(ControlError::Invalid(format!(
-                        "container size {} is larger than any file can be (at most {})",
-                        format_size(s),
-                        format_size(max)
-                    )));
-                }
+                // The label area comes on top: MAX_CONTAINER_SIZE leaves room for it in a
+                // file's length (an i64).
+                tabula_core::check_container_size(s).map_err(super::invalid_size)?;
                 if std::fs::symlink_metadata(abs).is_ok() {
                     return Err(ControlError::Exists(format!(
                         "file {stored_loc} already exists: give --size only for a new file, or omit --size to use the existing file as it is"
@@ -696,15 +683,7 @@ impl Controller {
         id: ContainerId,
         file: &Arc<Container>,
     ) -> Result<(), String> {
-        let found = container_io(file, self.cfg.container_timeout, label::read)
-            .await
-            .map_err(|e| format!("its label cannot be read: {e}"))?;
-        label::expect(&found, self.pool_id, id.0).map_err(|why| {
-            format!(
-                "{} answers, but {why}: it is not the container that was added (another device at its path, or another disk behind its server?)",
-                file.describe()
-            )
-        })
+        check_label(file, self.cfg.container_timeout, self.pool_id, id).await
     }
 
     /// Sends a command about the whole agent to every connected agent, without waiting:
@@ -732,4 +711,22 @@ fn kind_of(location: &str) -> &'static str {
         Ok(Location::Nbd(_)) => "nbd",
         _ => "file",
     }
+}
+
+/// Reads container `id`'s label through `file` and checks it names pool `pool_id` and `id`.
+pub(super) async fn check_label(
+    file: &Arc<Container>,
+    timeout: Duration,
+    pool_id: u64,
+    id: ContainerId,
+) -> Result<(), String> {
+    let found = container_io(file, timeout, label::read)
+        .await
+        .map_err(|e| format!("its label cannot be read: {e}"))?;
+    label::expect(&found, pool_id, id.0).map_err(|why| {
+        format!(
+            "{} answers, but {why}: it is not the container that was added (another device at its path, or another disk behind its server?)",
+            file.describe()
+        )
+    })
 }
