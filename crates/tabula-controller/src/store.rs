@@ -38,9 +38,12 @@
 use std::path::{Path, PathBuf};
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
 use serde::{Deserialize, Serialize};
 use tabula_api::admin::CowPolicy;
 use tabula_core::{ContainerId, Entry, Phys, State, VdiskId};
@@ -184,6 +187,26 @@ pub struct Store {
     /// The redo log and the changes logged since the last checkpoint; its lock also
     /// orders every write transaction with the log.
     wal: Mutex<Logged>,
+    /// With high availability: where every record goes before it is applied here.
+    replicator: Mutex<Option<Arc<dyn Replicator>>>,
+}
+
+/// The replicated log of a control plane with several controllers (`crate::ha`): a record
+/// is applied to this store only after [`Replicator::replicate`] has made it durable there
+/// under this controller's leadership, so no controller ever holds a change the others
+/// cannot get.
+pub trait Replicator: Send + Sync {
+    /// Makes record `seq` (`payload` is what the redo log holds for it) durable in the
+    /// replicated log, or fails: then nothing of it may be applied or acknowledged.
+    fn replicate(&self, seq: u64, payload: &[u8]) -> Result<(), StoreError>;
+}
+
+/// Everything in a store as changes that rebuild it from nothing, at record `seq`: what a
+/// controller with a wiped or too old data dir installs ([`Store::install_image`]).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Image {
+    pub seq: u64,
+    pub changes: Vec<Change>,
 }
 
 /// The log, and what it holds that the database does not have yet.
@@ -364,7 +387,147 @@ impl Store {
                 pending: VecDeque::new(),
                 pending_changes: 0,
             }),
+            replicator: Mutex::new(None),
         })
+    }
+
+    /// From now on every record goes to `r` before it is applied here (the leader of a
+    /// control plane with several controllers).
+    pub fn set_replicator(&self, r: Arc<dyn Replicator>) {
+        *self.replicator.lock().expect("store replicator lock") = Some(r);
+    }
+
+    fn replicator(&self) -> Option<Arc<dyn Replicator>> {
+        self.replicator
+            .lock()
+            .expect("store replicator lock")
+            .clone()
+    }
+
+    /// The sequence number of the last record this store holds (in the database or the log).
+    pub fn last_seq(&self) -> u64 {
+        self.wal.lock().expect("store log lock").wal.last()
+    }
+
+    /// A local, unreplicated value in `meta` (the cluster a store belongs to).
+    pub fn local_meta(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(META)?.get(key)?.map(|v| v.value()))
+    }
+
+    /// Sets a local value in `meta`, durably, outside the log: only for what is this
+    /// controller's own (which cluster its store belongs to, the pool id it takes from it).
+    pub fn set_local_meta(&self, key: &str, v: u64) -> Result<(), StoreError> {
+        let _logged = self.wal.lock().expect("store log lock");
+        let tx = self.db.begin_write()?;
+        tx.open_table(META)?.insert(key, v)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Whether the store holds no vdisk, container or record: a new data dir.
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        let logged = self.wal.lock().expect("store log lock");
+        if logged.wal.last() > 0 {
+            return Ok(false);
+        }
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(CONTAINERS)?.len()? == 0 && tx.open_table(VDISKS)?.len()? == 0)
+    }
+
+    /// Applies record `seq` that another controller committed to the replicated log: the
+    /// same path the leader's own records take after replication ([`Store::write_logged`]).
+    /// Records must come in order, without gaps.
+    pub fn apply_record(&self, seq: u64, payload: &[u8]) -> Result<(), StoreError> {
+        let changes = decode_changes(payload)?;
+        let mut logged = self.wal.lock().expect("store log lock");
+        let want = logged.wal.last() + 1;
+        if seq != want {
+            return Err(StoreError::Log(format!(
+                "record {seq} arrived where record {want} was expected"
+            )));
+        }
+        self.apply_locked(&mut logged, changes, payload)
+    }
+
+    /// Everything in the store as an [`Image`], after a full checkpoint.
+    pub fn image(&self) -> Result<Image, StoreError> {
+        let mut logged = self.wal.lock().expect("store log lock");
+        let seq = logged.wal.last();
+        Self::checkpoint_locked(&self.db, &mut logged, seq, Vec::new())?;
+        let tx = self.db.begin_read()?;
+        let meta = tx.open_table(META)?;
+        let mut changes = Vec::new();
+        for key in ["next_vdisk", "next_container", POOL_ID] {
+            if let Some(v) = meta.get(key)? {
+                changes.push(Change::SetMeta(key.to_string(), v.value()));
+            }
+        }
+        let mut free: std::collections::BTreeMap<u32, Vec<(u64, u64)>> = Default::default();
+        for row in tx.open_table(FREE)?.iter()? {
+            let (k, v) = row?;
+            let (c, s) = k.value();
+            free.entry(c).or_default().push((s, v.value()));
+        }
+        for row in tx.open_table(CONTAINERS)?.iter()? {
+            let (k, v) = row?;
+            changes.push(Change::PutContainer(k.value(), unjson(v.value())?));
+        }
+        for (c, runs) in free {
+            changes.push(Change::ReplaceFree(c, runs));
+        }
+        let chunks = tx.open_table(CHUNKS)?;
+        for row in tx.open_table(VDISKS)?.iter()? {
+            let (k, v) = row?;
+            let id = k.value();
+            let mut entries = Vec::new();
+            for c in chunks.range((id, 0)..=(id, u64::MAX))? {
+                let (k, v) = c?;
+                decode_chunk(k.value().1, v.value(), &mut entries)?;
+            }
+            changes.push(Change::PutVdisk(id, unjson(v.value())?));
+            changes.push(Change::ReplaceEntries {
+                vdisk: id,
+                lo: 0,
+                hi: u64::MAX,
+                entries,
+            });
+        }
+        let zeroing = runs_of(&tx.open_table(ZEROING)?)?;
+        if !zeroing.is_empty() {
+            changes.push(Change::PutZeroing(zeroing));
+        }
+        for (at, len) in runs_of(&tx.open_table(COW)?)? {
+            changes.push(Change::PutCow(at, len));
+        }
+        Ok(Image { seq, changes })
+    }
+
+    /// Replaces everything in the store with `image` (local values in `meta`, such as the
+    /// cluster id, stay): the next record expected is the one after the image's.
+    pub fn install_image(&self, image: &Image) -> Result<(), StoreError> {
+        let mut logged = self.wal.lock().expect("store log lock");
+        let tx = self.db.begin_write()?;
+        tx.open_table(CONTAINERS)?.retain(|_, _| false)?;
+        tx.open_table(VDISKS)?.retain(|_, _| false)?;
+        tx.open_table(CHUNKS)?.retain(|_, _| false)?;
+        tx.open_table(FREE)?.retain(|_, _| false)?;
+        tx.open_table(ZEROING)?.retain(|_, _| false)?;
+        tx.open_table(COW)?.retain(|_, _| false)?;
+        for c in &image.changes {
+            apply(&tx, c)?;
+        }
+        tx.open_table(META)?.insert(JOURNAL_SEQ, image.seq)?;
+        tx.commit()?;
+        logged.wal.restart(image.seq);
+        logged.pending.clear();
+        logged.pending_changes = 0;
+        info!(
+            seq = image.seq,
+            changes = image.changes.len(),
+            "installed a metadata image"
+        );
+        Ok(())
     }
 
     /// Everything in the store, logged changes included (they are checkpointed first).
@@ -421,9 +584,43 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Txn<'_>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
+        if self.replicator().is_some() {
+            // Replicated first, like every record, then checkpointed.
+            let mut changes = Vec::new();
+            let r = f(&mut Txn(Target::Log(&mut changes)))?;
+            self.commit_changes(changes)?;
+            self.checkpoint()?;
+            return Ok(r);
+        }
         let mut logged = self.wal.lock().expect("store log lock");
+        let last = logged.wal.last();
+        Self::checkpoint_locked_with(&self.db, &mut logged, last, f)
+    }
+
+    /// Applies everything logged and then `changes` to the database in one durable
+    /// transaction, without a new record (the log starts again).
+    /// `changes` are record `seq`'s (the last one's, without changes).
+    fn checkpoint_locked(
+        db: &Database,
+        logged: &mut Logged,
+        seq: u64,
+        changes: Vec<Change>,
+    ) -> Result<(), StoreError> {
+        Self::checkpoint_locked_with(db, logged, seq, |t| {
+            changes.into_iter().try_for_each(|c| t.apply(c))
+        })
+    }
+
+    /// One durable transaction with everything logged, then what `f` does; the database
+    /// then includes every record up to `last`, and the log starts again after it.
+    fn checkpoint_locked_with<R>(
+        db: &Database,
+        logged: &mut Logged,
+        last: u64,
+        f: impl FnOnce(&mut Txn<'_>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
         let started = std::time::Instant::now();
-        let tx = self.db.begin_write()?;
+        let tx = db.begin_write()?;
         // Kept until committed: a failure leaves them to the next attempt, in order.
         logged
             .pending
@@ -431,7 +628,6 @@ impl Store {
             .flat_map(|(_, changes)| changes)
             .try_for_each(|c| apply(&tx, c))?;
         let r = f(&mut Txn(Target::Db(&tx)))?;
-        let last = logged.wal.last();
         tx.open_table(META)?.insert(JOURNAL_SEQ, last)?;
         tx.commit()?;
         logged.wal.restart(last);
@@ -458,26 +654,49 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut changes = Vec::new();
         f(&mut Txn(Target::Log(&mut changes)))?;
+        self.commit_changes(changes)
+    }
+
+    /// Makes `changes` durable as the next record: replicated first (with high
+    /// availability), then appended to the log.
+    fn commit_changes(&self, changes: Vec<Change>) -> Result<(), StoreError> {
         if changes.is_empty() {
             return Ok(());
         }
         let payload = serde_json::to_vec(&changes).expect("log records serialize");
-        if !Wal::fits_at_all(payload.len()) {
-            return self.write(|t| changes.into_iter().try_for_each(|c| t.apply(c)));
-        }
+        let replicator = self.replicator();
         let mut logged = self.wal.lock().expect("store log lock");
+        if let Some(r) = replicator {
+            r.replicate(logged.wal.last() + 1, &payload)?;
+        }
+        self.apply_locked(&mut logged, changes, &payload)
+    }
+
+    /// Applies record `wal.last() + 1`: appended to the log, or if it is too big for the
+    /// log, committed to the database directly (with everything logged before it).
+    fn apply_locked(
+        &self,
+        logged: &mut Logged,
+        changes: Vec<Change>,
+        payload: &[u8],
+    ) -> Result<(), StoreError> {
+        if !Wal::fits_at_all(payload.len()) {
+            // The database then holds record `seq`; the log goes on after it.
+            let seq = logged.wal.last() + 1;
+            return Self::checkpoint_locked(&self.db, logged, seq, changes);
+        }
         let full = !logged.wal.fits(payload.len());
         if full || (logged.wal.used() >= wal::SWITCH_AT && logged.other_half_free()) {
             if !logged.other_half_free() {
                 // Checkpoints fell behind a full half: catch up now (appends wait).
                 let upto = logged.wal.current_first() - 1;
-                Self::apply_front(&self.db, &mut logged, usize::MAX, upto)?;
+                Self::apply_front(&self.db, logged, usize::MAX, upto)?;
             }
             logged.wal.switch();
         }
         let seq = logged
             .wal
-            .append(&payload)
+            .append(payload)
             .map_err(|e| StoreError::Log(format!("append: {e}")))?;
         logged.pending_changes += changes.len();
         logged.pending.push_back((seq, changes));
@@ -538,12 +757,31 @@ impl Store {
     /// Applies every logged change to the database, commits durably and starts the log
     /// again.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
-        self.write(|_| Ok(()))
+        let mut logged = self.wal.lock().expect("store log lock");
+        let last = logged.wal.last();
+        Self::checkpoint_locked(&self.db, &mut logged, last, Vec::new())
     }
 }
 
 /// `meta` key: the pool's random id.
-const POOL_ID: &str = "pool_id";
+pub const POOL_ID: &str = "pool_id";
+
+/// The runs of a `zeroing` or `cow` table.
+fn runs_of(t: &impl ReadableTable<(u32, u64), u64>) -> Result<Vec<(Phys, u64)>, StoreError> {
+    let mut out = Vec::new();
+    for row in t.iter()? {
+        let (k, v) = row?;
+        let (c, s) = k.value();
+        out.push((
+            Phys {
+                container: ContainerId(c),
+                block: s,
+            },
+            v.value(),
+        ));
+    }
+    Ok(out)
+}
 
 /// `meta` key: the last log record a durable commit includes.
 const JOURNAL_SEQ: &str = "journal_seq";
@@ -895,6 +1133,105 @@ mod tests {
             1 => (1..3u64, 0..1000u64).prop_map(|(which, n)| Op::Whole { which, n }),
             1 => (1..3u64).prop_map(|which| Op::Delete { which }),
         ]
+    }
+
+    /// Collects what a leader replicates, as the etcd log would hold it.
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<(u64, Vec<u8>)>>);
+
+    impl Replicator for Recorded {
+        fn replicate(&self, seq: u64, payload: &[u8]) -> Result<(), StoreError> {
+            self.0.lock().unwrap().push((seq, payload.to_vec()));
+            Ok(())
+        }
+    }
+
+    /// Everything a store holds, comparable.
+    fn everything(store: &Store) -> String {
+        let mut l = store.load().unwrap();
+        l.pool_id = 0;
+        format!("{l:?}")
+    }
+
+    /// A leader's records, applied by a follower through `apply_record` (the path a
+    /// standby takes) and by a third store from an image plus the records after it, give
+    /// the same store; a record out of order is refused; a refused replication applies
+    /// nothing.
+    #[test]
+    fn records_applied_elsewhere_give_the_same_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let leader = Store::open(&dir.path().join("l.redb")).unwrap();
+        let log = Arc::new(Recorded::default());
+        leader.set_replicator(log.clone());
+        let follower = Store::open(&dir.path().join("f.redb")).unwrap();
+        let late = Store::open(&dir.path().join("late.redb")).unwrap();
+        let big: Vec<Entry> = (0..60_000)
+            .map(|k| entry(k * 4, 4, Some(k), State::New))
+            .collect();
+        let mut applied = 0;
+        let mut image = None;
+        for round in 0..6u64 {
+            let v = VdiskId(round % 2 + 1);
+            leader
+                .write_logged(|t| {
+                    t.put_vdisk(v, &record("v"))?;
+                    t.put_free(ContainerId(1), round * 100, 10)?;
+                    t.replace_entries(
+                        v,
+                        round * 10,
+                        round * 10 + 5,
+                        &[entry(round * 10, 2, Some(round), State::Normal)],
+                    )
+                })
+                .unwrap();
+            match round {
+                // A record too big for the local log goes to the database directly, and
+                // still has its number.
+                1 => leader
+                    .write_logged(|t| t.replace_entries(VdiskId(3), 0, u64::MAX, &big))
+                    .unwrap(),
+                2 => leader.write(|t| t.delete_free(ContainerId(1), 0)).unwrap(),
+                3 => image = Some(leader.image().unwrap()),
+                _ => {}
+            }
+            for (seq, payload) in log.0.lock().unwrap()[applied..].iter() {
+                follower.apply_record(*seq, payload).unwrap();
+            }
+            applied = log.0.lock().unwrap().len();
+            assert_eq!(follower.last_seq(), leader.last_seq());
+        }
+        let records = log.0.lock().unwrap().clone();
+        assert_eq!(
+            records.iter().map(|r| r.0).collect::<Vec<_>>(),
+            (1..=records.len() as u64).collect::<Vec<_>>(),
+            "records are numbered without gaps"
+        );
+        let image = image.unwrap();
+        late.install_image(&image).unwrap();
+        let after = records.iter().filter(|r| r.0 > image.seq);
+        let (first, _) = after.clone().next().unwrap();
+        assert!(
+            late.apply_record(first + 1, &records[0].1).is_err(),
+            "a gap is refused"
+        );
+        for (seq, payload) in after {
+            late.apply_record(*seq, payload).unwrap();
+        }
+        assert_eq!(everything(&follower), everything(&leader));
+        assert_eq!(everything(&late), everything(&leader));
+
+        // A replication that fails leaves the store as it was.
+        struct Refuse;
+        impl Replicator for Refuse {
+            fn replicate(&self, _: u64, _: &[u8]) -> Result<(), StoreError> {
+                Err(StoreError::Log("not the leader".into()))
+            }
+        }
+        let before = (everything(&leader), leader.last_seq());
+        leader.set_replicator(Arc::new(Refuse));
+        assert!(leader.write_logged(|t| t.delete_vdisk(VdiskId(1))).is_err());
+        assert!(leader.write(|t| t.delete_vdisk(VdiskId(1))).is_err());
+        assert_eq!((everything(&leader), leader.last_seq()), before);
     }
 
     proptest! {
