@@ -294,6 +294,23 @@ pub struct StatusView {
     /// Allocation faults refused with ENOSPC since start.
     pub enospc_faults: u64,
     pub data_dir: String,
+    /// With high availability: every controller of the control plane.
+    #[serde(default)]
+    pub controllers: Vec<ControllerView>,
+}
+
+/// One controller of a highly available control plane.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerView {
+    pub name: String,
+    /// Its admin API and agents' address.
+    pub api: String,
+    /// `leader` or `standby`.
+    pub role: String,
+    /// The last metadata record durable in its store.
+    pub applied: u64,
+    /// The leader's epoch (0 for a standby).
+    pub epoch: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

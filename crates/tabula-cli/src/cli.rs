@@ -153,6 +153,37 @@ pub struct ControllerArgs {
     pub snapshot_hold: std::time::Duration,
     #[command(flatten)]
     pub pool: PoolArgs,
+    #[command(flatten)]
+    pub ha: HaArgs,
+}
+
+/// High availability: several controllers on etcd (README, "High availability").
+#[derive(Args, Debug)]
+pub struct HaArgs {
+    /// Join a control plane of several controllers on etcd (URL[,URL...] of its members,
+    /// e.g. http://10.0.0.1:2379,http://10.0.0.2:2379). One leads, the others stand by and
+    /// follow every metadata change; any of them takes over within --election-ttl of the
+    /// leader's loss. Without it this controller is the whole control plane (its data dir
+    /// holds the only copy of the metadata). No default container is made with it: add
+    /// containers explicitly.
+    #[arg(long, value_delimiter = ',', env = "TABULA_ETCD")]
+    pub etcd: Vec<String>,
+    /// This controller's name in the control plane (unique). Default: the host name.
+    #[arg(long, requires = "etcd")]
+    pub name: Option<String>,
+    /// Every key of the control plane in etcd starts with this, so several control planes
+    /// can share one etcd.
+    #[arg(long, default_value = "/tabula", requires = "etcd")]
+    pub etcd_prefix: String,
+    /// How long a dead leader keeps its leadership before a standby takes over (the TTL of
+    /// its etcd lease; whole seconds, at least 1).
+    #[arg(long, default_value = "2s", value_parser = duration_arg, requires = "etcd")]
+    pub election_ttl: std::time::Duration,
+    /// The address other controllers, agents and the CLI reach this controller at
+    /// (http://HOST:PORT). Default: http:// and the --api-listen address, which must then
+    /// not be a wildcard (0.0.0.0, [::]).
+    #[arg(long, requires = "etcd")]
+    pub advertise_url: Option<String>,
 }
 
 #[derive(Args, Debug)]

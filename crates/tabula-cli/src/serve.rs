@@ -215,6 +215,9 @@ async fn serve(mut args: ServeArgs) -> Result<()> {
 }
 
 async fn controller(mut args: ControllerArgs) -> Result<()> {
+    if !args.ha.etcd.is_empty() {
+        return ha_controller(args).await;
+    }
     let lease = args.lease;
     let refresh = args.refresh_interval;
     let hold = args.snapshot_hold;
@@ -239,6 +242,66 @@ async fn controller(mut args: ControllerArgs) -> Result<()> {
         args.data_dir.display()
     );
     run_until_signal(Some((api, ctl, true)), None).await
+}
+
+/// A controller of a highly available control plane (`--etcd`).
+async fn ha_controller(mut args: ControllerArgs) -> Result<()> {
+    if args.lease.is_zero() {
+        anyhow::bail!("--lease must be more than 0");
+    }
+    let ttl = args.ha.election_ttl;
+    if ttl < std::time::Duration::from_secs(1) || ttl.subsec_nanos() != 0 {
+        anyhow::bail!("--election-ttl must be whole seconds, at least 1s (etcd leases count seconds)");
+    }
+    if ttl >= args.lease {
+        anyhow::bail!(
+            "--election-ttl ({ttl:?}) must be shorter than the agents' --lease ({:?}): agents ride through a failover on their lease",
+            args.lease
+        );
+    }
+    args.data_dir = std::path::absolute(&args.data_dir)
+        .with_context(|| format!("resolving --data-dir {}", args.data_dir.display()))?;
+    let api = bind_api(&args.api_listen).await?;
+    let addr = api.local_addr()?;
+    let api_url = match &args.ha.advertise_url {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None if addr.ip().is_unspecified() => anyhow::bail!(
+            "--api-listen {addr} is a wildcard address: give --advertise-url, the address others reach this controller at"
+        ),
+        None => format!("http://{addr}"),
+    };
+    let name = match args.ha.name.clone() {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "controller".into()),
+    };
+    tabula_controller::service::validate_name("controller", &name).map_err(anyhow::Error::msg)?;
+    let mut c = ControllerConfig::new(&args.data_dir);
+    c.lease = args.lease;
+    c.restart_grace = true;
+    c.refresh_interval = (!args.refresh_interval.is_zero()).then_some(args.refresh_interval);
+    c.snapshot_hold = args.snapshot_hold;
+    c.container_timeout = args.pool.container_timeout;
+    c.low_space_percent = args.pool.low_space_percent;
+    let ha = tabula_controller::ha::HaConfig {
+        etcd: args.ha.etcd.clone(),
+        prefix: args.ha.etcd_prefix.clone(),
+        name: name.clone(),
+        api_url: api_url.clone(),
+        election_ttl: ttl,
+    };
+    info!(api = %api_url, name, etcd = ?args.ha.etcd, data_dir = %args.data_dir.display(), "tabula controller starting (high availability)");
+    eprintln!(
+        "tabula controller {name}: admin API and agents on {api_url}, data in {}, control plane on etcd {}",
+        args.data_dir.display(),
+        args.ha.etcd.join(",")
+    );
+    tabula_controller::ha::run(c, ha, api, shutdown_signal())
+        .await
+        .context("running the controller")?;
+    info!("stopped cleanly");
+    Ok(())
 }
 
 async fn agent(args: AgentArgs, controller: &str) -> Result<()> {

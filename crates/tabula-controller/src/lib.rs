@@ -7,6 +7,7 @@
 //! - [`agents`]: agent sessions, leases, and the push of table commands;
 //! - [`grpc`]: the agents' channel (tonic), served on the admin API's port;
 //! - [`http`]: the admin API (JSON over HTTP) used by the CLI;
+//! - [`ha`]: several controllers on etcd: election, the replicated log, standbys;
 //! - [`check`]: the offline metadata check behind `tabula check`;
 //! - [`label`]: the label in every container naming its pool and itself.
 //!
@@ -17,6 +18,7 @@
 pub mod agents;
 pub mod check;
 pub mod grpc;
+pub mod ha;
 pub mod http;
 pub mod journal;
 pub use tabula_container::label;

@@ -84,6 +84,13 @@ pub struct ControllerConfig {
     pub low_space_percent: u64,
     /// Test hooks: pauses at the points crash tests kill the controller in.
     pub test_pauses: TestPauses,
+    /// With high availability: until when this controller's leadership is certain. Past
+    /// that it answers agents nothing (no fault, no lease grant), so a deposed leader that
+    /// has not noticed yet misleads no one.
+    pub leadership: Option<Arc<crate::ha::Leadership>>,
+    /// The leadership epoch this controller serves under: 0 without HA, else the etcd
+    /// revision at which it was elected; every answer and command to agents carries it.
+    pub epoch: u64,
 }
 
 /// Pauses for crash tests (set from `TABULA_TEST_*` environment variables by the binary).
@@ -113,6 +120,8 @@ impl ControllerConfig {
             container_timeout: Duration::from_secs(5),
             low_space_percent: 10,
             test_pauses: TestPauses::default(),
+            leadership: None,
+            epoch: 0,
         }
     }
 }
@@ -559,6 +568,15 @@ impl Controller {
             source,
         })?;
         let store = Arc::new(Store::open(&cfg.data_dir.join(DB_FILE))?);
+        Self::open_with_store(cfg, store).await
+    }
+
+    /// Opens the controller over a store already open: a standby taking over the lead
+    /// (`crate::ha`), whose store has followed every committed record.
+    pub async fn open_with_store(
+        cfg: ControllerConfig,
+        store: Arc<Store>,
+    ) -> Result<Arc<Controller>, ControllerError> {
         let mut loaded = store.load()?;
         let pool_id = loaded.pool_id;
         let mut meta = Meta {
@@ -1213,6 +1231,12 @@ impl Controller {
             low_space: self.check_low_space(&meta),
             enospc_faults: self.enospc_faults.load(Ordering::Relaxed),
             data_dir: self.cfg.data_dir.display().to_string(),
+            controllers: self
+                .cfg
+                .leadership
+                .as_ref()
+                .map(|l| l.controllers())
+                .unwrap_or_default(),
         }
     }
 
@@ -1236,6 +1260,17 @@ impl Controller {
     }
 
     /// The pool's random id, written in every container's label.
+    /// The store, for images of it sent to other controllers (`crate::ha`).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Whether this controller may answer agents: always without high availability; with
+    /// it, while its leadership is certain (`crate::ha`).
+    pub fn leading(&self) -> bool {
+        self.cfg.leadership.as_ref().is_none_or(|l| l.valid())
+    }
+
     pub fn pool_id(&self) -> u64 {
         self.pool_id
     }

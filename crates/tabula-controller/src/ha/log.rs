@@ -1,0 +1,160 @@
+//! The replicated log in etcd: the leader's fenced commits, and reading records back.
+//!
+//! Fencing: every write of a record is a transaction that requires the `leader` key to be
+//! the one this controller created (its create revision is the epoch). A controller that
+//! lost the key, however briefly paused, can add nothing; it finds out from the refused
+//! transaction, poisons its journal and steps down.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tabula_etcd::{Compare, Etcd, EtcdError, Op};
+use tracing::{error, warn};
+
+use super::Leadership;
+use super::records::{Keys, Stored, decode_record, encode_record, join_parts};
+use crate::store::{Replicator, StoreError};
+
+/// The leader's side of the log: the store's [`Replicator`].
+pub struct EtcdLog {
+    pub etcd: Etcd,
+    pub keys: Keys,
+    pub epoch: i64,
+    pub leadership: Arc<Leadership>,
+    pub rt: tokio::runtime::Handle,
+}
+
+impl EtcdLog {
+    fn fence(&self) -> Compare {
+        Compare::CreateRevision(self.keys.leader(), self.epoch)
+    }
+
+    async fn write(&self, seq: u64, payload: &[u8]) -> Result<(), String> {
+        let (head, parts) = encode_record(payload);
+        for (n, part) in parts.into_iter().enumerate() {
+            let put = Op::Put {
+                key: self.keys.part(seq, n as u32),
+                value: part,
+                lease: 0,
+            };
+            let r = self
+                .etcd
+                .txn(vec![self.fence()], vec![put], vec![])
+                .await
+                .map_err(|e| e.to_string())?;
+            if !r.succeeded {
+                return Err("this controller is no longer the leader".into());
+            }
+        }
+        let put = Op::Put {
+            key: self.keys.log(seq),
+            value: head,
+            lease: 0,
+        };
+        let r = self
+            .etcd
+            .txn(
+                vec![self.fence(), Compare::CreateRevision(self.keys.log(seq), 0)],
+                vec![put],
+                vec![],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if !r.succeeded {
+            return Err(format!(
+                "this controller is no longer the leader (or record {seq} exists already)"
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Replicator for EtcdLog {
+    fn replicate(&self, seq: u64, payload: &[u8]) -> Result<(), StoreError> {
+        if !self.leadership.valid() {
+            return Err(StoreError::Log(
+                "this controller's leadership has lapsed; nothing more is committed".into(),
+            ));
+        }
+        let started = Instant::now();
+        let fut = self.write(seq, payload);
+        // The journal's committer is a plain thread; the controller's start commits from
+        // the runtime, where blocking must be announced.
+        let r = match tokio::runtime::Handle::try_current() {
+            Ok(_) => tokio::task::block_in_place(|| self.rt.block_on(fut)),
+            Err(_) => self.rt.block_on(fut),
+        };
+        match r {
+            Ok(()) => {
+                let ms = started.elapsed().as_millis() as u64;
+                if ms > 1000 {
+                    warn!(seq, ms, "a metadata commit to etcd was slow");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Whether or not etcd took it, this controller must stop: what it holds in
+                // memory may now differ from the log. The standby it becomes applies the
+                // record if etcd has it.
+                error!(seq, error = e, "a metadata commit to etcd failed; stepping down");
+                self.leadership.lose();
+                Err(StoreError::Log(format!(
+                    "committing record {seq} to etcd: {e}"
+                )))
+            }
+        }
+    }
+}
+
+/// What the log holds after a given record.
+pub enum Read {
+    /// The next records in order (possibly none), and the etcd revision read at.
+    Records(Vec<(u64, Vec<u8>)>, i64),
+    /// The record wanted is gone (truncated): the oldest one there is.
+    Gap { first: u64 },
+}
+
+/// Reads up to `limit` records after `after`.
+pub async fn read_after(
+    etcd: &Etcd,
+    keys: &Keys,
+    after: u64,
+    limit: i64,
+) -> Result<Read, EtcdError> {
+    let (kvs, rev) = etcd
+        .range(&keys.log(after + 1), &keys.log_end(), limit)
+        .await?;
+    let mut out = Vec::with_capacity(kvs.len());
+    let mut want = after + 1;
+    for kv in kvs {
+        let Some(seq) = keys.seq_of(&kv.key) else {
+            continue;
+        };
+        if seq != want {
+            if out.is_empty() {
+                return Ok(Read::Gap { first: seq });
+            }
+            break;
+        }
+        let payload = match decode_record(&kv.value).map_err(EtcdError::Failed)? {
+            Stored::Inline(p) => p,
+            s @ Stored::Parts { .. } => {
+                let (from, to) = keys.parts(seq);
+                let (parts, _) = etcd.range(&from, &to, 0).await?;
+                let parts: Vec<Vec<u8>> = parts.into_iter().map(|kv| kv.value).collect();
+                join_parts(&s, &parts).map_err(EtcdError::Failed)?
+            }
+        };
+        out.push((seq, payload));
+        want += 1;
+    }
+    Ok(Read::Records(out, rev))
+}
+
+/// Removes records up to `upto` (and their pieces) from etcd.
+pub async fn truncate(etcd: &Etcd, keys: &Keys, upto: u64) -> Result<(), EtcdError> {
+    let (from, to) = keys.parts_upto(upto);
+    etcd.delete_range(&from, &to).await?;
+    etcd.delete_range(&keys.log(0), &keys.log(upto + 1)).await?;
+    Ok(())
+}
