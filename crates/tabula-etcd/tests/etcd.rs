@@ -334,6 +334,12 @@ async fn failover_and_quorum_loss() {
     assert!(up[0].version.starts_with('3'));
     assert_eq!(etcd.members().await.unwrap().len(), 3);
 
+    // A watch on the member that will be left alone.
+    let lone = tabula_etcd::Etcd::connect(&cluster.endpoints()[2..], TIMEOUT)
+        .await
+        .unwrap();
+    let mut lone_watch = lone.watch(b"/f/", &prefix_end(b"/f/"), 0).await.unwrap();
+
     // Two of three down: no quorum. A put fails as unavailable within the timeout.
     cluster.kill(1);
     let start = Instant::now();
@@ -352,6 +358,12 @@ async fn failover_and_quorum_loss() {
         etcd.get(b"/f/k").await.is_err(),
         "a linearizable read needs quorum too"
     );
+    // The lone member cancels watches once it has had no leader for a while (etcd's
+    // `hasleader` watches), so a cut-off watcher learns it.
+    match tokio::time::timeout(Duration::from_secs(10), lone_watch.next()).await {
+        Ok(Err(EtcdError::Unavailable(msg))) => assert!(msg.contains("no leader"), "{msg}"),
+        other => panic!("a watch on a member without a leader: {other:?}"),
+    }
 
     // A call waits for quorum within its timeout: one issued now succeeds once a member
     // comes back.
@@ -372,6 +384,16 @@ async fn failover_and_quorum_loss() {
         .unwrap_or_else(|e| panic!("the put after quorum returned: {e}\n{}", cluster.logs()));
     assert!(value > rev);
     assert_eq!(etcd.get(b"/f/k").await.unwrap().unwrap().value, b"back");
+    // The restarted member's connection recovers.
+    poll(
+        Duration::from_secs(10),
+        "the restarted member's status",
+        || {
+            let etcd = etcd.clone();
+            async move { etcd.member_status().await[1].1.as_ref().ok().map(|_| ()) }
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
