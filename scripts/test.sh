@@ -7,10 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 FUZZ_SECONDS="${FUZZ_SECONDS:-20}"
-PKGS=(qemu-utils libnbd-bin fio nbdkit iproute2 curl util-linux)
+PKGS=(qemu-utils libnbd-bin fio nbdkit iproute2 curl util-linux etcd-server)
 
 need_install=0
-for tool in qemu-io qemu-img nbdinfo nbdcopy fio nbdkit ip curl unshare; do
+for tool in qemu-io qemu-img nbdinfo nbdcopy fio nbdkit ip curl unshare etcd; do
     command -v "$tool" >/dev/null 2>&1 || need_install=1
 done
 if [ "$need_install" = 1 ]; then

@@ -396,12 +396,9 @@ impl Etcd {
             revision,
             physical: false,
         };
-        self.call("compact", |ch| {
-            let req = req.clone();
-            async move {
-                kv_client(ch).compact(with_leader(req)).await?;
-                Ok(())
-            }
+        self.call("compact", |ch| async move {
+            kv_client(ch).compact(with_leader(req)).await?;
+            Ok(())
         })
         .await
     }
@@ -413,14 +410,11 @@ impl Etcd {
             id: 0,
         };
         let reply = self
-            .call("lease grant", |ch| {
-                let req = req.clone();
-                async move {
-                    Ok(lease_client(ch)
-                        .lease_grant(with_leader(req))
-                        .await?
-                        .into_inner())
-                }
+            .call("lease grant", |ch| async move {
+                Ok(lease_client(ch)
+                    .lease_grant(with_leader(req))
+                    .await?
+                    .into_inner())
             })
             .await?;
         if !reply.error.is_empty() {
@@ -462,7 +456,6 @@ impl Etcd {
     pub async fn lease_revoke(&self, id: i64) -> Result<(), EtcdError> {
         let req = rpc::LeaseRevokeRequest { id };
         self.call("lease revoke", |ch| {
-            let req = req.clone();
             async move {
                 match lease_client(ch).lease_revoke(with_leader(req)).await {
                     Ok(_) => Ok(()),
@@ -681,7 +674,7 @@ impl Etcd {
             .filter_map(|(e, err)| err.as_ref().map(|err| format!("{e}: {err}")))
             .collect();
         EtcdError::Unavailable(format!(
-            "{what}: no etcd member answered within {:?} ({}); is etcd running at {} with a majority of its members up?",
+            "{what}: no etcd member could serve it within {:?} ({}); is etcd running at {} with a majority of its members up?",
             self.inner.timeout,
             if tried.is_empty() {
                 "no attempt finished".to_string()
