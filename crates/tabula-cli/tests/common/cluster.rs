@@ -30,7 +30,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn new(what: &str, log: PathBuf, prefix: &[String], args: Vec<String>) -> Proc {
+    pub fn new(what: &str, log: PathBuf, prefix: &[String], args: Vec<String>) -> Proc {
         Proc {
             what: what.to_string(),
             child: None,
@@ -53,7 +53,7 @@ impl Proc {
 
     /// Starts the process (appending to its log) and returns the log length before the start,
     /// so readiness is judged on this run's lines only.
-    fn start(&mut self) -> usize {
+    pub fn start(&mut self) -> usize {
         assert!(self.child.is_none(), "{} already running", self.what);
         let from = self.log_len();
         let log = std::fs::OpenOptions::new()
@@ -84,7 +84,7 @@ impl Proc {
 
     /// Waits until the log, after byte `from`, contains `marker`. `Err(log)` if the process
     /// exited first.
-    fn wait_marker(&mut self, from: usize, marker: &str, limit: Duration) -> Result<(), String> {
+    pub fn wait_marker(&mut self, from: usize, marker: &str, limit: Duration) -> Result<(), String> {
         let deadline = Instant::now() + limit;
         loop {
             let text = self.log_text();

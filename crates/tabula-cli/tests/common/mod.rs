@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod fio;
+pub mod ha;
 pub mod nbd;
 pub mod remote;
 

@@ -37,6 +37,7 @@ impl EtcdLog {
                 value: part,
                 lease: 0,
             };
+            // Pieces may be written twice (a retried call): they are the same bytes.
             let r = self
                 .etcd
                 .txn(vec![self.fence()], vec![put], vec![])
@@ -48,7 +49,7 @@ impl EtcdLog {
         }
         let put = Op::Put {
             key: self.keys.log(seq),
-            value: head,
+            value: head.clone(),
             lease: 0,
         };
         let r = self
@@ -56,16 +57,24 @@ impl EtcdLog {
             .txn(
                 vec![self.fence(), Compare::CreateRevision(self.keys.log(seq), 0)],
                 vec![put],
-                vec![],
+                vec![Op::Get(self.keys.leader()), Op::Get(self.keys.log(seq))],
             )
             .await
             .map_err(|e| e.to_string())?;
-        if !r.succeeded {
-            return Err(format!(
-                "this controller is no longer the leader (or record {seq} exists already)"
-            ));
+        if r.succeeded {
+            return Ok(());
         }
-        Ok(())
+        // A call retried on another member after its first attempt was applied finds its
+        // own record there: that is success.
+        let leader = r.gets.first().cloned().flatten();
+        let record = r.gets.get(1).cloned().flatten();
+        match (leader, record) {
+            (Some(l), Some(rec)) if l.create_revision == self.epoch && rec.value == head => Ok(()),
+            (Some(l), Some(_)) if l.create_revision == self.epoch => Err(format!(
+                "record {seq} in etcd is not the one this leader wrote; the log has diverged"
+            )),
+            _ => Err("this controller is no longer the leader".into()),
+        }
     }
 }
 
@@ -152,9 +161,11 @@ pub async fn read_after(
 }
 
 /// Removes records up to `upto` (and their pieces) from etcd.
+/// Removes records up to `upto` (and their pieces) from etcd, and compacts etcd's history
+/// up to then (etcd 3.4 keeps every old revision otherwise, and its database fills).
 pub async fn truncate(etcd: &Etcd, keys: &Keys, upto: u64) -> Result<(), EtcdError> {
     let (from, to) = keys.parts_upto(upto);
     etcd.delete_range(&from, &to).await?;
-    etcd.delete_range(&keys.log(0), &keys.log(upto + 1)).await?;
-    Ok(())
+    let rev = etcd.delete_range(&keys.log(0), &keys.log(upto + 1)).await?;
+    etcd.compact(rev).await
 }

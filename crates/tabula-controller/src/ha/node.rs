@@ -495,7 +495,7 @@ impl Node {
                     value,
                     lease: self.lease(),
                 }],
-                vec![],
+                vec![Op::Get(self.keys.leader())],
             )
             .await
         {
@@ -506,11 +506,16 @@ impl Node {
                 return Ok(None);
             }
         };
-        if !r.succeeded {
-            return Ok(None);
-        }
-        // The key's create revision is the transaction's revision: the epoch.
-        let epoch = r.revision as u64;
+        // The key's create revision is the epoch. A call retried after its first attempt
+        // took the key finds it under this controller's lease: won all the same.
+        let epoch = if r.succeeded {
+            r.revision as u64
+        } else {
+            match r.gets.into_iter().flatten().next() {
+                Some(kv) if kv.lease == self.lease() => kv.create_revision as u64,
+                _ => return Ok(None),
+            }
+        };
         self.epoch.store(epoch, Ordering::Release);
         Ok(Some(epoch))
     }
