@@ -84,6 +84,9 @@ pub struct ControllerConfig {
     pub low_space_percent: u64,
     /// Test hooks: pauses at the points crash tests kill the controller in.
     pub test_pauses: TestPauses,
+    /// The leadership epoch this controller serves under: 0 without HA, else the etcd
+    /// revision at which it was elected; every answer and command to agents carries it.
+    pub epoch: u64,
 }
 
 /// Pauses for crash tests (set from `TABULA_TEST_*` environment variables by the binary).
@@ -113,6 +116,7 @@ impl ControllerConfig {
             container_timeout: Duration::from_secs(5),
             low_space_percent: 10,
             test_pauses: TestPauses::default(),
+            epoch: 0,
         }
     }
 }
@@ -839,6 +843,11 @@ impl Controller {
 
     pub fn config(&self) -> &ControllerConfig {
         &self.cfg
+    }
+
+    /// The leadership epoch this controller serves under (see [`ControllerConfig::epoch`]).
+    pub fn epoch(&self) -> u64 {
+        self.cfg.epoch
     }
 
     pub fn data_dir(&self) -> &Path {
