@@ -48,6 +48,8 @@ use tracing::{debug, error, info, warn};
 use crate::lease::Lease;
 
 pub mod follow;
+#[cfg(test)]
+mod tests;
 
 use follow::{Failure, Next};
 
@@ -118,7 +120,7 @@ fn failure_of(s: &tonic::Status) -> Option<Failure> {
 enum Registration {
     /// A session, when the request was sent (the lease runs from then), and the controller
     /// that gave it.
-    Session(pb::RegisterReply, Instant, Via),
+    Session(pb::RegisterReply, Instant, Box<Via>),
     /// The controller answered and refused the name (in use by a live session, or invalid).
     Refused(ControlError),
     /// No answer from the controller.
@@ -290,7 +292,7 @@ impl RemoteControl {
             Ok(r) => {
                 let reply = r.into_inner();
                 match self.check_epoch(&via, reply.epoch, "registering") {
-                    Ok(()) => Registration::Session(reply, began, via),
+                    Ok(()) => Registration::Session(reply, began, Box::new(via)),
                     Err(e) => Registration::Unreachable(e.to_string()),
                 }
             }
@@ -339,7 +341,7 @@ impl RemoteControl {
         self: Arc<Self>,
         name: String,
         port: Arc<dyn AgentPort>,
-        mut first: Option<(pb::RegisterReply, Instant, Via)>,
+        mut first: Option<(pb::RegisterReply, Instant, Box<Via>)>,
     ) {
         let mut backoff = Duration::from_millis(100);
         let mut was_connected = first.is_some();
