@@ -311,18 +311,24 @@ impl RemoteControl {
         }
     }
 
-    /// Registration attempts until one gets an answer, through each address once (and a
-    /// leader named on the way).
+    /// Registration attempts until one gets an answer: each address (and each leader a
+    /// standby names on the way) asked once.
     async fn register_round(&self, name: &str, port: &Arc<dyn AgentPort>) -> Registration {
-        let tries = self.targets.lock().list.len() + 1;
+        let mut asked: Vec<String> = Vec::new();
         let mut why = Vec::new();
-        for _ in 0..tries {
+        // Bounded also when standbys keep naming new leaders.
+        let most = 2 * self.targets.lock().list.len() + 2;
+        loop {
+            let url = self.current_url();
+            if asked.contains(&url) || asked.len() >= most {
+                return Registration::Unreachable(why.join("; "));
+            }
+            asked.push(url);
             match self.try_register(name, port).await {
                 Registration::Unreachable(e) => why.push(e),
                 done => return done,
             }
         }
-        Registration::Unreachable(why.join("; "))
     }
 
     pub fn lease(&self) -> Arc<Lease> {

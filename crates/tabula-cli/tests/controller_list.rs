@@ -296,3 +296,74 @@ fn standbys_listed_first_lead_the_agent_and_the_cli_to_the_leader() {
     );
     s.stop_and_check();
 }
+
+/// The nearest to a failover one controller can give: kill -9 it and start it again, on the
+/// same data, at the *other* listed address. A first write issued while no controller
+/// answers waits (--fault-wait) and succeeds once it does; the agent follows it there.
+#[test]
+fn a_controller_that_comes_back_at_the_other_address_is_followed() {
+    if !have("qemu-io") {
+        return;
+    }
+    let mut s = Setup::start();
+    let first = s.controller.url();
+    let other_port = free_port();
+    let list = format!("{first},http://127.0.0.1:{other_port}");
+    cli_ok(
+        &list,
+        &[
+            "vdisk",
+            "create",
+            "three",
+            "--size",
+            "64M",
+            "--segment-size",
+            "1M",
+        ],
+    );
+    let agent = {
+        let dir = s.dir.path().to_path_buf();
+        let mut a = Agent::prepare(&dir, "host-c", "127.0.0.1", free_port(), &list, &[]);
+        a.fault_wait = "20s".into();
+        a.spawn(true);
+        s.agents.push(a);
+        wait_connected(&s.controller, &["host-c"], Duration::from_secs(30));
+        s.agents[0].url("three")
+    };
+    qemu_io(&agent, &["write -P 0x11 0 64k"]);
+
+    s.controller.proc.kill9();
+    let t0 = std::time::Instant::now();
+    let writer = {
+        let url = agent.clone();
+        std::thread::spawn(move || {
+            qemu_io(
+                &url,
+                &[
+                    "read -P 0x11 0 64k",
+                    "write -P 0x22 16M 64k",
+                    "read -P 0x22 16M 64k",
+                ],
+            )
+        })
+    };
+    // The first write waits for a controller meanwhile.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !writer.is_finished(),
+        "the first write did not wait for the controller"
+    );
+    s.controller.api_port = other_port;
+    s.controller.spawn();
+    let out = writer
+        .join()
+        .expect("qemu-io: the first write failed during the move");
+    assert!(out.contains("wrote 65536/65536"), "{out}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        t0.elapsed()
+    );
+    wait_connected(&s.controller, &["host-c"], Duration::from_secs(30));
+    s.stop_and_check();
+}
