@@ -37,7 +37,8 @@ impl<P: AgentPort + Default + 'static> Sim<P> {
     /// Dials the controller (each simulated agent has its own HTTP/2 connection) and starts
     /// its session; registration completes in the background.
     pub async fn start(url: &str, name: &str, call_timeout: Duration) -> Result<Sim<P>> {
-        let control = RemoteControl::new(url, call_timeout).map_err(|e| anyhow!(e))?;
+        let control =
+            RemoteControl::new(&[url.to_string()], call_timeout).map_err(|e| anyhow!(e))?;
         let port = Arc::new(P::default());
         control
             .register_agent(name, port.clone(), Vec::new())

@@ -29,11 +29,15 @@ case does not matter, and there are no fractions (write 1536M, not 1.5G). A vdis
 a multiple of 4K from 4K to 4E; its segment size a power of two from 4K to 1G."
 )]
 pub struct Cli {
-    /// Admin API of the controller to talk to.
+    /// The controller to talk to: its admin API address (agents use the same one, for gRPC).
+    /// With several controllers (HA), a comma-separated list URL[,URL...] of any or all of
+    /// them: admin commands go to the first that answers and follow a standby's redirect to
+    /// the leader; `tabula agent` follows the leader as it changes.
     #[arg(
         long,
         global = true,
         env = "TABULA_CONTROLLER",
+        value_name = "URL[,URL...]",
         default_value = "http://127.0.0.1:7700"
     )]
     pub controller: String,
@@ -50,6 +54,10 @@ pub enum Cmd {
     Controller(ControllerArgs),
     /// Run an agent: serves this host's NBD clients from table copies it gets from the
     /// controller given by --controller, doing I/O directly against the containers.
+    ///
+    /// With several controllers (HA), list them (--controller URL,URL,URL): the agent talks
+    /// to the leader, moves to the new one when it changes, and refuses anything from a
+    /// deposed leader.
     ///
     /// It starts (and keeps serving what its tables allow) even while the controller is
     /// unreachable, and reconnects and resynchronises by itself.

@@ -314,8 +314,12 @@ async fn agent(args: AgentArgs, controller: &str) -> Result<()> {
     let mut cfg = agent_config(&name)?;
     cfg.fault_wait = args.fault_wait;
     cfg.container_timeout = args.container_timeout;
+    let urls = tabula_agent::remote::follow::parse_list(controller)
+        .map_err(anyhow::Error::msg)
+        .context("--controller")?;
+    let controller = urls.join(",");
     let remote = RemoteControl::new(
-        controller,
+        &urls,
         args.fault_wait.max(std::time::Duration::from_secs(5)),
     )
     .map_err(anyhow::Error::msg)

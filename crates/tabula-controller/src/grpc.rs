@@ -34,6 +34,8 @@ type Outbound = mpsc::UnboundedSender<Result<pb::ControllerMessage, Status>>;
 /// The controller's end of one agent session.
 struct RemotePort {
     tx: Outbound,
+    /// The controller's leadership epoch, on every command.
+    epoch: u64,
     pending: parking_lot::Mutex<HashMap<u64, oneshot::Sender<Result<(), String>>>>,
     next: AtomicU64,
 }
@@ -63,9 +65,9 @@ impl AgentPort for RemotePort {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().insert(id, tx);
-        if !self.send(controller_message::Msg::Command(command_to_pb(
-            id, &command,
-        ))) {
+        let mut cmd = command_to_pb(id, &command);
+        cmd.epoch = self.epoch;
+        if !self.send(controller_message::Msg::Command(cmd)) {
             self.pending.lock().remove(&id);
             return Err("the agent's session is closed".into());
         }
@@ -151,6 +153,7 @@ impl Control for ControlService {
         let (tx, rx) = mpsc::unbounded_channel();
         let port = Arc::new(RemotePort {
             tx,
+            epoch: self.ctl.epoch(),
             pending: parking_lot::Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
         });
@@ -180,6 +183,7 @@ impl Control for ControlService {
             session,
             lease_ms: lease.as_millis() as u64,
             heartbeat_ms: (lease / 4).max(Duration::from_millis(50)).as_millis() as u64,
+            epoch: self.ctl.epoch(),
         }))
     }
 
@@ -257,7 +261,9 @@ impl Control for ControlService {
             .open_vdisk_in(&req.agent, Some(req.session), &req.name)
             .await
             .map_err(status)?;
-        Ok(Response::new(snapshot_to_pb(&snap)))
+        let mut snap = snapshot_to_pb(&snap);
+        snap.epoch = self.ctl.epoch();
+        Ok(Response::new(snap))
     }
 
     async fn list_vdisks(
@@ -311,6 +317,7 @@ impl Control for ControlService {
         };
         Ok(Response::new(pb::FaultReply {
             answer: Some(answer),
+            epoch: self.ctl.epoch(),
         }))
     }
 

@@ -859,6 +859,11 @@ impl Controller {
         &self.cfg
     }
 
+    /// The leadership epoch this controller serves under (see [`ControllerConfig::epoch`]).
+    pub fn epoch(&self) -> u64 {
+        self.cfg.epoch
+    }
+
     pub fn data_dir(&self) -> &Path {
         &self.cfg.data_dir
     }

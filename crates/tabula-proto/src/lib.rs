@@ -131,6 +131,8 @@ pub fn snapshot_to_pb(s: &TableSnapshot) -> pb::TableSnapshot {
         generation: s.generation.0,
         read_only: s.read_only,
         entries: s.entries.iter().map(entry_to_pb).collect(),
+        // The controller's gRPC service sets its epoch on what it sends.
+        epoch: 0,
     }
 }
 
@@ -218,7 +220,12 @@ pub fn command_to_pb(id: u64, c: &Command) -> pb::Command {
             reason: reason.clone(),
         }),
     };
-    pb::Command { id, cmd: Some(cmd) }
+    pb::Command {
+        id,
+        cmd: Some(cmd),
+        // The controller's gRPC service sets its epoch on what it sends.
+        epoch: 0,
+    }
 }
 
 pub fn command_from_pb(c: pb::Command) -> Result<(u64, Command), Malformed> {
@@ -367,6 +374,44 @@ pub fn error_from_status(s: &tonic::Status) -> ControlError {
         }
     }
     ControlError::Unavailable(format!("{}: {}", s.code(), s.message()))
+}
+
+// ---- leadership ----
+
+/// The metadata key of a standby's "not the leader" answer that carries the leader's URL
+/// (its admin/gRPC address, e.g. `http://10.0.0.1:7700`).
+pub const LEADER_METADATA: &str = "tabula-leader";
+
+const NOT_LEADER: &str = "not the leader";
+
+/// What a controller that is not the leader answers every `tabula.v1.Control` call with:
+/// UNAVAILABLE (the caller tries another controller) and, when it knows one, the leader's
+/// URL in the [`LEADER_METADATA`] key for the caller to go to.
+pub fn not_leader(leader: Option<&str>) -> tonic::Status {
+    let message = match leader {
+        Some(l) => format!("{NOT_LEADER}; the leader is at {l}"),
+        None => format!(
+            "{NOT_LEADER}; no leader is known (an election may be under way): try again or another controller"
+        ),
+    };
+    let mut s = tonic::Status::unavailable(message);
+    // A URL that is not a valid header value cannot be passed on; the caller then rotates
+    // through its own list.
+    if let Some(v) = leader.and_then(|l| tonic::metadata::MetadataValue::try_from(l).ok()) {
+        s.metadata_mut().insert(LEADER_METADATA, v);
+    }
+    s
+}
+
+/// The leader's URL a "not the leader" answer carries, if any.
+pub fn leader_hint(s: &tonic::Status) -> Option<String> {
+    let v = s.metadata().get(LEADER_METADATA)?.to_str().ok()?.trim();
+    (!v.is_empty()).then(|| v.to_string())
+}
+
+/// Whether `s` is a standby's "not the leader" answer (see [`not_leader`]).
+pub fn is_not_leader(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable && s.message().starts_with(NOT_LEADER)
 }
 
 pub fn location_to_pb(l: &ContainerLocation) -> pb::ContainerLocation {
@@ -557,5 +602,45 @@ mod tests {
             ..Default::default()
         };
         assert!(fault_from_pb(f).is_err());
+    }
+
+    #[test]
+    fn a_standby_answer_names_the_leader_when_it_knows_one() {
+        let s = not_leader(Some("http://127.0.0.1:7001"));
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(is_not_leader(&s), "{s:?}");
+        assert_eq!(leader_hint(&s).as_deref(), Some("http://127.0.0.1:7001"));
+        assert!(s.message().contains("http://127.0.0.1:7001"), "{s:?}");
+        // Without a details payload the agent counts it as "controller unavailable", which
+        // its I/O retries until the fault wait runs out.
+        assert!(matches!(
+            error_from_status(&s),
+            ControlError::Unavailable(_)
+        ));
+
+        let none = not_leader(None);
+        assert!(is_not_leader(&none));
+        assert_eq!(leader_hint(&none), None);
+        assert!(none.message().contains("no leader is known"), "{none:?}");
+
+        // Other failures are not mistaken for a standby's answer.
+        let other = tonic::Status::unavailable("connection refused");
+        assert!(!is_not_leader(&other));
+        assert_eq!(leader_hint(&other), None);
+        assert!(!is_not_leader(&error_to_status(
+            &ControlError::Unavailable("session 3 of agent 'a' is over; register again".into())
+        )));
+    }
+
+    #[test]
+    fn the_leader_hint_survives_the_trip_through_http() {
+        // A standby's answer goes out as an HTTP response's headers (gRPC trailers-only).
+        let resp: tonic::codegen::http::Response<()> =
+            not_leader(Some("http://10.0.0.7:7700")).into_http();
+        let back = tonic::Status::from_header_map(resp.headers()).expect("a grpc status");
+        assert!(is_not_leader(&back), "{back:?}");
+        assert_eq!(leader_hint(&back).as_deref(), Some("http://10.0.0.7:7700"));
+        // An unusable URL (not a header value) is left out rather than failing the answer.
+        assert_eq!(leader_hint(&not_leader(Some("http://bad\nhost"))), None);
     }
 }
