@@ -251,7 +251,9 @@ async fn ha_controller(mut args: ControllerArgs) -> Result<()> {
     }
     let ttl = args.ha.election_ttl;
     if ttl < std::time::Duration::from_secs(1) || ttl.subsec_nanos() != 0 {
-        anyhow::bail!("--election-ttl must be whole seconds, at least 1s (etcd leases count seconds)");
+        anyhow::bail!(
+            "--election-ttl must be whole seconds, at least 1s (etcd leases count seconds)"
+        );
     }
     if ttl >= args.lease {
         anyhow::bail!(

@@ -138,6 +138,18 @@ fn report_from(h: &pb::Heartbeat) -> AgentReport {
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
 
+impl ControlService {
+    /// Refuses to answer agents unless this controller's leadership is certain (always,
+    /// without high availability).
+    fn lead(&self) -> Result<(), Status> {
+        if self.ctl.leading() {
+            Ok(())
+        } else {
+            Err(tabula_proto::not_leader(None))
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Control for ControlService {
     async fn register(
@@ -148,6 +160,7 @@ impl Control for ControlService {
             .extensions()
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map_or_else(|| "an unknown address".to_string(), |c| c.0.to_string());
+        self.lead()?;
         let req = req.into_inner();
         validate_name("agent", &req.agent).map_err(status)?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -225,6 +238,12 @@ impl Control for ControlService {
                 };
                 match msg.msg {
                     Some(agent_message::Msg::Heartbeat(h)) => {
+                        // A leader that is no longer sure of its leadership grants nothing:
+                        // the agent's lease then runs out before the next leader frees
+                        // anything this one may have told it about.
+                        if !ctl.leading() {
+                            continue;
+                        }
                         if ctl.agents.renew(&agent, session, report_from(&h)) {
                             port.send(controller_message::Msg::Lease(pb::LeaseGrant {
                                 seq: h.seq,
@@ -254,6 +273,7 @@ impl Control for ControlService {
         &self,
         req: Request<pb::OpenVdiskRequest>,
     ) -> Result<Response<pb::TableSnapshot>, Status> {
+        self.lead()?;
         let req = req.into_inner();
         self.check_session(&req.agent, req.session)?;
         let snap = self
@@ -263,6 +283,7 @@ impl Control for ControlService {
             .map_err(status)?;
         let mut snap = snapshot_to_pb(&snap);
         snap.epoch = self.ctl.epoch();
+        self.lead()?;
         Ok(Response::new(snap))
     }
 
@@ -310,11 +331,14 @@ impl Control for ControlService {
                 .ok_or_else(|| Status::invalid_argument("fault missing"))?,
         )
         .map_err(malformed)?;
+        self.lead()?;
         self.check_session(&fault.agent, req.session)?;
         let answer = match self.ctl.fault(fault).await {
             Ok(u) => pb::fault_reply::Answer::Install(update_to_pb(&u)),
             Err(e) => pb::fault_reply::Answer::Fail(error_to_pb(&e)),
         };
+        // Checked again: leadership may have lapsed while the fault waited.
+        self.lead()?;
         Ok(Response::new(pb::FaultReply {
             answer: Some(answer),
             epoch: self.ctl.epoch(),

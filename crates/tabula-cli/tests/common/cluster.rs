@@ -84,7 +84,12 @@ impl Proc {
 
     /// Waits until the log, after byte `from`, contains `marker`. `Err(log)` if the process
     /// exited first.
-    pub fn wait_marker(&mut self, from: usize, marker: &str, limit: Duration) -> Result<(), String> {
+    pub fn wait_marker(
+        &mut self,
+        from: usize,
+        marker: &str,
+        limit: Duration,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + limit;
         loop {
             let text = self.log_text();

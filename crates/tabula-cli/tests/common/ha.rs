@@ -271,7 +271,12 @@ impl HaCluster {
                 .iter()
                 .filter_map(HaController::applied)
                 .collect();
-            (applied.len() == self.controllers.iter().filter(|c| c.proc.child.is_some()).count()
+            (applied.len()
+                == self
+                    .controllers
+                    .iter()
+                    .filter(|c| c.proc.child.is_some())
+                    .count()
                 && applied.windows(2).all(|w| w[0] == w[1]))
             .then_some(())
         });

@@ -105,7 +105,11 @@ impl Replicator for EtcdLog {
                 // Whether or not etcd took it, this controller must stop: what it holds in
                 // memory may now differ from the log. The standby it becomes applies the
                 // record if etcd has it.
-                error!(seq, error = e, "a metadata commit to etcd failed; stepping down");
+                error!(
+                    seq,
+                    error = e,
+                    "a metadata commit to etcd failed; stepping down"
+                );
                 self.leadership.lose();
                 Err(StoreError::Log(format!(
                     "committing record {seq} to etcd: {e}"

@@ -87,11 +87,9 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), HaError> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| {
-        crate::ControllerError::DataDir {
-            path: cfg.data_dir.clone(),
-            source,
-        }
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| crate::ControllerError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
     })?;
     let store = Arc::new(Store::open(&cfg.data_dir.join(DB_FILE))?);
     let etcd = Etcd::connect(&ha.etcd, ETCD_TIMEOUT).await?;
@@ -192,8 +190,9 @@ pub async fn run(
 async fn join(etcd: &Etcd, keys: &Keys, store: &Store) -> Result<(), HaError> {
     let mine = store.local_meta(CLUSTER_ID)?;
     let info = match etcd.get(&keys.cluster()).await? {
-        Some(kv) => serde_json::from_slice::<ClusterInfo>(&kv.value)
-            .map_err(|e| HaError::Refused(format!("the control plane's key in etcd is damaged: {e}")))?,
+        Some(kv) => serde_json::from_slice::<ClusterInfo>(&kv.value).map_err(|e| {
+            HaError::Refused(format!("the control plane's key in etcd is damaged: {e}"))
+        })?,
         None => {
             if mine.is_some() || !store.is_empty()? {
                 return Err(HaError::Refused(
@@ -245,7 +244,8 @@ async fn join(etcd: &Etcd, keys: &Keys, store: &Store) -> Result<(), HaError> {
             Ok(())
         }
         None => Err(HaError::Refused(
-            "this data dir holds metadata of a tabula without --etcd; use an empty --data-dir".into(),
+            "this data dir holds metadata of a tabula without --etcd; use an empty --data-dir"
+                .into(),
         )),
     }
 }
@@ -463,7 +463,10 @@ impl Node {
                 .timeout_global(Some(Duration::from_secs(600)))
                 .build()
                 .into();
-            let mut r = agent.get(&url).call().map_err(|e| format!("GET {url}: {e}"))?;
+            let mut r = agent
+                .get(&url)
+                .call()
+                .map_err(|e| format!("GET {url}: {e}"))?;
             r.body_mut()
                 .with_config()
                 .limit(u64::MAX)
@@ -531,9 +534,7 @@ impl Node {
         loop {
             tokio::time::sleep(TRUNCATE_EVERY).await;
             let members = self.members.read().expect("members lock").clone();
-            let Some(upto) =
-                truncation_point(&members, self.store.last_seq(), KEEP_RECORDS)
-            else {
+            let Some(upto) = truncation_point(&members, self.store.last_seq(), KEEP_RECORDS) else {
                 continue;
             };
             match truncate(&self.etcd, &self.keys, upto).await {
@@ -616,21 +617,9 @@ fn not_leader(node: &Node, req: Request) -> Response {
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     if is_grpc {
-        let mut s = tonic::Status::unavailable(format!(
-            "not the leader; {}",
-            leader
-                .as_ref()
-                .map_or("no leader is known yet".to_string(), |l| format!(
-                    "the leader is {} at {}",
-                    l.name, l.api
-                ))
-        ));
-        if let Some(l) = &leader {
-            if let Ok(v) = l.api.parse() {
-                s.metadata_mut().insert("tabula-leader", v);
-            }
-        }
-        return s.into_http::<Body>().into_response();
+        return tabula_proto::not_leader(leader.as_ref().map(|l| l.api.as_str()))
+            .into_http::<Body>()
+            .into_response();
     }
     let body = serde_json::json!({
         "error": match &leader {
@@ -660,8 +649,16 @@ fn leader_app(node: Arc<Node>, ctl: Arc<Controller>) -> Router {
                 async move {
                     match tokio::task::spawn_blocking(move || store.image()).await {
                         Ok(Ok(image)) => axum::Json(image).into_response(),
-                        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(serde_json::json!({"error": e.to_string()}))).into_response(),
-                        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(serde_json::json!({"error": e.to_string()}))).into_response(),
+                        Ok(Err(e)) => (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            axum::Json(serde_json::json!({"error": e.to_string()})),
+                        )
+                            .into_response(),
+                        Err(e) => (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            axum::Json(serde_json::json!({"error": e.to_string()})),
+                        )
+                            .into_response(),
                     }
                 }
             }),

@@ -63,7 +63,10 @@ impl Keys {
 
     /// The key range of the pieces of every record up to `seq`.
     pub fn parts_upto(&self, seq: u64) -> (Vec<u8>, Vec<u8>) {
-        (self.key("part/"), self.key(&format!("part/{:016x}", seq + 1)))
+        (
+            self.key("part/"),
+            self.key(&format!("part/{:016x}", seq + 1)),
+        )
     }
 
     /// JSON [`MemberInfo`] of controller `name`, under its etcd lease.
