@@ -67,28 +67,17 @@ fn agent_config(name: &str) -> Result<AgentConfig> {
     Ok(cfg)
 }
 
-async fn open_controller(
-    data_dir: &mut std::path::PathBuf,
-    container_size: u64,
-    cfg: impl FnOnce(&mut ControllerConfig),
-) -> Result<Arc<Controller>> {
-    *data_dir = std::path::absolute(&*data_dir)
-        .with_context(|| format!("resolving --data-dir {}", data_dir.display()))?;
-    let mut c = ControllerConfig::new(&*data_dir);
-    cfg(&mut c);
+/// Test hooks: pauses at the points crash tests kill the controller in, from
+/// `TABULA_TEST_*_PAUSE_MS`; never set in production.
+fn test_pauses(p: &mut tabula_controller::TestPauses) -> Result<()> {
     for (var, slot) in [
         (
             "TABULA_TEST_SNAPSHOT_COMMIT_PAUSE_MS",
-            &mut c.test_pauses.snapshot_commit,
+            &mut p.snapshot_commit,
         ),
-        (
-            "TABULA_TEST_COW_SWITCH_PAUSE_MS",
-            &mut c.test_pauses.cow_switch,
-        ),
-        (
-            "TABULA_TEST_MOVE_SWITCH_PAUSE_MS",
-            &mut c.test_pauses.move_switch,
-        ),
+        ("TABULA_TEST_COW_SWITCH_PAUSE_MS", &mut p.cow_switch),
+        ("TABULA_TEST_MOVE_SWITCH_PAUSE_MS", &mut p.move_switch),
+        ("TABULA_TEST_FAULT_ANSWER_PAUSE_MS", &mut p.fault_answer),
     ] {
         if let Ok(ms) = std::env::var(var) {
             let ms: u64 = ms
@@ -98,6 +87,19 @@ async fn open_controller(
             *slot = Some(std::time::Duration::from_millis(ms));
         }
     }
+    Ok(())
+}
+
+async fn open_controller(
+    data_dir: &mut std::path::PathBuf,
+    container_size: u64,
+    cfg: impl FnOnce(&mut ControllerConfig),
+) -> Result<Arc<Controller>> {
+    *data_dir = std::path::absolute(&*data_dir)
+        .with_context(|| format!("resolving --data-dir {}", data_dir.display()))?;
+    let mut c = ControllerConfig::new(&*data_dir);
+    cfg(&mut c);
+    test_pauses(&mut c.test_pauses)?;
     let ctl = Controller::open(c)
         .await
         .with_context(|| format!("opening the controller in {}", data_dir.display()))?;
@@ -286,7 +288,15 @@ async fn ha_controller(mut args: ControllerArgs) -> Result<()> {
     c.snapshot_hold = args.snapshot_hold;
     c.container_timeout = args.pool.container_timeout;
     c.low_space_percent = args.pool.low_space_percent;
+    test_pauses(&mut c.test_pauses)?;
+    let keep_records = match std::env::var("TABULA_TEST_HA_KEEP_RECORDS") {
+        Ok(v) => v
+            .parse()
+            .context("TABULA_TEST_HA_KEEP_RECORDS must be a number")?,
+        Err(_) => tabula_controller::ha::node::KEEP_RECORDS,
+    };
     let ha = tabula_controller::ha::HaConfig {
+        keep_records,
         etcd: args.ha.etcd.clone(),
         prefix: args.ha.etcd_prefix.clone(),
         name: name.clone(),

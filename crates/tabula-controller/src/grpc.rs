@@ -337,6 +337,13 @@ impl Control for ControlService {
             Ok(u) => pb::fault_reply::Answer::Install(update_to_pb(&u)),
             Err(e) => pb::fault_reply::Answer::Fail(error_to_pb(&e)),
         };
+        if let Some(p) = self.ctl.config().test_pauses.fault_answer {
+            warn!(
+                ms = p.as_millis() as u64,
+                "test hook: a committed fault waits before its answer"
+            );
+            tokio::time::sleep(p).await;
+        }
         // Checked again: leadership may have lapsed while the fault waited.
         self.lead()?;
         Ok(Response::new(pb::FaultReply {

@@ -105,6 +105,9 @@ pub struct TestPauses {
     pub cow_commit: Option<Duration>,
     /// After a move step copied its run, before the tables are switched.
     pub move_switch: Option<Duration>,
+    /// After a fault's change is committed, before the agent is answered (a commit whose
+    /// answer a killed leader never sends).
+    pub fault_answer: Option<Duration>,
 }
 
 impl ControllerConfig {

@@ -126,6 +126,16 @@ impl HaCluster {
     /// container, and agents named `agents` given every controller's address. `None` when
     /// etcd is not installed (outside CI).
     pub fn start(n: usize, agents: &[&str]) -> Option<HaCluster> {
+        Self::start_with(n, agents, |_| Vec::new())
+    }
+
+    /// Like [`start`](Self::start), controller `i` (from 0) with the environment `env(i)`
+    /// (test hooks).
+    pub fn start_with(
+        n: usize,
+        agents: &[&str],
+        env: impl Fn(usize) -> Vec<(String, String)>,
+    ) -> Option<HaCluster> {
         let etcd = EtcdCluster::try_start(3)?;
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
@@ -150,7 +160,7 @@ impl HaCluster {
                 api_port: free_port(),
                 etcd: c.etcd.endpoint_list(),
                 lease: LEASE.into(),
-                env: Vec::new(),
+                env: env(i),
             };
             ctl.spawn();
             if i == 0 {

@@ -28,7 +28,7 @@ const CLUSTER_ID: &str = "ha_cluster";
 const READ_BATCH: i64 = 256;
 /// Newest records kept in etcd whatever members have applied: a controller that just
 /// installed an image follows on from them.
-const KEEP_RECORDS: u64 = 1000;
+pub const KEEP_RECORDS: u64 = 1000;
 /// How often each controller refreshes its member key, and the leader truncates the log.
 const MEMBER_EVERY: Duration = Duration::from_secs(1);
 const TRUNCATE_EVERY: Duration = Duration::from_secs(5);
@@ -48,6 +48,8 @@ pub struct HaConfig {
     /// The TTL of the etcd lease that holds leadership: a dead leader is replaced after
     /// about this long.
     pub election_ttl: Duration,
+    /// Newest records kept in etcd in any case ([`KEEP_RECORDS`]; tests lower it).
+    pub keep_records: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +96,9 @@ pub async fn run(
     let store = Arc::new(Store::open(&cfg.data_dir.join(DB_FILE))?);
     let etcd = Etcd::connect(&ha.etcd, ETCD_TIMEOUT).await?;
     let keys = Keys::new(&ha.prefix);
-    join(&etcd, &keys, &store).await?;
+    // etcd may be down or without quorum at a start (a leader stepping down because of
+    // it comes straight back here): wait for it, saying so.
+    until_etcd_answers("joining the control plane", || join(&etcd, &keys, &store)).await?;
     let node = Arc::new(Node {
         ha,
         etcd,
@@ -106,8 +110,11 @@ pub async fn run(
         leader: RwLock::new(None),
         members: RwLock::new(Vec::new()),
     });
-    node.grant_lease().await?;
-    node.clear_own_stale_leadership().await?;
+    until_etcd_answers("taking an etcd lease", || node.grant_lease()).await?;
+    until_etcd_answers("reading the leader key", || {
+        node.clear_own_stale_leadership()
+    })
+    .await?;
     // The admin port serves from the start: a standby's answers now, the leader's later.
     let limits = crate::http::Limits::default();
     let app = Arc::new(RwLock::new(standby_app(node.clone())));
@@ -183,6 +190,27 @@ pub async fn run(
     node.leave().await;
     drop(ctl);
     Ok(())
+}
+
+/// Runs `f` until it succeeds or fails for another reason than etcd not answering.
+async fn until_etcd_answers<F, Fut>(what: &str, mut f: F) -> Result<(), HaError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), HaError>>,
+{
+    let mut tries = 0u32;
+    loop {
+        match f().await {
+            Err(HaError::Etcd(EtcdError::Unavailable(e))) => {
+                if tries % 10 == 0 {
+                    warn!(error = e, "{what}: etcd does not answer; retrying");
+                }
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Checks that `store` belongs to the control plane (or is new), creating the control
@@ -451,6 +479,9 @@ impl Node {
     }
 
     async fn install_leader_image(&self) -> Result<(), String> {
+        if let Ok(Some(kv)) = self.etcd.get(&self.keys.leader()).await {
+            *self.leader.write().expect("leader lock") = serde_json::from_slice(&kv.value).ok();
+        }
         let leader = self
             .leader
             .read()
@@ -534,7 +565,9 @@ impl Node {
         loop {
             tokio::time::sleep(TRUNCATE_EVERY).await;
             let members = self.members.read().expect("members lock").clone();
-            let Some(upto) = truncation_point(&members, self.store.last_seq(), KEEP_RECORDS) else {
+            let Some(upto) =
+                truncation_point(&members, self.store.last_seq(), self.ha.keep_records)
+            else {
                 continue;
             };
             match truncate(&self.etcd, &self.keys, upto).await {
