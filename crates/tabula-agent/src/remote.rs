@@ -97,8 +97,11 @@ fn client_for(url: &str) -> Result<ControlClient<Channel>, String> {
         .map_err(|e| format!("controller address {url}: {e}"))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(2))
-        .keep_alive_timeout(Duration::from_secs(4))
+        // A controller that stops answering (paused, its host gone without a reset) is
+        // given up within about 3 s, so the agent moves to the next leader soon after it
+        // is elected.
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(2))
         .keep_alive_while_idle(true);
     Ok(ControlClient::new(ep.connect_lazy())
         .max_decoding_message_size(MAX_MESSAGE)

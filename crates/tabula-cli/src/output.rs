@@ -261,6 +261,30 @@ pub fn status(s: &StatusView) -> String {
             "LOW ON SPACE: add a container with `tabula container add` or free space"
         );
     }
+    if !s.controllers.is_empty() {
+        // The leader's applied record is the newest: a standby's distance from it is how far
+        // behind it follows.
+        let newest = s.controllers.iter().map(|c| c.applied).max().unwrap_or(0);
+        let _ = writeln!(o, "controllers:");
+        for c in &s.controllers {
+            let behind = newest - c.applied;
+            let _ = writeln!(
+                o,
+                "  {:<16} {:<8} {:<28} applied {}{}",
+                c.name,
+                c.role,
+                c.api,
+                c.applied,
+                if c.role == "leader" {
+                    format!(" (epoch {})", c.epoch)
+                } else if behind > 0 {
+                    format!(" ({behind} behind)")
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
     let _ = writeln!(o, "containers:");
     for c in &s.containers {
         let _ = writeln!(
