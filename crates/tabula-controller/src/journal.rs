@@ -115,7 +115,7 @@ impl Drop for Journal {
 const CHECKPOINT_BACKLOG: usize = 32 * 1024;
 /// Changes per checkpoint step: a few milliseconds of work, the most a batch waits
 /// behind one.
-const CHECKPOINT_STEP: usize = 4096;
+pub const CHECKPOINT_STEP: usize = 4096;
 /// A queue idle this long lets checkpoint steps run until the database has caught up.
 const IDLE: Duration = Duration::from_millis(5);
 

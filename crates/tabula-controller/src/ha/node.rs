@@ -132,6 +132,7 @@ pub async fn run(
     };
     tokio::spawn(node.clone().keep_lease());
     tokio::spawn(node.clone().keep_member());
+    tokio::spawn(node.clone().checkpoint_while_standing_by());
     let mut shutdown = std::pin::pin!(shutdown);
     let epoch = loop {
         tokio::select! {
@@ -184,7 +185,9 @@ pub async fn run(
             }
         }
     }
-    // A clean stop hands over at once: the lease's end deletes the leader key.
+    // A clean stop hands over at once: the lease's end deletes the leader key. Nothing is
+    // committed from here on (a background task that tries is fenced anyway).
+    node.leadership.lose();
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     node.leave().await;
@@ -384,6 +387,27 @@ impl Node {
                 *self.members.write().expect("members lock") = members;
             }
             tokio::time::sleep(MEMBER_EVERY).await;
+        }
+    }
+
+    /// Carries followed records from the redo log into redb a step at a time, as the
+    /// journal's committer does on a leader, so that taking over does not start with a
+    /// checkpoint of everything followed since the start. Ends when this controller leads.
+    async fn checkpoint_while_standing_by(self: Arc<Self>) {
+        while self.epoch.load(Ordering::Acquire) == 0 {
+            if self.store.pending_changes() > 0 {
+                let store = self.store.clone();
+                let r = tokio::task::spawn_blocking(move || {
+                    store.checkpoint_step(crate::journal::CHECKPOINT_STEP)
+                })
+                .await;
+                if let Ok(Err(e)) = r {
+                    warn!(error = %e, "checkpoint of followed records failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            } else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
     }
 
