@@ -80,11 +80,9 @@ impl EtcdLog {
 
 impl Replicator for EtcdLog {
     fn replicate(&self, seq: u64, payload: &[u8]) -> Result<(), StoreError> {
-        if !self.leadership.valid() {
-            return Err(StoreError::Log(
-                "this controller's leadership has lapsed; nothing more is committed".into(),
-            ));
-        }
+        // No check of the local lease clock here: the transaction's compare is the fence.
+        // A leader whose clock lapsed but whose etcd lease lives is still the only one
+        // that can commit; one whose lease is gone is refused by etcd.
         let started = Instant::now();
         let fut = self.write(seq, payload);
         // The journal's committer is a plain thread; the controller's start commits from

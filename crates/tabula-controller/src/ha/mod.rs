@@ -69,6 +69,12 @@ impl Leadership {
         self.lost.store(true, Ordering::Release);
     }
 
+    /// How long leadership has not been certain (zero while it is).
+    pub fn lapsed_for(&self) -> Duration {
+        let now = self.base.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.until_ms.load(Ordering::Acquire)))
+    }
+
     pub fn is_lost(&self) -> bool {
         self.lost.load(Ordering::Acquire)
     }

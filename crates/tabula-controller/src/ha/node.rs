@@ -179,8 +179,14 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tokio::time::sleep(Duration::from_millis(50)) => {
-                if !node.leadership.valid() {
-                    step_down("leadership lapsed or was lost");
+                // A short lapse (a slow keep-alive) only pauses answers to agents; the
+                // lease may well live on in etcd. Lost for sure, or uncertain for a whole
+                // TTL (a standby may hold the key by now): step down.
+                if node.leadership.is_lost() {
+                    step_down("leadership was lost (a fenced commit, or etcd dropped the lease)");
+                }
+                if node.leadership.lapsed_for() > node.ha.election_ttl {
+                    step_down("etcd has not renewed this leader's lease for a whole TTL");
                 }
             }
         }
