@@ -32,7 +32,7 @@ use tabula_core::{
     format_size_exact,
 };
 use tokio::sync::Mutex;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::agents::{Agents, Delivery, lease_margin};
 use crate::journal::Journal;
@@ -580,7 +580,13 @@ impl Controller {
         cfg: ControllerConfig,
         store: Arc<Store>,
     ) -> Result<Arc<Controller>, ControllerError> {
+        let started = Instant::now();
         let mut loaded = store.load()?;
+        debug!(
+            ms = started.elapsed().as_millis() as u64,
+            vdisks = loaded.vdisks.len(),
+            "metadata loaded"
+        );
         let pool_id = loaded.pool_id;
         let mut meta = Meta {
             next_vdisk: loaded.next_vdisk,
@@ -635,6 +641,10 @@ impl Controller {
             rec.generation += GENERATION_SKIP_AT_START;
             bumped.push((*id, rec.clone()));
         }
+        debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "containers opened"
+        );
         if !bumped.is_empty() {
             store.write(move |t| {
                 for (id, rec) in &bumped {
@@ -1252,7 +1262,14 @@ impl Controller {
     pub async fn check(&self) -> Result<CheckView, ControlError> {
         let meta = self.meta.lock().await;
         self.journal.wait(self.journal.last()).await?;
-        let loaded = self.store.load().map_err(storage)?;
+        // The store's lock may be held across a replicated commit (an etcd round trip, which
+        // the runtime's workers drive): never wait for it on a worker.
+        let load = || self.store.load();
+        let loaded = match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::CurrentThread => load(),
+            _ => tokio::task::block_in_place(load),
+        }
+        .map_err(storage)?;
         let mut view = crate::check::check_loaded(&loaded);
         // Every reachable container's label, through the handles already open.
         for (id, rec) in &loaded.containers {

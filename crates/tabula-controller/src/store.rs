@@ -189,6 +189,11 @@ pub struct Store {
     wal: Mutex<Logged>,
     /// With high availability: where every record goes before it is applied here.
     replicator: Mutex<Option<Arc<dyn Replicator>>>,
+    /// Copies of the log's last sequence number and of `pending_changes`, readable without
+    /// the lock, which a leader holds across a replicated commit (an etcd round trip): async
+    /// code must never wait for it.
+    last_seq: std::sync::atomic::AtomicU64,
+    pending: std::sync::atomic::AtomicUsize,
 }
 
 /// The replicated log of a control plane with several controllers (`crate::ha`): a record
@@ -388,7 +393,17 @@ impl Store {
                 pending_changes: 0,
             }),
             replicator: Mutex::new(None),
+            last_seq: last.into(),
+            pending: 0.into(),
         })
+    }
+
+    /// Publishes what the lock protects for lock-free readers; called before it is released.
+    fn publish(&self, logged: &Logged) {
+        use std::sync::atomic::Ordering;
+        self.last_seq.store(logged.wal.last(), Ordering::Release);
+        self.pending
+            .store(logged.pending_changes, Ordering::Release);
     }
 
     /// From now on every record goes to `r` before it is applied here (the leader of a
@@ -406,7 +421,7 @@ impl Store {
 
     /// The sequence number of the last record this store holds (in the database or the log).
     pub fn last_seq(&self) -> u64 {
-        self.wal.lock().expect("store log lock").wal.last()
+        self.last_seq.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// A local, unreplicated value in `meta` (the cluster a store belongs to).
@@ -447,14 +462,18 @@ impl Store {
                 "record {seq} arrived where record {want} was expected"
             )));
         }
-        self.apply_locked(&mut logged, changes, payload)
+        let r = self.apply_locked(&mut logged, changes, payload);
+        self.publish(&logged);
+        r
     }
 
     /// Everything in the store as an [`Image`], after a full checkpoint.
     pub fn image(&self) -> Result<Image, StoreError> {
         let mut logged = self.wal.lock().expect("store log lock");
         let seq = logged.wal.last();
-        Self::checkpoint_locked(&self.db, &mut logged, seq, Vec::new())?;
+        let r = Self::checkpoint_locked(&self.db, &mut logged, seq, Vec::new());
+        self.publish(&logged);
+        r?;
         let tx = self.db.begin_read()?;
         let meta = tx.open_table(META)?;
         let mut changes = Vec::new();
@@ -522,6 +541,7 @@ impl Store {
         logged.wal.restart(image.seq);
         logged.pending.clear();
         logged.pending_changes = 0;
+        self.publish(&logged);
         info!(
             seq = image.seq,
             changes = image.changes.len(),
@@ -594,7 +614,9 @@ impl Store {
         }
         let mut logged = self.wal.lock().expect("store log lock");
         let last = logged.wal.last();
-        Self::checkpoint_locked_with(&self.db, &mut logged, last, f)
+        let r = Self::checkpoint_locked_with(&self.db, &mut logged, last, f);
+        self.publish(&logged);
+        r
     }
 
     /// Applies everything logged and then `changes` to the database in one durable
@@ -669,7 +691,9 @@ impl Store {
         if let Some(r) = replicator {
             r.replicate(logged.wal.last() + 1, &payload)?;
         }
-        self.apply_locked(&mut logged, changes, &payload)
+        let r = self.apply_locked(&mut logged, changes, &payload);
+        self.publish(&logged);
+        r
     }
 
     /// Applies record `wal.last() + 1`: appended to the log, or if it is too big for the
@@ -705,7 +729,7 @@ impl Store {
 
     /// Changes logged and not yet in the database.
     pub fn pending_changes(&self) -> usize {
-        self.wal.lock().expect("store log lock").pending_changes
+        self.pending.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Applies the oldest logged records, about `max_changes` changes of them (at least
@@ -713,7 +737,9 @@ impl Store {
     /// journal never stalls long behind a checkpoint.
     pub fn checkpoint_step(&self, max_changes: usize) -> Result<(), StoreError> {
         let mut logged = self.wal.lock().expect("store log lock");
-        Self::apply_front(&self.db, &mut logged, max_changes, u64::MAX)
+        let r = Self::apply_front(&self.db, &mut logged, max_changes, u64::MAX);
+        self.publish(&logged);
+        r
     }
 
     /// Applies records from the front of `pending`, up to `max_changes` changes (at least
@@ -759,7 +785,9 @@ impl Store {
     pub fn checkpoint(&self) -> Result<(), StoreError> {
         let mut logged = self.wal.lock().expect("store log lock");
         let last = logged.wal.last();
-        Self::checkpoint_locked(&self.db, &mut logged, last, Vec::new())
+        let r = Self::checkpoint_locked(&self.db, &mut logged, last, Vec::new());
+        self.publish(&logged);
+        r
     }
 }
 

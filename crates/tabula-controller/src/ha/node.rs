@@ -32,6 +32,8 @@ pub const KEEP_RECORDS: u64 = 1000;
 /// How often each controller refreshes its member key, and the leader truncates the log.
 const MEMBER_EVERY: Duration = Duration::from_secs(1);
 const TRUNCATE_EVERY: Duration = Duration::from_secs(5);
+/// The longest a takeover may take to open the controller.
+const OPEN_LIMIT: Duration = Duration::from_secs(60);
 /// The longest any one etcd call may take.
 const ETCD_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -167,10 +169,25 @@ pub async fn run(
         leadership: node.leadership.clone(),
         rt: tokio::runtime::Handle::current(),
     }));
-    let ctl = match Controller::open_with_store(cfg, node.store.clone()).await {
-        Ok(c) => c,
-        Err(e) => step_down(&format!("the controller could not start: {e}")),
+    let opening = Instant::now();
+    // Bounded: a takeover that cannot finish (containers that hang beyond their timeouts,
+    // etcd that stops answering mid-way) hands over to another controller.
+    let ctl = match tokio::time::timeout(
+        OPEN_LIMIT,
+        Controller::open_with_store(cfg, node.store.clone()),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => step_down(&format!("the controller could not start: {e}")),
+        Err(_) => step_down(&format!(
+            "the controller did not start within {OPEN_LIMIT:?}"
+        )),
     };
+    info!(
+        ms = opening.elapsed().as_millis() as u64,
+        "controller opened from the local store"
+    );
     ctl.start_background();
     *app.write().expect("app lock") = leader_app(node.clone(), ctl.clone());
     tokio::spawn(node.clone().truncate_log());
