@@ -440,7 +440,10 @@ impl Node {
             // Apply whatever is there, then look at the leader, then wait for news.
             let rev = self.apply_available().await?;
             match self.etcd.get(&self.keys.leader()).await {
-                Ok(None) => return Ok(()),
+                Ok(None) => {
+                    *self.leader.write().expect("leader lock") = None;
+                    return Ok(());
+                }
                 Ok(Some(kv)) => {
                     let info: Option<LeaderInfo> = serde_json::from_slice(&kv.value).ok();
                     *self.leader.write().expect("leader lock") = info;
@@ -594,9 +597,19 @@ impl Node {
         } else {
             match r.gets.into_iter().flatten().next() {
                 Some(kv) if kv.lease == self.lease() => kv.create_revision as u64,
-                _ => return Ok(None),
+                Some(kv) => {
+                    *self.leader.write().expect("leader lock") =
+                        serde_json::from_slice(&kv.value).ok();
+                    return Ok(None);
+                }
+                None => return Ok(None),
             }
         };
+        // Until it serves, its answers name no other leader (it is the leader).
+        *self.leader.write().expect("leader lock") = Some(LeaderInfo {
+            name: self.ha.name.clone(),
+            api: self.ha.api_url.clone(),
+        });
         self.epoch.store(epoch, Ordering::Release);
         Ok(Some(epoch))
     }
