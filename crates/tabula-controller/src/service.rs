@@ -1855,6 +1855,11 @@ impl ControlPlane for Controller {
     }
 
     async fn fault(&self, fault: Fault) -> Result<RangeUpdate, ControlError> {
+        if matches!(fault.op, FaultOp::Trim | FaultOp::WriteZeroes) {
+            // An unmap waits for every holder's acknowledgement with the metadata locked:
+            // wait out a silent one first, without the lock.
+            self.agents.wait_heard(Some(&[fault.vdisk]), "unmap").await;
+        }
         // While a change waits for an unresponsive agent's lease, the metadata stays locked;
         // rather than hold every agent's fault hostage, ask it to retry.
         let Ok(mut meta) = tokio::time::timeout(FAULT_LOCK_WAIT, self.meta.lock()).await else {
