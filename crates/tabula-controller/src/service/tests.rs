@@ -459,6 +459,50 @@ async fn faults_are_told_to_retry_while_a_change_waits_for_a_lease() {
     assert_consistent(&ctl).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trim_waits_out_a_silent_holder_without_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctl, v) = leased_setup(dir.path(), 1500).await;
+    ctl.fault(fault(v.id, FaultOp::Write, 0, 1)).await.unwrap();
+    let w = ctl
+        .create_vdisk("w", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
+    let b_heard = std::time::Instant::now();
+    ctl.agents
+        .register(
+            "b",
+            Arc::new(SilentAgent),
+            vec![VdiskId(v.id)],
+            Some(Duration::from_millis(1500)),
+            "192.0.2.1:5000",
+        )
+        .unwrap();
+    // b has missed two heartbeats (375 ms each): it is silent, cut off.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let trim = {
+        let ctl = ctl.clone();
+        tokio::spawn(async move { ctl.fault(fault(v.id, FaultOp::Trim, 0, 1)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The trim waits for b's lease, but not with the metadata locked: a first write to a
+    // vdisk b does not hold is answered at once, not told to retry.
+    let t = std::time::Instant::now();
+    ctl.fault(fault(w.id, FaultOp::Write, 0, 1)).await.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    trim.await.unwrap().unwrap();
+    assert!(
+        b_heard.elapsed() >= Duration::from_millis(1500),
+        "freed after {:?}, within b's lease",
+        b_heard.elapsed()
+    );
+    assert_consistent(&ctl).await;
+}
+
 // ---- size limits (issue 17, finding 5) ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
