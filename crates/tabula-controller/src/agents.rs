@@ -16,6 +16,11 @@
 //! live (its stream open, its lease running) is refused to a second registration, so two
 //! agents never share one name.
 //!
+//! A holder the controller has not heard from for more than two heartbeats, or whose stream
+//! closed, is *silent* ([`Standing`]): a change that would hold I/O or wait for it with the
+//! metadata locked waits it out first (it speaks again, or its lease runs out and it is
+//! counted *fenced*: evicted, it resynchronises when it reaches the controller again).
+//!
 //! An in-process agent (inside `tabula serve`) has no lease: it shares the controller's fate.
 
 use std::collections::{BTreeMap, BTreeSet};

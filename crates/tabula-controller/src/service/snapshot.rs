@@ -12,6 +12,13 @@
 //! write to the vdisk now faults, and a fault's answer waits for a later journal ticket, so
 //! nothing can depend on a snapshot that a crash would lose. The hold is bounded by
 //! `snapshot_hold`; past it the snapshot is cancelled and I/O resumes.
+//!
+//! An agent cut off from the controller cannot be held, only waited out: before any
+//! `Block`, every exporting agent must answer a probe that changes nothing; one that does
+//! not is waited for with the metadata unlocked and nobody's I/O held, until it answers or
+//! its lease runs out (then it does no I/O and is counted fenced). One that falls silent
+//! during the hold has the others released at once, and the hold is tried again
+//! (`lock_and_hold`).
 
 use std::time::{Duration, Instant};
 
