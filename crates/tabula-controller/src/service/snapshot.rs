@@ -476,6 +476,10 @@ impl Controller {
     }
 
     async fn delete_snapshot_checked(&self, full: &str, force: bool) -> Result<(), ControlError> {
+        // Detaching waits for every holder with the metadata locked: wait out a silent one
+        // first, without the lock.
+        let id = self.meta.lock().await.by_name(full)?;
+        self.agents.wait_heard(Some(&[id]), "snapshot delete").await;
         let deadline = tokio::time::Instant::now() + super::CLIENTS_GONE_WAIT;
         let mut meta = loop {
             let meta = self.meta.lock().await;

@@ -503,6 +503,58 @@ async fn a_trim_waits_out_a_silent_holder_without_the_lock() {
     assert_consistent(&ctl).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resize_and_a_delete_wait_out_a_silent_holder_without_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctl, v) = leased_setup(dir.path(), 1500).await;
+    ctl.fault(fault(v.id, FaultOp::Write, 0, 1)).await.unwrap();
+    let w = ctl
+        .create_vdisk("w", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
+    for (round, op) in ["resize", "delete"].into_iter().enumerate() {
+        let name = format!("b{round}");
+        let heard = std::time::Instant::now();
+        ctl.agents
+            .register(
+                &name,
+                Arc::new(SilentAgent),
+                vec![VdiskId(v.id)],
+                Some(Duration::from_millis(1500)),
+                "192.0.2.1:5000",
+            )
+            .unwrap();
+        // Two heartbeats (375 ms each) missed: silent.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let task = {
+            let ctl = ctl.clone();
+            tokio::spawn(async move {
+                match op {
+                    "resize" => ctl.resize_vdisk("vd", 8 * MIB).await.map(|_| ()),
+                    _ => ctl.delete_vdisk("vd", false).await,
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t = std::time::Instant::now();
+        ctl.fault(fault(w.id, FaultOp::Write, round as u64, round as u64 + 1))
+            .await
+            .unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{op}: a fault on another vdisk waited {:?}",
+            t.elapsed()
+        );
+        task.await.unwrap().unwrap();
+        assert!(
+            heard.elapsed() >= Duration::from_millis(1500),
+            "{op} done {:?} after the silent holder was last heard from, within its lease",
+            heard.elapsed()
+        );
+    }
+    assert_consistent(&ctl).await;
+}
+
 // ---- size limits (issue 17, finding 5) ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
