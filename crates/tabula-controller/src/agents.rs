@@ -27,6 +27,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use tabula_api::admin::{AgentTableView, AgentView};
 use tabula_api::{AgentPort, AgentReport, Command, ControlError};
 use tabula_core::VdiskId;
@@ -598,9 +599,19 @@ impl Agents {
                 // An ended session can no longer answer.
                 if h.ended_until.is_none() {
                     let (port, cmd, tx) = (h.port.clone(), cmd.clone(), tx.clone());
-                    tokio::spawn(async move {
-                        let _ = tx.send((i, port.apply(cmd).await));
-                    });
+                    let mut answer = Box::pin(async move { port.apply(cmd).await });
+                    // Sent (or, in-process, applied) by the first poll, here: a probe must
+                    // not reach its agent after a hold begun later, which it would release.
+                    match (&mut answer).now_or_never() {
+                        Some(r) => {
+                            let _ = tx.send((i, r));
+                        }
+                        None => {
+                            tokio::spawn(async move {
+                                let _ = tx.send((i, answer.await));
+                            });
+                        }
+                    }
                 }
                 Probed { h, done: false }
             })

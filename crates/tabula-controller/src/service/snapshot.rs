@@ -271,7 +271,8 @@ impl Controller {
         let _ = tokio::time::timeout(PROBE_WAIT, futures::future::join_all(heard)).await;
     }
 
-    /// Releases a hold without waiting for acknowledgements.
+    /// Releases a hold without waiting for acknowledgements (but each release is sent
+    /// before this returns, so that it cannot reach its agent after a later hold).
     fn release_hold(&self, vdisk: VdiskId) {
         for h in self
             .agents
@@ -279,9 +280,11 @@ impl Controller {
             .into_iter()
             .filter(|h| h.ended_until.is_none())
         {
-            tokio::spawn(async move {
-                let _ = h.port.apply(Command::Unblock { vdisk }).await;
-            });
+            let mut unblock =
+                Box::pin(async move { h.port.apply(Command::Unblock { vdisk }).await });
+            if (&mut unblock).now_or_never().is_none() {
+                tokio::spawn(unblock);
+            }
         }
     }
 
