@@ -1000,7 +1000,7 @@ struct NetCluster {
     ctl_ns: String,
     agent_ns: Vec<String>,
     _ns: Namespaces,
-    _tmp: tempfile::TempDir,
+    tmp: tempfile::TempDir,
 }
 
 impl NetCluster {
@@ -1008,6 +1008,24 @@ impl NetCluster {
     /// 10.231.0.1:7700, agent i (`host-i`) on 10.231.0.(10+i):10809. The agents start first:
     /// they keep trying until the controller is up.
     fn start(tag: &str, agents: usize, container_size: &str) -> NetCluster {
+        Self::start_with_lease(
+            tag,
+            agents,
+            container_size,
+            cluster::LEASE,
+            cluster::FAULT_WAIT,
+        )
+    }
+
+    /// Like [`start`](Self::start), with the controller's `--lease` and the agents'
+    /// `--fault-wait`.
+    fn start_with_lease(
+        tag: &str,
+        agents: usize,
+        container_size: &str,
+        lease: &str,
+        fault_wait: &str,
+    ) -> NetCluster {
         let pid = std::process::id();
         let ctl_ns = format!("tabula-{tag}ctl-{pid}");
         let agent_ns: Vec<String> = (0..agents)
@@ -1060,6 +1078,7 @@ impl NetCluster {
         let prefix = |ns: &str| -> Vec<String> { common::strings(&["ip", "netns", "exec", ns]) };
         let mut controller = Controller::prepare(tmp.path(), "10.231.0.1", 7700, &prefix(&ctl_ns));
         controller.container_size = container_size.into();
+        controller.lease = lease.into();
         let agents = agent_ns
             .iter()
             .enumerate()
@@ -1073,6 +1092,10 @@ impl NetCluster {
                     &prefix(ns),
                 )
             })
+            .map(|mut a: Agent| {
+                a.fault_wait = fault_wait.into();
+                a
+            })
             .collect();
         let mut nc = NetCluster {
             agents,
@@ -1080,7 +1103,7 @@ impl NetCluster {
             ctl_ns,
             agent_ns,
             _ns: created,
-            _tmp: tmp,
+            tmp,
         };
         for a in &mut nc.agents {
             a.spawn(false);
@@ -1101,6 +1124,10 @@ impl NetCluster {
     fn try_qio(&self, i: usize, vdisk: &str, cmds: &[&str]) -> (String, bool) {
         let url = self.agents[i].url(vdisk);
         let mut args: Vec<&str> = vec!["netns", "exec", &self.agent_ns[i], "qemu-io", "-f", "raw"];
+        // A snapshot's export is read-only.
+        if vdisk.contains('@') {
+            args.push("-r");
+        }
         for c in cmds {
             args.push("-c");
             args.push(c);
@@ -1393,6 +1420,273 @@ fn partitioned_agent_fences_itself_and_resyncs_after_heal() {
         Duration::from_secs(20),
     );
     nc.finish("partition test", t0);
+}
+
+/// The lease of [`snapshot_and_rollback_wait_out_a_partitioned_agent`]: longer than the
+/// controller's `--snapshot-hold` (5 s), so that holding the reachable agent's I/O until the
+/// cut-off agent's lease ends cannot succeed.
+const FENCE_LEASE: Duration = Duration::from_secs(8);
+
+/// fio on agent `i`'s host writing vdisk `vdisk` from `offset` (4 KiB at a time, 200 a second,
+/// one in flight) for `secs`. Its JSON report says any error and its longest write; its
+/// latency log, `{log}_lat.1.log`, when each write completed (ms since the Unix epoch).
+fn paced_writer(
+    nc: &NetCluster,
+    i: usize,
+    vdisk: &str,
+    offset: &str,
+    secs: u64,
+    log: &std::path::Path,
+) -> std::process::Child {
+    let args = common::strings(&[
+        "netns",
+        "exec",
+        &nc.agent_ns[i],
+        "timeout",
+        "-k",
+        "5",
+        &(secs + 60).to_string(),
+        "fio",
+        "--name=paced",
+        "--ioengine=nbd",
+        &format!("--uri={}", nc.agents[i].url(vdisk)),
+        "--rw=write",
+        "--bs=4k",
+        "--iodepth=1",
+        &format!("--offset={offset}"),
+        "--rate_iops=200",
+        "--time_based=1",
+        &format!("--runtime={secs}"),
+        &format!("--write_lat_log={}", log.display()),
+        "--log_avg_msec=0",
+        "--log_unix_epoch=1",
+        "--output-format=json",
+    ]);
+    Command::new("ip")
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start fio")
+}
+
+/// Milliseconds since the Unix epoch.
+fn epoch_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// Waits for a [`paced_writer`]: it must have written without an error. Returns its longest
+/// write, and the longest time without a completed write within `[from, to)` (epoch ms,
+/// counting from `from` to the first completion and from the last to `to`).
+fn paced_writer_done(
+    w: std::process::Child,
+    what: &str,
+    log: &std::path::Path,
+    (from, to): (u64, u64),
+) -> (Duration, Duration) {
+    let out = w.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success(),
+        "{what}: the writer failed ({}):\n{stderr}\n{stdout}",
+        out.status
+    );
+    let v = fio::json_after_chatter(&stdout);
+    let job = &v["jobs"][0];
+    assert_eq!(
+        job["error"].as_u64(),
+        Some(0),
+        "{what}: writer error: {job}"
+    );
+    let ios = job["write"]["total_ios"].as_u64().unwrap_or(0);
+    assert!(
+        ios > 100,
+        "{what}: the writer wrote only {ios} times: {job}"
+    );
+    let longest = Duration::from_nanos(job["write"]["lat_ns"]["max"].as_u64().unwrap());
+    let file = format!("{}_lat.1.log", log.display());
+    let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let mut done: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.split(',').next()?.trim().parse().ok())
+        .filter(|&t| t >= from && t < to)
+        .collect();
+    done.sort_unstable();
+    let gap = std::iter::once(from)
+        .chain(done.iter().copied())
+        .chain(std::iter::once(to))
+        .collect::<Vec<_>>()
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap();
+    eprintln!(
+        "{what}: the writer wrote {ios} times, the longest write took {longest:?}; while the \
+         controller waited for host-1, {} writes completed, at most {gap} ms apart",
+        done.len()
+    );
+    (longest, Duration::from_millis(gap))
+}
+
+/// Cuts host-1 off silently, runs `op` (an admin command that holds v's I/O on every agent
+/// exporting it) while fio writes through host-0, then heals the cut. `op` must succeed once
+/// host-1's lease has run out (not fail after --snapshot-hold), and host-0's writes must
+/// neither fail nor stall while the controller waits for host-1. `before` runs on host-0
+/// after the cut, before `op`.
+///
+/// The writer overwrites v's 16M..32M, which must be mapped and writable (`normal`) when this
+/// begins: a write that needs the controller (to allocate, or to copy a block shared with a
+/// snapshot) must wait, whatever the snapshot does, until host-1 has seen the new mapping or
+/// lost its lease, or host-1 could read what it replaced.
+fn op_with_host_1_cut_off(nc: &NetCluster, what: &str, before: &[&str], op: &[&str]) {
+    // Long enough to cover the cut, the wait for host-1's lease and the operation.
+    let run_secs = FENCE_LEASE.as_secs() + 12;
+    let log = nc
+        .tmp
+        .path()
+        .join(format!("writer-{}", what.replace(' ', "-")));
+    let writer = paced_writer(nc, 0, "v", "16M", run_secs, &log);
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    nc.set_link(1, false);
+    let cut_at = Instant::now();
+    let cut_epoch = epoch_ms(std::time::SystemTime::now());
+    nc.qio(0, "v", before);
+    let t = Instant::now();
+    let out = nc.controller.try_cli_within(op, Duration::from_secs(60));
+    let took = t.elapsed();
+    eprintln!(
+        "{what} with host-1 partitioned took {took:?} ({:?} after the cut): {}{}",
+        cut_at.elapsed(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outlasted = started.elapsed() + Duration::from_secs(2) < Duration::from_secs(run_secs);
+    // While the controller waits for host-1: its lease, renewed at most one heartbeat
+    // (a quarter of it) before the cut, runs at least until then.
+    let waiting = (
+        cut_epoch,
+        cut_epoch + (FENCE_LEASE * 3 / 4).as_millis() as u64 - 500,
+    );
+    // The writer first, so that a failed operation shows how the writer fared too.
+    let (_, gap) = paced_writer_done(writer, what, &log, waiting);
+    assert!(
+        out.status.success(),
+        "{what} with host-1 partitioned failed after {took:?}: {}\ncontroller log tail:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        nc.controller.proc.log_tail(30)
+    );
+    let bound = FENCE_LEASE + Duration::from_secs(6);
+    assert!(
+        took < bound,
+        "{what} took {took:?}: more than host-1's lease ({FENCE_LEASE:?}) and a margin"
+    );
+    assert!(outlasted, "the writer must outlast {what}");
+    // Generous: writes complete every 5 ms; a hold waiting for host-1 stops them for seconds.
+    let limit = Duration::from_millis(2500);
+    assert!(
+        gap < limit,
+        "{what}: no write through the reachable agent completed for {gap:?} (limit {limit:?}) \
+         while the controller waited for the cut-off agent: its I/O was held"
+    );
+    nc.set_link(1, true);
+}
+
+/// A snapshot (and a rollback) while one exporting agent is cut off by a silent partition (its
+/// session looks open to the controller: packets are dropped, nothing resets it): the
+/// controller waits out the silent agent's lease without holding the other agent's I/O, counts
+/// it fenced, and proceeds. The snapshot holds what was acknowledged before it; the cut-off
+/// agent, healed, resyncs and serves the current table and the snapshot.
+#[test]
+fn snapshot_and_rollback_wait_out_a_partitioned_agent() {
+    if !netns_usable() || !have("qemu-io") || !have("fio") {
+        return;
+    }
+    let t0 = Instant::now();
+    let lease = format!("{}s", FENCE_LEASE.as_secs());
+    // The default --fault-wait (30 s): a write that needs the controller right after the
+    // operation (all of v is shared with s1 after the rollback) may wait for the controller
+    // to finish it (a rollback zeroes what it freed) on a loaded machine; what this test
+    // bounds is the stall while the controller waits for host-1, measured below.
+    let nc = NetCluster::start_with_lease("f", 2, "256M", &lease, "30s");
+    nc.controller
+        .cli(&["vdisk", "create", "v", "--size", "64M"]);
+    nc.qio(1, "v", &["write -P 0x5a 0 4M"]);
+    nc.qio(0, "v", &["read -P 0x5a 0 4M", "write -P 0x11 16M 16M"]);
+
+    op_with_host_1_cut_off(
+        &nc,
+        "snapshot create",
+        &["write -P 0x6b 0 1M"],
+        &["snapshot", "create", "v", "s1"],
+    );
+    // The snapshot holds what host-0 wrote before it; v takes new writes.
+    nc.qio(0, "v@s1", &["read -P 0x6b 0 1M", "read -P 0x5a 1M 3M"]);
+    nc.qio(0, "v", &["write -P 0x7c 0 64k", "read -P 0x6b 64k 960k"]);
+    nc.qio(0, "v@s1", &["read -P 0x6b 0 64k"]);
+    let v_now = [
+        "read -P 0x7c 0 64k",
+        "read -P 0x6b 64k 960k",
+        "read -P 0x5a 1M 3M",
+    ];
+    poll(
+        "host-1, healed, serves v's current data",
+        Duration::from_secs(30),
+        || {
+            let (text, ok) = nc.try_qio(1, "v", &v_now);
+            assert!(
+                !text.contains("Pattern verification failed"),
+                "host-1, healed, read stale data of v:\n{text}"
+            );
+            (ok && text.matches("read ").count() == 3 && !text.contains("failed")).then_some(())
+        },
+    );
+    nc.qio(1, "v@s1", &["read -P 0x6b 0 1M", "read -P 0x5a 1M 3M"]);
+    wait_connected(
+        &nc.controller,
+        &["host-0", "host-1"],
+        Duration::from_secs(20),
+    );
+    wait_tables_current(
+        &nc.controller,
+        &[("host-0", &["v"]), ("host-1", &["v"])],
+        Duration::from_secs(20),
+    );
+
+    // Rollback, the same way: v becomes s1 again (0x6b at 0), whatever host-0 wrote there.
+    // The writer's range is shared with s1 now: written once more, it is v's own again.
+    nc.qio(0, "v", &["write -P 0x22 16M 16M"]);
+    op_with_host_1_cut_off(
+        &nc,
+        "rollback",
+        &["write -P 0x8d 0 64k"],
+        &["vdisk", "rollback", "v", "s1"],
+    );
+    nc.qio(0, "v", &["read -P 0x6b 0 1M", "read -P 0x5a 1M 3M"]);
+    poll(
+        "host-1, healed, serves v as rolled back",
+        Duration::from_secs(30),
+        || {
+            let (text, ok) = nc.try_qio(1, "v", &["read -P 0x6b 0 1M", "read -P 0x5a 1M 3M"]);
+            assert!(
+                !text.contains("Pattern verification failed"),
+                "host-1, healed, read v as it was before the rollback:\n{text}"
+            );
+            (ok && text.matches("read ").count() == 2 && !text.contains("failed")).then_some(())
+        },
+    );
+    wait_connected(
+        &nc.controller,
+        &["host-0", "host-1"],
+        Duration::from_secs(20),
+    );
+    wait_tables_current(
+        &nc.controller,
+        &[("host-0", &["v"]), ("host-1", &["v"])],
+        Duration::from_secs(20),
+    );
+    nc.finish("snapshot with a partitioned agent", t0);
 }
 
 /// Like the partition above, but the cut-off agent's connection attempts are *refused* (a

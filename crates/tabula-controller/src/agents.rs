@@ -16,12 +16,18 @@
 //! live (its stream open, its lease running) is refused to a second registration, so two
 //! agents never share one name.
 //!
+//! A holder the controller has not heard from for more than two heartbeats, or whose stream
+//! closed, is *silent* ([`Standing`]): a change that would hold I/O or wait for it with the
+//! metadata locked waits it out first (it speaks again, or its lease runs out and it is
+//! counted *fenced*: evicted, it resynchronises when it reaches the controller again).
+//!
 //! An in-process agent (inside `tabula serve`) has no lease: it shares the controller's fate.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use tabula_api::admin::{AgentTableView, AgentView};
 use tabula_api::{AgentPort, AgentReport, Command, ControlError};
 use tabula_core::VdiskId;
@@ -30,6 +36,48 @@ use tracing::{info, warn};
 /// Extra time the controller waits beyond a lease, for clocks that run at different rates.
 pub fn lease_margin(lease: Duration) -> Duration {
     lease / 10 + Duration::from_millis(200)
+}
+
+/// How often an agent with `lease` sends heartbeats (the controller tells it at registration).
+pub fn heartbeat_interval(lease: Duration) -> Duration {
+    (lease / 4).max(Duration::from_millis(50))
+}
+
+/// How the controller stands with one holder of a table, from what it last heard of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Standing {
+    /// Heard from lately (or in-process): it can be asked to hold its I/O.
+    Heard,
+    /// Not heard from for more than two heartbeats, or its session ended or its stream
+    /// closed: a hold would wait on it with everyone else's I/O held. It may still do I/O
+    /// until `until`, when its lease runs out.
+    Silent { until: Instant },
+    /// Its lease ran out: it does no I/O (its own lease ended earlier) and resynchronises
+    /// its tables before serving again. A change may proceed as if it had acknowledged.
+    Fenced,
+}
+
+/// The standing of a session with `lease` (none: in-process) whose lease runs out at
+/// `expires` (as the controller counts it), last heard from at `heard`, its stream `open`
+/// or not (an ended session's is not).
+pub fn standing(
+    lease: Option<Duration>,
+    expires: Instant,
+    heard: Instant,
+    open: bool,
+    now: Instant,
+) -> Standing {
+    let Some(lease) = lease else {
+        return Standing::Heard;
+    };
+    if expires <= now {
+        return Standing::Fenced;
+    }
+    // Two heartbeats: one may be late on a loaded host without the agent being cut off.
+    if !open || now.saturating_duration_since(heard) > 2 * heartbeat_interval(lease) {
+        return Standing::Silent { until: expires };
+    }
+    Standing::Heard
 }
 
 /// Where a session's command stream is.
@@ -55,6 +103,9 @@ struct Slot {
     /// The address the agent registered from, to name it in a refusal.
     peer: String,
     report: AgentReport,
+    /// When the controller last heard from the agent: registration, a heartbeat, or an
+    /// acknowledgement.
+    heard: Instant,
 }
 
 impl Slot {
@@ -140,6 +191,84 @@ pub enum Delivery {
     Failed,
 }
 
+struct Probed {
+    h: Holder,
+    /// It answered, or was counted fenced.
+    done: bool,
+}
+
+/// Probes sent to the holders of a table ([`Agents::probe`]), and their answers as they come.
+pub struct Probe {
+    holders: Vec<Probed>,
+    answers: tokio::sync::mpsc::UnboundedReceiver<(usize, Result<(), String>)>,
+    sent: Instant,
+}
+
+impl Probe {
+    /// Waits until every holder probed has answered or, not answering, lost its lease (then
+    /// it is counted fenced: see [`Standing::Fenced`]), or until `deadline` if one is given.
+    /// Returns the holders still waited for, described (empty when all are settled). A
+    /// holder heard from (heartbeats) after the probe went out, but that has not answered it
+    /// within `cap`, is stuck, not cut off: `Err` describes it.
+    pub async fn wait(
+        &mut self,
+        agents: &Agents,
+        deadline: Option<Instant>,
+        cap: Duration,
+        what: &str,
+    ) -> Result<Vec<String>, String> {
+        loop {
+            let now = Instant::now();
+            let mut pending = Vec::new();
+            for p in self.holders.iter_mut().filter(|p| !p.done) {
+                match agents.standing_of(&p.h) {
+                    Standing::Fenced => {
+                        agents.fence(&p.h, what);
+                        p.done = true;
+                    }
+                    // Heard from since the probe went out, so not cut off.
+                    Standing::Heard
+                        if now.saturating_duration_since(self.sent) > cap
+                            && agents.heard(&p.h).is_some_and(|t| t > self.sent) =>
+                    {
+                        return Err(format!(
+                            "agent {} renews its lease but did not answer a command within {cap:?}",
+                            agents.describe(&p.h)
+                        ));
+                    }
+                    _ => pending.push(agents.describe(&p.h)),
+                }
+            }
+            if pending.is_empty() || deadline.is_some_and(|d| now >= d) {
+                return Ok(pending);
+            }
+            // Leases are checked again at least this often.
+            let mut wake = now + Duration::from_millis(50);
+            if let Some(d) = deadline {
+                wake = wake.min(d);
+            }
+            tokio::select! {
+                a = self.answers.recv() => match a {
+                    Some((i, Ok(()))) => {
+                        let p = &mut self.holders[i];
+                        agents.heard_from(&p.h.name, p.h.session);
+                        p.done = true;
+                    }
+                    // Its session closed, or it refused: it settles when its lease runs out
+                    // (or, heard from, by the cap above).
+                    Some((i, Err(e))) => warn!(
+                        agent = self.holders[i].h.name,
+                        error = e,
+                        "{what}: agent did not take a probe"
+                    ),
+                    None => tokio::time::sleep_until(wake.into()).await,
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Agents {
     inner: parking_lot::Mutex<Inner>,
@@ -205,6 +334,7 @@ impl Agents {
                 },
                 peer: peer.to_string(),
                 report: AgentReport::default(),
+                heard: now,
             },
         );
         if let Some(p) = previous {
@@ -255,6 +385,7 @@ impl Agents {
                 // A heartbeat arrives on the open stream.
                 s.stream = Stream::Open;
                 s.report = report;
+                s.heard = now;
                 true
             }
             _ => false,
@@ -339,26 +470,157 @@ impl Agents {
         current.chain(ended).collect()
     }
 
-    /// When the last session holding `vdisk` that can no longer acknowledge anything (ended,
-    /// or its stream closed) loses its lease, if one's lease still runs. An operation that
-    /// must hold every holder's I/O waits until then first: such a session cannot be held,
-    /// only waited out.
-    pub fn unreachable_until(&self, vdisk: VdiskId) -> Option<Instant> {
+    /// How the controller stands with holder `h` now.
+    pub fn standing_of(&self, h: &Holder) -> Standing {
         let now = Instant::now();
         let inner = self.inner.lock();
-        let closed = inner
+        if let Some(s) = inner.slots.get(&h.name).filter(|s| s.session == h.session) {
+            return standing(s.lease, s.expires, s.heard, s.stream != Stream::Closed, now);
+        }
+        match inner.ended(&h.name, h.session) {
+            Some(e) if e.expires > now => Standing::Silent { until: e.expires },
+            Some(_) => Standing::Fenced,
+            // Forgotten: only ever after its lease ran out.
+            None => Standing::Fenced,
+        }
+    }
+
+    /// `h`, for a log line or a message: its name, and how long ago it was heard from and
+    /// when its lease runs out, if it has one.
+    pub fn describe(&self, h: &Holder) -> String {
+        let now = Instant::now();
+        let inner = self.inner.lock();
+        let (heard, expires) = match inner.slots.get(&h.name).filter(|s| s.session == h.session) {
+            Some(s) if s.lease.is_some() => (Some(s.heard), s.expires),
+            Some(_) => return format!("'{}' (in-process)", h.name),
+            None => match inner.ended(&h.name, h.session) {
+                Some(e) => (None, e.expires),
+                None => return format!("'{}' (session {} over)", h.name, h.session),
+            },
+        };
+        format!(
+            "'{}' ({}lease runs out in {} ms)",
+            h.name,
+            heard.map_or("session ended, ".to_string(), |t| format!(
+                "last heard from {} ms ago, ",
+                now.saturating_duration_since(t).as_millis()
+            )),
+            expires.saturating_duration_since(now).as_millis()
+        )
+    }
+
+    /// When the controller last heard from `h` (`None` for an ended session).
+    fn heard(&self, h: &Holder) -> Option<Instant> {
+        let inner = self.inner.lock();
+        inner
             .slots
-            .values()
-            .filter(|s| {
-                s.lease.is_some() && s.stream == Stream::Closed && s.vdisks.contains(&vdisk)
+            .get(&h.name)
+            .filter(|s| s.session == h.session)
+            .map(|s| s.heard)
+    }
+
+    /// Records that the agent of `session` was heard from (it acknowledged a command).
+    fn heard_from(&self, name: &str, session: u64) {
+        if let Some(s) = self.inner.lock().slots.get_mut(name) {
+            if s.session == session {
+                s.heard = Instant::now();
+            }
+        }
+    }
+
+    /// Counts `h`, whose lease ran out, as fenced: its session is over (the agent stopped
+    /// I/O when its own lease ended, and registers again and resynchronises when it next
+    /// reaches the controller), so it no longer holds any table.
+    fn fence(&self, h: &Holder, why: &str) {
+        info!(
+            agent = h.name,
+            session = h.session,
+            "{why}: the agent's lease ran out, so it does no I/O; counted fenced (it resynchronises \
+             its tables when it reaches the controller again)"
+        );
+        self.evict(&h.name, h.session);
+    }
+
+    /// Waits until no holder of `vdisks` (of any table, with `None`) is silent: each has been
+    /// heard from again or lost its lease (then it is counted fenced). A change that pushes
+    /// commands with the metadata locked calls this first, so that the wait for a cut-off
+    /// agent, bounded by its lease, does not keep every other agent's faults waiting on the
+    /// lock. (An agent that falls silent after this is still waited for under the lock.)
+    pub async fn wait_heard(&self, vdisks: Option<&[VdiskId]>, what: &str) {
+        let mut told = BTreeSet::new();
+        loop {
+            let holders: Vec<Holder> = match vdisks {
+                Some(v) => v.iter().flat_map(|&v| self.holders(v, None)).collect(),
+                None => {
+                    let mut all = self.held_vdisks();
+                    let ended: Vec<VdiskId> = {
+                        let inner = self.inner.lock();
+                        inner.ended.iter().flat_map(|e| e.vdisks.clone()).collect()
+                    };
+                    all.extend(ended);
+                    all.into_iter()
+                        .flat_map(|v| self.holders(v, None))
+                        .collect()
+                }
+            };
+            let mut silent = false;
+            for h in holders {
+                match self.standing_of(&h) {
+                    Standing::Heard => {}
+                    Standing::Fenced => self.fence(&h, what),
+                    Standing::Silent { .. } => {
+                        silent = true;
+                        if told.insert((h.name.clone(), h.session)) {
+                            info!(
+                                agent = self.describe(&h),
+                                "{what}: waiting until a silent agent is heard from again or \
+                                 loses its lease, before locking the metadata"
+                            );
+                        }
+                    }
+                }
+            }
+            if !silent {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends `cmd`, which must change nothing on an agent (an `Unblock` of a vdisk not held),
+    /// to every holder in `holders` whose session can take it, to learn which of them hear
+    /// the controller now. Nothing waits for the answers here: see [`Probe::wait`].
+    pub fn probe(&self, holders: Vec<Holder>, cmd: Command) -> Probe {
+        let (tx, answers) = tokio::sync::mpsc::unbounded_channel();
+        let holders: Vec<Probed> = holders
+            .into_iter()
+            .enumerate()
+            .map(|(i, h)| {
+                // An ended session can no longer answer.
+                if h.ended_until.is_none() {
+                    let (port, cmd, tx) = (h.port.clone(), cmd.clone(), tx.clone());
+                    let mut answer = Box::pin(async move { port.apply(cmd).await });
+                    // Sent (or, in-process, applied) by the first poll, here: a probe must
+                    // not reach its agent after a hold begun later, which it would release.
+                    match (&mut answer).now_or_never() {
+                        Some(r) => {
+                            let _ = tx.send((i, r));
+                        }
+                        None => {
+                            tokio::spawn(async move {
+                                let _ = tx.send((i, answer.await));
+                            });
+                        }
+                    }
+                }
+                Probed { h, done: false }
             })
-            .map(|s| s.expires);
-        let ended = inner
-            .ended
-            .iter()
-            .filter(|e| e.vdisks.contains(&vdisk))
-            .map(|e| e.expires);
-        closed.chain(ended).filter(|&t| t > now).max()
+            .collect();
+        Probe {
+            holders,
+            answers,
+            sent: Instant::now(),
+        }
     }
 
     /// Every agent with a session that can take commands (for commands about containers,
@@ -503,7 +765,10 @@ impl Agents {
             let wake = expiry.map_or(give_up, |e| e.min(give_up));
             tokio::select! {
                 r = &mut apply => match r {
-                    Ok(()) => return Delivery::Acked,
+                    Ok(()) => {
+                        self.heard_from(&h.name, h.session);
+                        return Delivery::Acked;
+                    }
                     Err(e) => {
                         warn!(agent = h.name, error = e, "agent refused a table command");
                         return self.evict_and_wait(h, expiry.is_some()).await;
@@ -571,5 +836,118 @@ impl Agents {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_holder_is_silent_after_two_missed_heartbeats_and_fenced_when_its_lease_ends() {
+        let lease = Duration::from_secs(8);
+        let beat = heartbeat_interval(lease);
+        assert_eq!(beat, Duration::from_secs(2));
+        let heard = Instant::now();
+        let expires = heard + lease + lease_margin(lease);
+        let at = |d: Duration| heard + d;
+        let open = |now| standing(Some(lease), expires, heard, true, now);
+        // A late heartbeat is not silence; two missed ones are.
+        assert_eq!(open(at(beat)), Standing::Heard);
+        assert_eq!(open(at(2 * beat)), Standing::Heard);
+        assert_eq!(
+            open(at(2 * beat + Duration::from_millis(1))),
+            Standing::Silent { until: expires }
+        );
+        // A closed stream cannot be held however recent the last heartbeat.
+        assert_eq!(
+            standing(Some(lease), expires, heard, false, at(Duration::ZERO)),
+            Standing::Silent { until: expires }
+        );
+        // Once the controller's lease has run out, the agent's has too: fenced, open or not.
+        assert_eq!(open(expires), Standing::Fenced);
+        assert_eq!(
+            standing(Some(lease), expires, heard, false, expires),
+            Standing::Fenced
+        );
+        // An in-process agent shares the controller's fate: always heard.
+        assert_eq!(
+            standing(None, heard, heard, true, at(Duration::from_secs(3600))),
+            Standing::Heard
+        );
+        // Short leases: heartbeats never come faster than every 50 ms.
+        assert_eq!(
+            heartbeat_interval(Duration::from_millis(100)),
+            Duration::from_millis(50)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_probe_settles_by_answer_or_by_lease_and_tells_a_stuck_holder_apart() {
+        struct Answers;
+        #[async_trait::async_trait]
+        impl AgentPort for Answers {
+            async fn apply(&self, _: Command) -> Result<(), String> {
+                Ok(())
+            }
+        }
+        struct Never;
+        #[async_trait::async_trait]
+        impl AgentPort for Never {
+            async fn apply(&self, _: Command) -> Result<(), String> {
+                std::future::pending().await
+            }
+        }
+        let agents = Agents::default();
+        let v = VdiskId(1);
+        let lease = Some(Duration::from_millis(200));
+        let reg = |name: &str, port: Arc<dyn AgentPort>| {
+            let s = agents.register(name, port, vec![v], lease, "p").unwrap();
+            agents.opened(name, s);
+            s
+        };
+        reg("ok", Arc::new(Answers));
+        reg("cut", Arc::new(Never));
+        let probe = Command::Unblock { vdisk: v };
+        let cap = Duration::from_secs(10);
+        // Within a short deadline only the cut-off one is left.
+        let mut p = agents.probe(agents.holders(v, None), probe.clone());
+        let late = p
+            .wait(
+                &agents,
+                Some(Instant::now() + Duration::from_millis(50)),
+                cap,
+                "t",
+            )
+            .await
+            .unwrap();
+        assert_eq!(late.len(), 1, "{late:?}");
+        assert!(late[0].starts_with("'cut'"), "{late:?}");
+        // Without one, it settles when its lease runs out: fenced, no longer a holder.
+        let t = Instant::now();
+        assert!(p.wait(&agents, None, cap, "t").await.unwrap().is_empty());
+        let waited = t.elapsed();
+        assert!(waited >= Duration::from_millis(100), "{waited:?}");
+        let names: Vec<String> = agents
+            .holders(v, None)
+            .into_iter()
+            .map(|h| h.name)
+            .collect();
+        assert_eq!(names, vec!["ok".to_string()]);
+        // One that keeps renewing but never answers is stuck, not cut off.
+        let s = reg("stuck", Arc::new(Never));
+        let mut p = agents.probe(agents.holders(v, None), probe);
+        let cap = Duration::from_millis(150);
+        let renewing = async {
+            loop {
+                agents.renew("stuck", s, AgentReport::default());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let e = tokio::select! {
+            r = p.wait(&agents, None, cap, "t") => r.unwrap_err(),
+            _ = renewing => unreachable!(),
+        };
+        assert!(e.contains("'stuck'") && e.contains("did not answer"), "{e}");
     }
 }

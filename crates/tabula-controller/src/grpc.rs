@@ -195,7 +195,7 @@ impl Control for ControlService {
         Ok(Response::new(pb::RegisterReply {
             session,
             lease_ms: lease.as_millis() as u64,
-            heartbeat_ms: (lease / 4).max(Duration::from_millis(50)).as_millis() as u64,
+            heartbeat_ms: crate::agents::heartbeat_interval(lease).as_millis() as u64,
             epoch: self.ctl.epoch(),
         }))
     }

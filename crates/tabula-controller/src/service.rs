@@ -1029,6 +1029,16 @@ impl Controller {
         with_snapshots: bool,
         force: bool,
     ) -> Result<(), ControlError> {
+        // Detaching waits for every holder with the metadata locked: wait out a silent one
+        // first, without the lock.
+        let ids = {
+            let meta = self.meta.lock().await;
+            let id = meta.by_name(name)?;
+            let mut ids = meta.snapshots_of(id);
+            ids.push(id);
+            ids
+        };
+        self.agents.wait_heard(Some(&ids), "delete").await;
         let deadline = tokio::time::Instant::now() + CLIENTS_GONE_WAIT;
         loop {
             let mut meta = self.meta.lock().await;
@@ -1157,6 +1167,10 @@ impl Controller {
 
     pub async fn resize_vdisk(&self, name: &str, size: u64) -> Result<VdiskView, ControlError> {
         check_vdisk_size(size).map_err(invalid_size)?;
+        // The new table is pushed to every holder with the metadata locked: wait out a silent
+        // one first, without the lock.
+        let id = self.meta.lock().await.by_name(name)?;
+        self.agents.wait_heard(Some(&[id]), "resize").await;
         let mut meta = self.meta.lock().await;
         let id = meta.by_name(name)?;
         let new_blocks = size / BLOCK_SIZE;
@@ -1915,6 +1929,11 @@ impl ControlPlane for Controller {
     }
 
     async fn fault(&self, fault: Fault) -> Result<RangeUpdate, ControlError> {
+        if matches!(fault.op, FaultOp::Trim | FaultOp::WriteZeroes) {
+            // An unmap waits for every holder's acknowledgement with the metadata locked:
+            // wait out a silent one first, without the lock.
+            self.agents.wait_heard(Some(&[fault.vdisk]), "unmap").await;
+        }
         // While a change waits for an unresponsive agent's lease, the metadata stays locked;
         // rather than hold every agent's fault hostage, ask it to retry.
         let Ok(mut meta) = tokio::time::timeout(FAULT_LOCK_WAIT, self.meta.lock()).await else {

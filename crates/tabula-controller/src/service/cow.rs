@@ -266,6 +266,10 @@ impl Controller {
             tokio::time::sleep(p).await;
         }
         self.journal.wait(seq).await?;
+        // The pushes below wait for every holder with the metadata locked: a silent one is
+        // waited out first, without the lock.
+        let ids: Vec<VdiskId> = pushes.iter().map(|p| p.0).collect();
+        self.agents.wait_heard(Some(&ids), "copy-on-write").await;
         let mut guard = self.meta.lock().await;
         let meta = &mut *guard;
         let mut acked = true;

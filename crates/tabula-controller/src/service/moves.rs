@@ -421,6 +421,10 @@ impl Controller {
 
     /// Moves one run. Returns the blocks moved, or `None` when nothing is left to move.
     async fn move_step(&self, job: &MoveJob) -> Result<Option<u64>, ControlError> {
+        // Each phase of a step pushes table changes with the metadata locked and waits for
+        // every holder: a silent agent is waited out first, without the lock, so that faults
+        // elsewhere go on meanwhile.
+        self.agents.wait_heard(None, "move step").await;
         let Some(plan) = self.plan_step(job).await? else {
             return Ok(None);
         };
@@ -461,6 +465,7 @@ impl Controller {
         if let Some(p) = self.cfg.test_pauses.move_switch {
             tokio::time::sleep(p).await;
         }
+        self.agents.wait_heard(None, "move step").await;
         let mut meta = self.meta.lock().await;
         let (stale, held) = meta
             .moving

@@ -12,8 +12,18 @@
 //! write to the vdisk now faults, and a fault's answer waits for a later journal ticket, so
 //! nothing can depend on a snapshot that a crash would lose. The hold is bounded by
 //! `snapshot_hold`; past it the snapshot is cancelled and I/O resumes.
+//!
+//! An agent cut off from the controller cannot be held, only waited out: before any
+//! `Block`, every exporting agent must answer a probe that changes nothing; one that does
+//! not is waited for with the metadata unlocked and nobody's I/O held, until it answers or
+//! its lease runs out (then it does no I/O and is counted fenced). One that falls silent
+//! during the hold has the others released at once, and the hold is tried again
+//! (`lock_and_hold`).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 
 use tabula_api::admin::{CowPolicy, DiffRange, DiffView, SnapshotView, VdiskView};
 use tabula_api::{Command, ControlError};
@@ -21,13 +31,14 @@ use tabula_core::{
     BLOCK_SIZE, Entry, Generation, MappingTable, State, VdiskId, check_vdisk_geometry,
     check_vdisk_size,
 };
+use tokio::sync::MutexGuard;
 use tracing::{error, info, warn};
 
 use super::{
     Controller, Meta, TableWrite, VdiskMeta, mapped_runs, now_secs, read_only, storage,
     validate_name,
 };
-use crate::agents::Delivery;
+use crate::agents::{Delivery, Holder, Standing};
 use crate::store::VdiskRecord;
 
 /// The entries of `t` with every mapped entry in `state` (unmapped ones as they are).
@@ -73,23 +84,110 @@ impl Meta {
     }
 }
 
+/// How long a hold waits, with the metadata locked, for every agent exporting the vdisk to
+/// answer a probe (an agent that hears the controller answers within milliseconds). Faults
+/// wait for the lock meanwhile, so this is short: an agent that has not answered by then is
+/// waited for with the lock released.
+const PROBE_WAIT: Duration = Duration::from_millis(500);
+
+/// How many times a hold is tried: each try after the first follows a wait for an agent
+/// that stopped answering.
+const HOLD_TRIES: usize = 4;
+
+/// Why a hold did not take.
+enum HoldError {
+    /// This holder went silent while the others' I/O was held: their hold was released, and
+    /// the silent one is to be waited out before another try.
+    Silent(Holder),
+    Failed(ControlError),
+}
+
 impl Controller {
-    /// Holds the I/O of `vdisk` on every agent that exports it until each has drained what
-    /// was in flight. On timeout or failure the hold is released and the caller told why.
-    async fn hold(&self, vdisk: VdiskId, what: &str) -> Result<(), ControlError> {
-        // A holder whose session ended or whose stream closed may still write in place
-        // until its lease runs out, and cannot be held: wait it out first (fence, then
-        // proceed), before holding anyone else's I/O. Its lease cannot be renewed, so the
-        // wait is bounded by one lease.
-        if let Some(until) = self.agents.unreachable_until(vdisk) {
-            info!(
-                %vdisk,
-                wait_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64,
-                "{what}: waiting for the lease of an agent session that can no longer be reached \
-                 but may still write"
-            );
-            tokio::time::sleep_until(until.into()).await;
+    /// Locks the metadata and holds the I/O of a vdisk on every agent that exports it (see
+    /// [`Self::hold`]). `find` picks the vdisk and checks the request against the metadata,
+    /// again after every wait. Every holder is first asked to answer a probe that changes
+    /// nothing; one that does not answer (cut off by the network, say: the controller does
+    /// not hear it) is waited for with the lock released and nobody's I/O held, until it
+    /// answers or its lease runs out: then it does no I/O and is counted fenced. Returns the
+    /// locked metadata with the I/O held, the vdisk, what `find` returned, and when the
+    /// hold began.
+    async fn lock_and_hold<T>(
+        &self,
+        what: &str,
+        find: impl Fn(&Meta) -> Result<(VdiskId, T), ControlError>,
+    ) -> Result<(MutexGuard<'_, Meta>, VdiskId, T, Instant), ControlError> {
+        let cap = self.cfg.snapshot_hold;
+        let stuck = |e: String| {
+            warn!(reason = e, "{what} cancelled");
+            ControlError::Unavailable(format!(
+                "{what} cancelled, no I/O was held: {e} (the controller's --snapshot-hold); \
+                 try again"
+            ))
+        };
+        let mut waited: Vec<String> = Vec::new();
+        for _ in 0..HOLD_TRIES {
+            let meta = self.meta.lock().await;
+            let (id, found) = find(&meta)?;
+            let probe = Command::Unblock { vdisk: id };
+            let mut probed = self
+                .agents
+                .probe(self.agents.holders(id, None), probe.clone());
+            let late = probed
+                .wait(&self.agents, Some(Instant::now() + PROBE_WAIT), cap, what)
+                .await
+                .map_err(stuck)?;
+            if late.is_empty() {
+                let began = Instant::now();
+                match self.hold(id, what).await {
+                    Ok(()) => return Ok((meta, id, found, began)),
+                    Err(HoldError::Failed(e)) => return Err(e),
+                    Err(HoldError::Silent(h)) => {
+                        drop(meta);
+                        let d = self.agents.describe(&h);
+                        info!(
+                            vdisk = %id,
+                            agent = d,
+                            "{what}: an agent stopped answering while the others' I/O was held: \
+                             released them; waiting, without holding anyone's I/O, until it \
+                             answers again or its lease runs out"
+                        );
+                        waited.push(d);
+                        probed = self.agents.probe(vec![h], probe);
+                    }
+                }
+            } else {
+                drop(meta);
+                info!(
+                    vdisk = %id,
+                    agents = late.join(", "),
+                    "{what}: waiting, without holding anyone's I/O, until agents that do not \
+                     answer the controller answer again or their lease runs out (then they do \
+                     no I/O and are counted fenced)"
+                );
+                waited.extend(late);
+            }
+            probed
+                .wait(&self.agents, None, cap, what)
+                .await
+                .map_err(stuck)?;
         }
+        let why = format!(
+            "agents stopped answering the controller each time it tried to hold the vdisk's \
+             I/O ({HOLD_TRIES} tries; waited for {})",
+            waited.join("; ")
+        );
+        warn!(reason = why, "{what} cancelled");
+        Err(ControlError::Unavailable(format!(
+            "{what} cancelled, I/O resumed: {why}; check the network between the controller and \
+             those agents' hosts, then try again"
+        )))
+    }
+
+    /// Holds the I/O of `vdisk` on every agent that exports it until each has drained what
+    /// was in flight. On timeout or failure the hold is released and the caller told why. A
+    /// holder that goes silent meanwhile ([`Standing::Silent`]) is not waited for with the
+    /// others' I/O held: their hold is released at once, for the caller to wait it out.
+    async fn hold(&self, vdisk: VdiskId, what: &str) -> Result<(), HoldError> {
         let holders = self.agents.holders(vdisk, None);
         if holders.is_empty() {
             return Ok(());
@@ -99,26 +197,82 @@ impl Controller {
             vdisk,
             timeout_ms: hold.as_millis() as u64,
         };
-        let all = futures::future::join_all(
-            holders
-                .iter()
-                .map(|h| self.agents.deliver(h, block.clone(), self.cfg.ack_timeout)),
-        );
-        let why = match tokio::time::timeout(hold, all).await {
-            Ok(r) if !r.contains(&Delivery::Failed) => return Ok(()),
-            Ok(_) => "an agent refused to hold I/O".to_string(),
-            Err(_) => format!(
-                "agents exporting it did not finish their in-flight I/O within {hold:?} (the controller's --snapshot-hold)"
-            ),
+        let mut pending: FuturesUnordered<_> = holders
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let block = block.clone();
+                async move { (i, self.agents.deliver(h, block, self.cfg.ack_timeout).await) }
+            })
+            .collect();
+        let mut answered = vec![false; holders.len()];
+        let give_up = Instant::now() + hold;
+        let why = loop {
+            // Silence is checked this often.
+            let wake = (Instant::now() + Duration::from_millis(50)).min(give_up);
+            tokio::select! {
+                r = pending.next() => match r {
+                    None => return Ok(()),
+                    Some((_, Delivery::Failed)) => break "an agent refused to hold I/O".to_string(),
+                    // Acknowledged, or its lease ran out (fenced).
+                    Some((i, _)) => answered[i] = true,
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    if Instant::now() >= give_up {
+                        break format!(
+                            "agents exporting it did not finish their in-flight I/O within {hold:?} (the controller's --snapshot-hold)"
+                        );
+                    }
+                    let silent = (0..holders.len()).find(|&i| {
+                        !answered[i]
+                            && matches!(
+                                self.agents.standing_of(&holders[i]),
+                                Standing::Silent { .. }
+                            )
+                    });
+                    if let Some(i) = silent {
+                        drop(pending);
+                        self.release_hold_now(vdisk).await;
+                        return Err(HoldError::Silent(holders[i].clone()));
+                    }
+                }
+            }
         };
         self.release_hold(vdisk);
         warn!(%vdisk, reason = why, "{what} cancelled");
-        Err(ControlError::Unavailable(format!(
+        Err(HoldError::Failed(ControlError::Unavailable(format!(
             "{what} cancelled, I/O resumed: {why}; try again"
-        )))
+        ))))
     }
 
-    /// Releases a hold without waiting for acknowledgements.
+    /// Releases a hold: every release is on its way to its agent when this returns (so it
+    /// arrives before anything sent later, a later try's hold included), and those of the
+    /// agents the controller hears are acknowledged (within a bound).
+    async fn release_hold_now(&self, vdisk: VdiskId) {
+        let mut heard = Vec::new();
+        for h in self
+            .agents
+            .holders(vdisk, None)
+            .into_iter()
+            .filter(|h| h.ended_until.is_none())
+        {
+            let port = h.port.clone();
+            let mut unblock = Box::pin(async move { port.apply(Command::Unblock { vdisk }).await });
+            // The first poll sends it.
+            if (&mut unblock).now_or_never().is_some() {
+                continue;
+            }
+            if self.agents.standing_of(&h) == Standing::Heard {
+                heard.push(unblock);
+            } else {
+                tokio::spawn(unblock);
+            }
+        }
+        let _ = tokio::time::timeout(PROBE_WAIT, futures::future::join_all(heard)).await;
+    }
+
+    /// Releases a hold without waiting for acknowledgements (but each release is sent
+    /// before this returns, so that it cannot reach its agent after a later hold).
     fn release_hold(&self, vdisk: VdiskId) {
         for h in self
             .agents
@@ -126,9 +280,11 @@ impl Controller {
             .into_iter()
             .filter(|h| h.ended_until.is_none())
         {
-            tokio::spawn(async move {
-                let _ = h.port.apply(Command::Unblock { vdisk }).await;
-            });
+            let mut unblock =
+                Box::pin(async move { h.port.apply(Command::Unblock { vdisk }).await });
+            if (&mut unblock).now_or_never().is_none() {
+                tokio::spawn(unblock);
+            }
         }
     }
 
@@ -139,21 +295,23 @@ impl Controller {
         snap: &str,
     ) -> Result<SnapshotView, ControlError> {
         validate_name("snapshot", snap)?;
-        let mut meta = self.meta.lock().await;
-        let id = meta.by_name(name)?;
-        if meta.vdisks[&id].rec.read_only {
-            return Err(ControlError::Invalid(format!(
-                "'{name}' is a snapshot: clone it first to snapshot the clone"
-            )));
-        }
         let full = format!("{name}@{snap}");
-        if meta.names.contains_key(&full) {
-            return Err(ControlError::Exists(format!(
-                "snapshot '{full}' already exists: pick another name or delete it first"
-            )));
-        }
-        let started = Instant::now();
-        self.hold(id, &format!("snapshot {full}")).await?;
+        let (mut meta, id, (), started) = self
+            .lock_and_hold(&format!("snapshot {full}"), |meta| {
+                let id = meta.by_name(name)?;
+                if meta.vdisks[&id].rec.read_only {
+                    return Err(ControlError::Invalid(format!(
+                        "'{name}' is a snapshot: clone it first to snapshot the clone"
+                    )));
+                }
+                if meta.names.contains_key(&full) {
+                    return Err(ControlError::Exists(format!(
+                        "snapshot '{full}' already exists: pick another name or delete it first"
+                    )));
+                }
+                Ok((id, ()))
+            })
+            .await?;
         let v = meta.vdisks.get_mut(&id).expect("named vdisk exists");
         let size = v.table.size();
         let before = std::mem::replace(&mut v.table, MappingTable::new(0));
@@ -321,6 +479,10 @@ impl Controller {
     }
 
     async fn delete_snapshot_checked(&self, full: &str, force: bool) -> Result<(), ControlError> {
+        // Detaching waits for every holder with the metadata locked: wait out a silent one
+        // first, without the lock.
+        let id = self.meta.lock().await.by_name(full)?;
+        self.agents.wait_heard(Some(&[id]), "snapshot delete").await;
         let deadline = tokio::time::Instant::now() + super::CLIENTS_GONE_WAIT;
         let mut meta = loop {
             let meta = self.meta.lock().await;
@@ -407,26 +569,29 @@ impl Controller {
     /// the vdisk mapped is freed.
     pub async fn rollback(&self, name: &str, snap: &str) -> Result<VdiskView, ControlError> {
         let full = format!("{name}@{snap}");
-        let mut meta = self.meta.lock().await;
-        let id = meta.by_name(name)?;
-        if meta.vdisks[&id].rec.read_only {
-            return Err(read_only(name));
-        }
-        let sid = meta.by_name(&full)?;
-        if meta.vdisks[&sid].rec.parent != Some(id.0) {
-            return Err(ControlError::Invalid(format!(
-                "'{full}' is not a snapshot of '{name}'"
-            )));
-        }
-        let size_bytes = meta.vdisks[&sid].rec.size_bytes;
-        check_vdisk_size(size_bytes).map_err(|e| {
-            ControlError::Invalid(format!(
-                "cannot roll back to '{full}': its {e} (an older tabula allowed it)"
-            ))
-        })?;
-        let table = with_state(&meta.vdisks[&sid].table, State::New)?;
-        let started = Instant::now();
-        self.hold(id, &format!("rollback of {name}")).await?;
+        let (mut meta, id, (size_bytes, table), started) = self
+            .lock_and_hold(&format!("rollback of {name}"), |meta| {
+                let id = meta.by_name(name)?;
+                if meta.vdisks[&id].rec.read_only {
+                    return Err(read_only(name));
+                }
+                let sid = meta.by_name(&full)?;
+                if meta.vdisks[&sid].rec.parent != Some(id.0) {
+                    return Err(ControlError::Invalid(format!(
+                        "'{full}' is not a snapshot of '{name}'"
+                    )));
+                }
+                let size_bytes = meta.vdisks[&sid].rec.size_bytes;
+                check_vdisk_size(size_bytes).map_err(|e| {
+                    ControlError::Invalid(format!(
+                        "cannot roll back to '{full}': its {e} (an older tabula allowed it)"
+                    ))
+                })?;
+                // Built before the hold, so that the hold does not last a table rebuild.
+                let table = with_state(&meta.vdisks[&sid].table, State::New)?;
+                Ok((id, (size_bytes, table)))
+            })
+            .await?;
         meta.share(&mapped_runs(&table));
         let v = meta.vdisks.get_mut(&id).expect("named vdisk exists");
         let old = std::mem::replace(&mut v.table, table);

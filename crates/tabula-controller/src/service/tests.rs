@@ -459,6 +459,102 @@ async fn faults_are_told_to_retry_while_a_change_waits_for_a_lease() {
     assert_consistent(&ctl).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trim_waits_out_a_silent_holder_without_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctl, v) = leased_setup(dir.path(), 1500).await;
+    ctl.fault(fault(v.id, FaultOp::Write, 0, 1)).await.unwrap();
+    let w = ctl
+        .create_vdisk("w", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
+    let b_heard = std::time::Instant::now();
+    ctl.agents
+        .register(
+            "b",
+            Arc::new(SilentAgent),
+            vec![VdiskId(v.id)],
+            Some(Duration::from_millis(1500)),
+            "192.0.2.1:5000",
+        )
+        .unwrap();
+    // b has missed two heartbeats (375 ms each): it is silent, cut off.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let trim = {
+        let ctl = ctl.clone();
+        tokio::spawn(async move { ctl.fault(fault(v.id, FaultOp::Trim, 0, 1)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The trim waits for b's lease, but not with the metadata locked: a first write to a
+    // vdisk b does not hold is answered at once, not told to retry.
+    let t = std::time::Instant::now();
+    ctl.fault(fault(w.id, FaultOp::Write, 0, 1)).await.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    trim.await.unwrap().unwrap();
+    assert!(
+        b_heard.elapsed() >= Duration::from_millis(1500),
+        "freed after {:?}, within b's lease",
+        b_heard.elapsed()
+    );
+    assert_consistent(&ctl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resize_and_a_delete_wait_out_a_silent_holder_without_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctl, v) = leased_setup(dir.path(), 1500).await;
+    ctl.fault(fault(v.id, FaultOp::Write, 0, 1)).await.unwrap();
+    let w = ctl
+        .create_vdisk("w", 16 * MIB, None, None, None)
+        .await
+        .unwrap();
+    for (round, op) in ["resize", "delete"].into_iter().enumerate() {
+        let name = format!("b{round}");
+        let heard = std::time::Instant::now();
+        ctl.agents
+            .register(
+                &name,
+                Arc::new(SilentAgent),
+                vec![VdiskId(v.id)],
+                Some(Duration::from_millis(1500)),
+                "192.0.2.1:5000",
+            )
+            .unwrap();
+        // Two heartbeats (375 ms each) missed: silent.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let task = {
+            let ctl = ctl.clone();
+            tokio::spawn(async move {
+                match op {
+                    "resize" => ctl.resize_vdisk("vd", 8 * MIB).await.map(|_| ()),
+                    _ => ctl.delete_vdisk("vd", false).await,
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t = std::time::Instant::now();
+        ctl.fault(fault(w.id, FaultOp::Write, round as u64, round as u64 + 1))
+            .await
+            .unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{op}: a fault on another vdisk waited {:?}",
+            t.elapsed()
+        );
+        task.await.unwrap().unwrap();
+        assert!(
+            heard.elapsed() >= Duration::from_millis(1500),
+            "{op} done {:?} after the silent holder was last heard from, within its lease",
+            heard.elapsed()
+        );
+    }
+    assert_consistent(&ctl).await;
+}
+
 // ---- size limits (issue 17, finding 5) ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -726,6 +822,235 @@ async fn a_snapshot_waits_out_a_replaced_session_before_it_holds_io() {
         "snapshot taken after {:?}, while the replaced session could still write in place",
         renewed.elapsed()
     );
+    assert_consistent(&ctl).await;
+}
+
+/// What a recording agent did, and when.
+#[derive(Default)]
+struct Recorded {
+    events: parking_lot::Mutex<Vec<(std::time::Instant, &'static str)>>,
+}
+
+impl Recorded {
+    fn first(&self, what: &str) -> Option<std::time::Instant> {
+        self.events.lock().iter().find(|e| e.1 == what).map(|e| e.0)
+    }
+}
+
+/// An agent that records the holds it is asked for. With `cut_at_block`, it stops answering
+/// anything from the first `Block` on (its network is cut at that moment).
+struct Recording {
+    rec: Arc<Recorded>,
+    cut_at_block: bool,
+}
+
+#[async_trait::async_trait]
+impl AgentPort for Recording {
+    async fn apply(&self, command: Command) -> Result<(), String> {
+        let what = match command {
+            Command::Block { .. } => "block",
+            Command::Unblock { .. } => "unblock",
+            _ => "other",
+        };
+        let cut = self.cut_at_block && self.rec.first("block").is_some();
+        self.rec
+            .events
+            .lock()
+            .push((std::time::Instant::now(), what));
+        if cut || (self.cut_at_block && what == "block") {
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+}
+
+/// Registers leased agent `name` holding `v`, with `port`, its stream open. Returns its
+/// session.
+fn leased_holder(
+    ctl: &Controller,
+    v: &VdiskView,
+    name: &str,
+    port: Arc<dyn AgentPort>,
+    lease_ms: u64,
+) -> u64 {
+    let s = ctl
+        .agents
+        .register(
+            name,
+            port,
+            vec![VdiskId(v.id)],
+            Some(Duration::from_millis(lease_ms)),
+            "192.0.2.1:5000",
+        )
+        .unwrap();
+    ctl.agents.opened(name, s);
+    s
+}
+
+/// Renews `name`'s lease every 50 ms until `stop` (or it is evicted).
+fn keep_renewing(
+    ctl: &Arc<Controller>,
+    name: &'static str,
+    session: u64,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    let ctl = ctl.clone();
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) && ctl.agents.renew(name, session, Default::default()) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_waits_out_a_silent_holder_without_holding_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    // A hold much shorter than the lease: holding c's I/O until b's lease ends would cancel
+    // the snapshot.
+    let (ctl, v) = leased_written(dir.path(), 600, |c| {
+        c.snapshot_hold = Duration::from_millis(200)
+    })
+    .await;
+    let rec = Arc::new(Recorded::default());
+    let c = leased_holder(
+        &ctl,
+        &v,
+        "c",
+        Arc::new(Recording {
+            rec: rec.clone(),
+            cut_at_block: false,
+        }),
+        600,
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let renewer = keep_renewing(&ctl, "c", c, stop.clone());
+    // b is cut off: its stream looks open, it neither answers nor renews.
+    let b_heard = std::time::Instant::now();
+    leased_holder(&ctl, &v, "b", Arc::new(SilentAgent), 600);
+    ctl.create_snapshot("vd", "s").await.unwrap();
+    let b_lease_end = b_heard + Duration::from_millis(600);
+    let blocked = rec.first("block").expect("c was held");
+    assert!(
+        blocked >= b_lease_end,
+        "c's I/O was held {:?} before b's lease ran out",
+        b_lease_end - blocked
+    );
+    let agents = ctl.status().await.agents;
+    assert!(agents.iter().all(|a| a.name != "b"), "b is fenced: evicted");
+    stop.store(true, Ordering::Relaxed);
+    renewer.await.unwrap();
+    assert_consistent(&ctl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_cut_off_during_the_hold_releases_the_others_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // The hold may last longer than the lease: only silence must end it early.
+    let (ctl, v) = leased_written(dir.path(), 600, |c| {
+        c.snapshot_hold = Duration::from_secs(5)
+    })
+    .await;
+    let (rc, rb) = (Arc::new(Recorded::default()), Arc::new(Recorded::default()));
+    let c = leased_holder(
+        &ctl,
+        &v,
+        "c",
+        Arc::new(Recording {
+            rec: rc.clone(),
+            cut_at_block: false,
+        }),
+        600,
+    );
+    let b = leased_holder(
+        &ctl,
+        &v,
+        "b",
+        Arc::new(Recording {
+            rec: rb.clone(),
+            cut_at_block: true,
+        }),
+        600,
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let renew_c = keep_renewing(&ctl, "c", c, stop.clone());
+    // b renews until it receives the Block, then falls silent.
+    let renew_b = {
+        let (ctl, rb) = (ctl.clone(), rb.clone());
+        tokio::spawn(async move {
+            while rb.first("block").is_none() && ctl.agents.renew("b", b, Default::default()) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let t = std::time::Instant::now();
+    ctl.create_snapshot("vd", "s").await.unwrap();
+    let took = t.elapsed();
+    let b_cut = rb.first("block").expect("b got the Block");
+    // c's first hold ended soon after b fell silent (two heartbeats: 300 ms), not at the end
+    // of b's lease or of --snapshot-hold.
+    let events = rc.events.lock().clone();
+    let first_block = events.iter().position(|e| e.1 == "block").unwrap();
+    let released = events[first_block..]
+        .iter()
+        .find(|e| e.1 == "unblock")
+        .expect("c released")
+        .0;
+    assert!(
+        released - b_cut < Duration::from_millis(550),
+        "c held {:?} after b fell silent",
+        released - b_cut
+    );
+    // The snapshot was taken once b's lease had run out, within a few rounds.
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    let agents = ctl.status().await.agents;
+    assert!(agents.iter().all(|a| a.name != "b"), "b is fenced: evicted");
+    stop.store(true, Ordering::Relaxed);
+    renew_c.await.unwrap();
+    renew_b.await.unwrap();
+    assert_consistent(&ctl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_renews_but_never_answers_fails_the_snapshot_without_holding_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctl, v) = leased_written(dir.path(), 600, |c| {
+        c.snapshot_hold = Duration::from_millis(300)
+    })
+    .await;
+    let rec = Arc::new(Recorded::default());
+    let c = leased_holder(
+        &ctl,
+        &v,
+        "c",
+        Arc::new(Recording {
+            rec: rec.clone(),
+            cut_at_block: false,
+        }),
+        600,
+    );
+    let b = leased_holder(&ctl, &v, "b", Arc::new(SilentAgent), 600);
+    let stop = Arc::new(AtomicBool::new(false));
+    let renew_c = keep_renewing(&ctl, "c", c, stop.clone());
+    let renew_b = keep_renewing(&ctl, "b", b, stop.clone());
+    let t = std::time::Instant::now();
+    let e = ctl.create_snapshot("vd", "s").await.unwrap_err();
+    let took = t.elapsed();
+    let msg = e.to_string();
+    assert!(
+        matches!(e, ControlError::Unavailable(_))
+            && msg.contains("'b'")
+            && msg.contains("try again"),
+        "{msg}"
+    );
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert!(
+        rec.first("block").is_none(),
+        "c's I/O was held for a stuck b"
+    );
+    stop.store(true, Ordering::Relaxed);
+    renew_c.await.unwrap();
+    renew_b.await.unwrap();
+    assert!(ctl.list_snapshots(Some("vd")).await.unwrap().is_empty());
     assert_consistent(&ctl).await;
 }
 
