@@ -91,6 +91,15 @@ impl Route {
     }
 }
 
+/// The start of an answer's body (64 KiB at most: enough for any error), as text.
+fn body_text(resp: &mut ureq::http::Response<ureq::Body>) -> String {
+    resp.body_mut()
+        .with_config()
+        .limit(64 << 10)
+        .read_to_string()
+        .unwrap_or_default()
+}
+
 /// The leader a 421 answer names (its JSON `leader`, else its `Location` less `path`), and
 /// why the address did not do.
 fn misdirected(mut resp: ureq::http::Response<ureq::Body>, path: &str) -> (Option<String>, String) {
@@ -99,12 +108,7 @@ fn misdirected(mut resp: ureq::http::Response<ureq::Body>, path: &str) -> (Optio
         .get("location")
         .and_then(|v| v.to_str().ok())
         .map(|l| l.strip_suffix(path).unwrap_or(l).to_string());
-    let text = resp
-        .body_mut()
-        .with_config()
-        .limit(64 << 10)
-        .read_to_string()
-        .unwrap_or_default();
+    let text = body_text(&mut resp);
     match serde_json::from_str::<Misdirected>(&text) {
         Ok(m) => {
             let leader = m.leader.filter(|l| !l.is_empty()).or(location);
@@ -186,12 +190,7 @@ impl Client {
     /// the start of its text.
     fn error(mut resp: ureq::http::Response<ureq::Body>) -> anyhow::Error {
         let status = resp.status();
-        let text = resp
-            .body_mut()
-            .with_config()
-            .limit(64 << 10)
-            .read_to_string()
-            .unwrap_or_default();
+        let text = body_text(&mut resp);
         if let Ok(e) = serde_json::from_str::<ApiError>(&text) {
             return anyhow!("{}", e.error);
         }
