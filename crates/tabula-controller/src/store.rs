@@ -38,6 +38,7 @@
 use std::path::{Path, PathBuf};
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use redb::{
@@ -187,6 +188,10 @@ pub struct Store {
     /// The redo log and the changes logged since the last checkpoint; its lock also
     /// orders every write transaction with the log.
     wal: Mutex<Logged>,
+    /// The log's last record number, readable without the log lock: the committer holds
+    /// that lock across a replication (an etcd round trip driven by the async runtime), so
+    /// async tasks that read it through the lock could stall the very runtime it waits on.
+    last: AtomicU64,
     /// With high availability: where every record goes before it is applied here.
     replicator: Mutex<Option<Arc<dyn Replicator>>>,
 }
@@ -382,6 +387,7 @@ impl Store {
         wal.restart(last);
         Ok(Store {
             db,
+            last: AtomicU64::new(last),
             wal: Mutex::new(Logged {
                 wal,
                 pending: VecDeque::new(),
@@ -405,8 +411,14 @@ impl Store {
     }
 
     /// The sequence number of the last record this store holds (in the database or the log).
+    /// Never waits, not even for a commit in flight (it gives the record before).
     pub fn last_seq(&self) -> u64 {
-        self.wal.lock().expect("store log lock").wal.last()
+        self.last.load(Ordering::Acquire)
+    }
+
+    /// Publishes the log's last record number (after anything that may change it).
+    fn publish_last(&self, logged: &Logged) {
+        self.last.store(logged.wal.last(), Ordering::Release);
     }
 
     /// A local, unreplicated value in `meta` (the cluster a store belongs to).
@@ -447,7 +459,9 @@ impl Store {
                 "record {seq} arrived where record {want} was expected"
             )));
         }
-        self.apply_locked(&mut logged, changes, payload)
+        let r = self.apply_locked(&mut logged, changes, payload);
+        self.publish_last(&logged);
+        r
     }
 
     /// Everything in the store as an [`Image`], after a full checkpoint.
@@ -522,6 +536,7 @@ impl Store {
         logged.wal.restart(image.seq);
         logged.pending.clear();
         logged.pending_changes = 0;
+        self.publish_last(&logged);
         info!(
             seq = image.seq,
             changes = image.changes.len(),
@@ -669,7 +684,9 @@ impl Store {
         if let Some(r) = replicator {
             r.replicate(logged.wal.last() + 1, &payload)?;
         }
-        self.apply_locked(&mut logged, changes, &payload)
+        let r = self.apply_locked(&mut logged, changes, &payload);
+        self.publish_last(&logged);
+        r
     }
 
     /// Applies record `wal.last() + 1`: appended to the log, or if it is too big for the
@@ -1232,6 +1249,60 @@ mod tests {
         assert!(leader.write_logged(|t| t.delete_vdisk(VdiskId(1))).is_err());
         assert!(leader.write(|t| t.delete_vdisk(VdiskId(1))).is_err());
         assert_eq!((everything(&leader), leader.last_seq()), before);
+    }
+
+    /// `last_seq` answers at once while a record is out being replicated: the leader's
+    /// async tasks (its member key, `/v1/ha`, truncation) read it on runtime worker threads,
+    /// and the etcd call the committer waits for needs those threads. Blocking them on the
+    /// log lock the committer holds across that call hung leaders under load.
+    #[test]
+    fn last_seq_does_not_wait_for_a_replication_in_flight() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        struct Held {
+            entered: Mutex<mpsc::Sender<()>>,
+            release: Mutex<mpsc::Receiver<()>>,
+        }
+        impl Replicator for Held {
+            fn replicate(&self, _: u64, _: &[u8]) -> Result<(), StoreError> {
+                self.entered.lock().unwrap().send(()).unwrap();
+                self.release.lock().unwrap().recv().unwrap();
+                Ok(())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("s.redb")).unwrap());
+        store
+            .write_logged(|t| t.put_vdisk(VdiskId(1), &record("v")))
+            .unwrap();
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        store.set_replicator(Arc::new(Held {
+            entered: Mutex::new(entered_tx),
+            release: Mutex::new(release_rx),
+        }));
+        let committer = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                store.write_logged(|t| t.put_vdisk(VdiskId(2), &record("w")))
+            })
+        };
+        entered.recv_timeout(Duration::from_secs(10)).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let reader = {
+            let store = store.clone();
+            std::thread::spawn(move || tx.send(store.last_seq()).unwrap())
+        };
+        let seen = rx.recv_timeout(Duration::from_secs(2));
+        release.send(()).unwrap();
+        committer.join().unwrap().unwrap();
+        reader.join().unwrap();
+        assert_eq!(
+            seen,
+            Ok(1),
+            "last_seq blocked behind the replication in flight"
+        );
+        assert_eq!(store.last_seq(), 2, "the record counts once committed");
     }
 
     proptest! {
