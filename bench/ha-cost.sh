@@ -51,7 +51,7 @@ declare -a HA_PID
 for i in 0 1 2; do
     port=$(free_port)
     "$BIN" controller --etcd "$ETCD" --name "c$i" --data-dir "$WORK/c$i" \
-        --api-listen "127.0.0.1:$port" --container-size 4T 2>"$WORK/c$i.log" &
+        --api-listen "127.0.0.1:$port" 2>"$WORK/c$i.log" &
     HA_PID[i]=$!
     PIDS+=("${HA_PID[i]}")
     HA+="${HA:+,}http://127.0.0.1:$port"
@@ -65,6 +65,14 @@ for i in 0 1 2; do
 done
 LEADER_PID=${HA_PID[0]}
 curl -s "${HA%%,*}/v1/ha" | grep -q '"role":"leader"' || { echo "c0 does not lead"; exit 1; }
+# An HA control plane has no default container (--container-size is single-mode only): a
+# file container of the same size as the single controller's default one.
+"$BIN" --controller "$HA" container add pool --path "$WORK/ha-pool.img" --size 4T >/dev/null
+
+applied() { curl -s --max-time 2 "${HA%%,*}/v1/ha" | python3 -c 'import json,sys; print(json.load(sys.stdin)["applied"])'; }
+# ticks PID...: user + system CPU of the processes so far, in clock ticks (1/100 s).
+ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
+: >"$WORK/ha-extra"
 
 echo "machine: $(nproc) cores, load average at start: $(cut -d' ' -f1-3 /proc/loadavg); $SEG segments, own vdisk per agent, ${SECS} s per run"
 echo
@@ -76,12 +84,18 @@ for r in $(seq "$ROUNDS"); do
     for n in $AGENTS; do
         for mode in single ha; do
             if [ "$mode" = single ]; then url=$SINGLE; pid=$SINGLE_PID; else url=$HA; pid=$LEADER_PID; fi
+            # Where the time goes in HA: records committed (batches) and CPU of etcd and
+            # the standbys over the whole invocation (setup and warm-up included).
+            rec0=$(applied); cpu0=$(ticks "${ETCD_PIDS[@]}"); sb0=$(ticks "${HA_PID[1]}" "${HA_PID[2]}")
             row=$(timeout --kill-after=5 "$(within $((SECS + 60)))" "$BENCH" faults --controller "$url" \
                 --agents "$n" --seconds "$SECS" --segment-size "$SEG" --prefix "r$r-$mode-$n" \
                 --controller-pid "$pid" $header)
             header=
             printf '%s\n' "$row" | sed "s/^| own vdisk/| $mode/"
             printf '%s %s %s\n' "$mode" "$n" "$(printf '%s\n' "$row" | tail -1)" >>"$WORK/rows"
+            if [ "$mode" = ha ]; then
+                echo "$n $(( $(applied) - rec0 )) $(( $(ticks "${ETCD_PIDS[@]}") - cpu0 )) $(( $(ticks "${HA_PID[1]}" "${HA_PID[2]}") - sb0 ))" >>"$WORK/ha-extra"
+            fi
         done
     done
 done
@@ -100,6 +114,32 @@ print("|---:|---:|---:|---:|---:|---:|")
 for n in sorted({n for _, n in rate}):
     s, h = statistics.median(rate[("single", n)]), statistics.median(rate[("ha", n)])
     print(f"| {n} | {s:.0f} | {h:.0f} | **{h / s:.2f}x** | {statistics.median(p50[('single', n)]):.0f} | {statistics.median(p50[('ha', n)]):.0f} |")
+EOF
+echo
+python3 - "$WORK/rows" "$WORK/ha-extra" "$SECS" <<'EOF'
+import statistics, sys
+secs = float(sys.argv[3])
+faults = {}
+for line in open(sys.argv[1]):
+    mode, n, row = line.split(" ", 2)
+    if mode == "ha":
+        cols = [c.strip() for c in row.strip().strip("|").split("|")]
+        faults.setdefault(int(n), []).append(int(cols[3]))
+runs = {}
+for line in open(sys.argv[2]):
+    n, rec, etcd, sb = (int(x) for x in line.split())
+    runs.setdefault(n, []).append((rec, etcd, sb))
+print("HA, where the time goes (per invocation; faults = those in the window scaled by (window + 1 s warm-up) / window; one record per vdisk created is taken off):")
+print()
+print("| agents | records committed (median) | faults per record (batch) | etcd CPU µs/fault (3 members) | standbys CPU µs/fault (2) |")
+print("|---:|---:|---:|---:|---:|")
+for n in sorted(runs):
+    tot = [f * (secs + 1) / secs for f in faults[n]]
+    rec = [r for r, _, _ in runs[n]]
+    batch = [t / max(1, r - n) for t, r in zip(tot, rec)]
+    etcd = [e * 1e4 / t for t, (_, e, _) in zip(tot, runs[n])]
+    sb = [s * 1e4 / t for t, (_, _, s) in zip(tot, runs[n])]
+    print(f"| {n} | {statistics.median(rec):.0f} | {statistics.median(batch):.2f} | {statistics.median(etcd):.0f} | {statistics.median(sb):.0f} |")
 EOF
 "$BIN" --controller "$SINGLE" check >/dev/null || { echo "tabula check failed (single)"; exit 1; }
 "$BIN" --controller "$HA" check >/dev/null || { echo "tabula check failed (HA)"; exit 1; }

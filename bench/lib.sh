@@ -5,7 +5,13 @@
 # PIDS: processes the script started; on exit they are stopped and WORK is removed.
 PIDS=()
 cleanup() {
+    local p _
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    # Whatever has not exited 10 s after SIGTERM (a hung process) gets SIGKILL.
+    for p in "${PIDS[@]}"; do
+        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -0 "$p" 2>/dev/null && { echo "pid $p ignored SIGTERM for 10 s: SIGKILL" >&2; kill -9 "$p" 2>/dev/null; }
+    done
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
     if [ -n "${KEEP:-}" ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
 }
@@ -26,7 +32,9 @@ within() { local left=$((DEADLINE - SECONDS)); [ "$left" -lt "$1" ] && echo $((l
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 
 # start_etcd: a 3-member etcd cluster on loopback (data in WORK, fast elections as in the
-# tests' harness); sets ETCD to the comma-separated client URLs once a write succeeds.
+# tests' harness); sets ETCD to the comma-separated client URLs once a write succeeds, and
+# ETCD_PIDS.
+ETCD_PIDS=()
 start_etcd() {
     local i cluster="" ep=() client peer
     local -a cp pp
@@ -44,6 +52,7 @@ start_etcd() {
             --initial-cluster-state new --heartbeat-interval 50 --election-timeout 500 \
             --log-level warn >"$WORK/etcd-m$i.log" 2>&1 &
         PIDS+=($!)
+        ETCD_PIDS+=($!)
     done
     ETCD="$(IFS=,; echo "${ep[*]}")"
     for _ in $(seq 200); do
