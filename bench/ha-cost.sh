@@ -5,14 +5,14 @@
 # (agents given every controller's address), same run, interleaved ROUNDS times. Prints
 # each run's row, then the median rates and the HA/single ratio per agent count.
 #
-#   bench/ha-cost.sh                 # ~3 minutes after the build
+#   bench/ha-cost.sh                 # ~7 minutes after the build
 #   SECS=3 ROUNDS=1 bench/ha-cost.sh # quick look
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SECS="${SECS:-8}"       # measured seconds per run (plus 1 s warm-up)
 ROUNDS="${ROUNDS:-2}"   # each configuration this many times, alternating modes
-AGENTS="${AGENTS:-1 4 16}"
+AGENTS="${AGENTS:-1 4 16 64}"
 SEG="${SEG:-1M}"
 LIMIT="${LIMIT:-600}"
 
