@@ -20,7 +20,7 @@ trap cleanup EXIT
 stop() {
     local p=$1 keep=() q
     kill "$p" 2>/dev/null || true
-    wait "$p" 2>/dev/null || true
+    { wait "$p"; } 2>/dev/null || true # (also silences bash's "Killed" notice)
     for q in "${PIDS[@]}"; do [ "$q" = "$p" ] || keep+=("$q"); done
     PIDS=("${keep[@]}")
 }
