@@ -7,6 +7,7 @@
 #
 #   bench/ha-cost.sh                 # ~7 minutes after the build
 #   SECS=3 ROUNDS=1 bench/ha-cost.sh # quick look
+#   ETCD_MEMBERS=1 bench/ha-cost.sh  # etcd without its own replication (not highly available)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +16,7 @@ ROUNDS="${ROUNDS:-2}"   # each configuration this many times, alternating modes
 AGENTS="${AGENTS:-1 4 16 64}"
 SEG="${SEG:-1M}"
 LIMIT="${LIMIT:-600}"
+ETCD_MEMBERS="${ETCD_MEMBERS:-3}" # 1: what etcd costs without its own replication
 
 for tool in etcd etcdctl python3 curl timeout; do
     command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install etcd-server etcd-client python3 curl coreutils)"; exit 1; }
@@ -45,7 +47,7 @@ SINGLE="http://127.0.0.1:$port"
 wait_api "$SINGLE" "$SINGLE_PID" "$WORK/single.log"
 
 # HA: 3 controllers on a 3-member etcd; c0 starts first and leads.
-start_etcd
+start_etcd "$ETCD_MEMBERS"
 HA=""
 declare -a HA_PID
 for i in 0 1 2; do
@@ -74,7 +76,7 @@ applied() { curl -s --max-time 2 "${HA%%,*}/v1/ha" | python3 -c 'import json,sys
 ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
 : >"$WORK/ha-extra"
 
-echo "machine: $(nproc) cores, load average at start: $(cut -d' ' -f1-3 /proc/loadavg); $SEG segments, own vdisk per agent, ${SECS} s per run"
+echo "machine: $(nproc) cores, load average at start: $(cut -d' ' -f1-3 /proc/loadavg); etcd members: $ETCD_MEMBERS; $SEG segments, own vdisk per agent, ${SECS} s per run"
 echo
 echo "## Write faults: single controller vs 3 controllers on etcd"
 echo
@@ -131,7 +133,7 @@ for line in open(sys.argv[2]):
     runs.setdefault(n, []).append((rec, etcd, sb))
 print("HA, where the time goes (per invocation; faults = those in the window scaled by (window + 1 s warm-up) / window; one record per vdisk created is taken off):")
 print()
-print("| agents | records committed (median) | faults per record (batch) | etcd CPU µs/fault (3 members) | standbys CPU µs/fault (2) |")
+print("| agents | records committed (median) | faults per record (batch) | etcd CPU µs/fault (all members) | standbys CPU µs/fault (2) |")
 print("|---:|---:|---:|---:|---:|")
 for n in sorted(runs):
     tot = [f * (secs + 1) / secs for f in faults[n]]

@@ -31,19 +31,19 @@ DEADLINE=$((SECONDS + LIMIT))
 within() { local left=$((DEADLINE - SECONDS)); [ "$left" -lt "$1" ] && echo $((left > 1 ? left : 1)) || echo "$1"; }
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 
-# start_etcd: a 3-member etcd cluster on loopback (data in WORK, fast elections as in the
+# start_etcd [MEMBERS]: an etcd cluster (3 members unless told) on loopback (data in WORK, fast elections as in the
 # tests' harness); sets ETCD to the comma-separated client URLs once a write succeeds, and
 # ETCD_PIDS.
 ETCD_PIDS=()
 start_etcd() {
-    local i cluster="" ep=() client peer
+    local i cluster="" ep=() client peer n=${1:-3}
     local -a cp pp
-    for i in 0 1 2; do
+    for ((i = 0; i < n; i++)); do
         cp[i]=$(free_port); pp[i]=$(free_port)
         cluster+="${cluster:+,}m$i=http://127.0.0.1:${pp[i]}"
         ep+=("http://127.0.0.1:${cp[i]}")
     done
-    for i in 0 1 2; do
+    for ((i = 0; i < n; i++)); do
         client="http://127.0.0.1:${cp[i]}"; peer="http://127.0.0.1:${pp[i]}"
         etcd --name "m$i" --data-dir "$WORK/etcd-m$i" \
             --listen-client-urls "$client" --advertise-client-urls "$client" \
