@@ -17,7 +17,8 @@ use crate::stats::{Rng, quantile};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The controller's address (admin API and gRPC), e.g. http://127.0.0.1:7700.
+    /// The controller's address (admin API and gRPC), e.g. http://127.0.0.1:7700, or every
+    /// HA controller's, comma-separated (requests go to the leader).
     #[arg(long)]
     controller: String,
     /// Simulated agents, each with its own gRPC connection and session.

@@ -6,7 +6,12 @@
 //! - `table`: builds a vdisk with ~1,000,000 separate entries, then times a fresh agent
 //!   getting the whole table (`open_vdisk`: distribution, decode) and building it;
 //! - `snapshot`: builds a 1 TiB vdisk with 1,000,000 segments allocated in random order,
-//!   then times snapshot create (and the I/O hold), copy-on-write round trips and delete.
+//!   then times snapshot create (and the I/O hold), copy-on-write round trips and delete;
+//! - `failover`: N agents, each holding its own vdisk's table, through a leader kill on an
+//!   HA control plane: time until every one has a session with the new leader and its
+//!   table again (`bench/ha-failover.sh` drives it).
+//!
+//! `--controller` takes one address or every HA controller's, comma-separated.
 //!
 //! `bench/distributed.sh` starts the controller and runs the first two; agent memory per
 //! million entries is measured there, on a real `tabula agent` process. `bench/snapshot.sh`
@@ -16,6 +21,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod failover;
 mod faults;
 mod sim;
 mod snapshot;
@@ -40,6 +46,9 @@ enum Cmd {
     Table(table::Args),
     /// Snapshot create/delete time, I/O hold and copy-on-write cost on a large table.
     Snapshot(snapshot::Args),
+    /// N agents, each holding its vdisk's table, through a leader kill (HA): time until all
+    /// have a session with the new leader and their tables again.
+    Failover(failover::Args),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +68,7 @@ fn main() -> ExitCode {
             Cmd::Faults(a) => faults::run(a).await,
             Cmd::Table(a) => table::run(a).await,
             Cmd::Snapshot(a) => snapshot::run(a).await,
+            Cmd::Failover(a) => failover::run(a).await,
         }
     });
     match result {

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use tabula_agent::remote::RemoteControl;
+use tabula_agent::remote::{RemoteControl, follow};
 use tabula_api::admin::{ApiError, CreateVdisk, VdiskView};
 use tabula_api::{AgentPort, Command, ControlError, ControlPlane, TableSnapshot};
 
@@ -35,10 +35,11 @@ pub struct Sim<P = AckPort> {
 
 impl<P: AgentPort + Default + 'static> Sim<P> {
     /// Dials the controller (each simulated agent has its own HTTP/2 connection) and starts
-    /// its session; registration completes in the background.
-    pub async fn start(url: &str, name: &str, call_timeout: Duration) -> Result<Sim<P>> {
-        let control =
-            RemoteControl::new(&[url.to_string()], call_timeout).map_err(|e| anyhow!(e))?;
+    /// its session; registration completes in the background. `urls` is one address or a
+    /// comma-separated list of controllers (HA), as a real agent's `--controller`.
+    pub async fn start(urls: &str, name: &str, call_timeout: Duration) -> Result<Sim<P>> {
+        let list = follow::parse_list(urls).map_err(|e| anyhow!(e))?;
+        let control = RemoteControl::new(&list, call_timeout).map_err(|e| anyhow!(e))?;
         let port = Arc::new(P::default());
         control
             .register_agent(name, port.clone(), Vec::new())
@@ -69,22 +70,75 @@ impl<P: AgentPort + Default + 'static> Sim<P> {
     }
 }
 
-/// The controller's admin API (JSON over HTTP), blocking.
+/// The controller's admin API (JSON over HTTP), blocking. Given several controllers (HA),
+/// requests go to the leader: a standby's 421 names it, an address that does not answer is
+/// skipped.
 pub struct Admin {
-    base: String,
+    urls: Vec<String>,
+    current: std::sync::Mutex<String>,
     http: ureq::Agent,
 }
 
 impl Admin {
-    pub fn new(url: &str) -> Admin {
+    /// `urls`: one address or a comma-separated list.
+    pub fn new(urls: &str) -> Admin {
         let http: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(120)))
             .build()
             .into();
+        let urls: Vec<String> = urls
+            .split(',')
+            .map(|u| u.trim().trim_end_matches('/').to_string())
+            .filter(|u| !u.is_empty())
+            .collect();
         Admin {
-            base: url.trim_end_matches('/').to_string(),
+            current: std::sync::Mutex::new(urls.first().cloned().unwrap_or_default()),
+            urls,
             http,
+        }
+    }
+
+    /// Sends `req(base)` to the leader: follows a standby's 421 to the leader it names,
+    /// moves to the next address when one does not answer, for up to 30 s (an election).
+    fn send(
+        &self,
+        what: &str,
+        req: impl Fn(&str) -> Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<ureq::http::Response<ureq::Body>> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut next = 0;
+        loop {
+            let base = self.current.lock().expect("not poisoned").clone();
+            let moved_to = match tokio::task::block_in_place(|| req(&base)) {
+                Ok(mut resp) if resp.status() == ureq::http::StatusCode::MISDIRECTED_REQUEST => {
+                    let leader = resp
+                        .body_mut()
+                        .read_json::<serde_json::Value>()
+                        .ok()
+                        .and_then(|v| v["leader"].as_str().map(str::to_string));
+                    leader.map(|l| l.trim_end_matches('/').to_string())
+                }
+                Ok(resp) => return Ok(resp),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(e).with_context(|| format!("{what} (controller {base})"));
+                }
+                Err(_) => None,
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "{what}: no controller in {:?} answered as the leader within 30 s",
+                    self.urls
+                );
+            }
+            let to = moved_to.unwrap_or_else(|| {
+                next = (next + 1) % self.urls.len().max(1);
+                self.urls.get(next).cloned().unwrap_or_default()
+            });
+            if to == base {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            *self.current.lock().expect("not poisoned") = to;
         }
     }
 
@@ -116,23 +170,17 @@ impl Admin {
             cow: None,
             container: None,
         };
-        let resp = tokio::task::block_in_place(|| {
-            self.http
-                .post(format!("{}/v1/vdisks", self.base))
-                .send_json(&body)
-        })
-        .with_context(|| what.clone())?;
+        let resp = self.send(&what, |base| {
+            self.http.post(format!("{base}/v1/vdisks")).send_json(&body)
+        })?;
         Self::decode(&what, resp)
     }
 
     pub fn vdisk(&self, name: &str) -> Result<VdiskView> {
         let what = format!("looking up vdisk {name}");
-        let resp = tokio::task::block_in_place(|| {
-            self.http
-                .get(format!("{}/v1/vdisks/{name}", self.base))
-                .call()
-        })
-        .with_context(|| what.clone())?;
+        let resp = self.send(&what, |base| {
+            self.http.get(format!("{base}/v1/vdisks/{name}")).call()
+        })?;
         Self::decode(&what, resp)
     }
 }

@@ -420,6 +420,7 @@ impl Store {
     }
 
     /// The sequence number of the last record this store holds (in the database or the log).
+    /// Never waits, not even for a commit in flight (it gives the record before).
     pub fn last_seq(&self) -> u64 {
         self.last_seq.load(std::sync::atomic::Ordering::Acquire)
     }
@@ -1260,6 +1261,60 @@ mod tests {
         assert!(leader.write_logged(|t| t.delete_vdisk(VdiskId(1))).is_err());
         assert!(leader.write(|t| t.delete_vdisk(VdiskId(1))).is_err());
         assert_eq!((everything(&leader), leader.last_seq()), before);
+    }
+
+    /// `last_seq` answers at once while a record is out being replicated: the leader's
+    /// async tasks (its member key, `/v1/ha`, truncation) read it on runtime worker threads,
+    /// and the etcd call the committer waits for needs those threads. Blocking them on the
+    /// log lock the committer holds across that call hung leaders under load.
+    #[test]
+    fn last_seq_does_not_wait_for_a_replication_in_flight() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        struct Held {
+            entered: Mutex<mpsc::Sender<()>>,
+            release: Mutex<mpsc::Receiver<()>>,
+        }
+        impl Replicator for Held {
+            fn replicate(&self, _: u64, _: &[u8]) -> Result<(), StoreError> {
+                self.entered.lock().unwrap().send(()).unwrap();
+                self.release.lock().unwrap().recv().unwrap();
+                Ok(())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("s.redb")).unwrap());
+        store
+            .write_logged(|t| t.put_vdisk(VdiskId(1), &record("v")))
+            .unwrap();
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        store.set_replicator(Arc::new(Held {
+            entered: Mutex::new(entered_tx),
+            release: Mutex::new(release_rx),
+        }));
+        let committer = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                store.write_logged(|t| t.put_vdisk(VdiskId(2), &record("w")))
+            })
+        };
+        entered.recv_timeout(Duration::from_secs(10)).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let reader = {
+            let store = store.clone();
+            std::thread::spawn(move || tx.send(store.last_seq()).unwrap())
+        };
+        let seen = rx.recv_timeout(Duration::from_secs(2));
+        release.send(()).unwrap();
+        committer.join().unwrap().unwrap();
+        reader.join().unwrap();
+        assert_eq!(
+            seen,
+            Ok(1),
+            "last_seq blocked behind the replication in flight"
+        );
+        assert_eq!(store.last_seq(), 2, "the record counts once committed");
     }
 
     proptest! {
