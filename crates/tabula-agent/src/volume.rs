@@ -929,7 +929,10 @@ impl VolumeExport {
                     (Duration::from_millis(after_ms), reason)
                 }
                 Err(ControlError::Unavailable(m)) => {
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    // At most 250 ms apart: a failover to another controller takes a couple
+                    // of seconds, and a first write should follow within a beat of it (a 1 s
+                    // cap made it wait up to a second more; retries are cheap).
+                    backoff = (backoff * 2).min(Duration::from_millis(250));
                     tracing::debug!(
                         vdisk = self.vol.name,
                         error = m,
