@@ -454,3 +454,50 @@ fn etcd_quorum_loss_and_return() {
     c.check_live();
     c.stop_and_check();
 }
+
+/// A second controller under a running one's name is refused (it would take the other's
+/// member key and confuse who leads); a restart of a killed controller under its own name
+/// is accepted once the killed run's lease has ended.
+#[test]
+fn a_controller_name_in_use_is_refused() {
+    let Some(mut c) = HaCluster::start(1, &[]) else {
+        return;
+    };
+    let dir = c.dir.join("twin-data");
+    let out = common::run_timeout(
+        common::BIN,
+        &[
+            "controller",
+            "--etcd",
+            &c.etcd.endpoint_list(),
+            "--name",
+            "c1",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--api-listen",
+            &format!("127.0.0.1:{}", common::free_port()),
+            "--election-ttl",
+            common::ha::ELECTION_TTL,
+        ],
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the twin must be refused: {err}");
+    assert!(
+        err.contains("another controller named c1 is running"),
+        "the refusal says why: {err}"
+    );
+    assert_eq!(
+        c.controllers[0].role().as_deref(),
+        Some("leader"),
+        "the first still leads"
+    );
+    c.controllers[0].proc.kill9();
+    c.controllers[0].spawn();
+    common::poll(
+        "c1 leads again after its restart",
+        Duration::from_secs(20),
+        || (c.controllers[0].role().as_deref() == Some("leader")).then_some(()),
+    );
+    c.stop_and_check();
+}

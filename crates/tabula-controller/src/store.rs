@@ -475,7 +475,9 @@ impl Store {
         let r = Self::checkpoint_locked(&self.db, &mut logged, seq, Vec::new());
         self.publish(&logged);
         r?;
+        // A read transaction is a consistent snapshot: commits go on while it is read.
         let tx = self.db.begin_read()?;
+        drop(logged);
         let meta = tx.open_table(META)?;
         let mut changes = Vec::new();
         for key in ["next_vdisk", "next_container", POOL_ID] {

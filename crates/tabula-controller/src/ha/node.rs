@@ -32,6 +32,8 @@ pub const KEEP_RECORDS: u64 = 1000;
 /// How often each controller refreshes its member key, and the leader truncates the log.
 const MEMBER_EVERY: Duration = Duration::from_secs(1);
 const TRUNCATE_EVERY: Duration = Duration::from_secs(5);
+/// Set for a controller re-executed on stepping down: its previous run's etcd lease.
+const PREVIOUS_LEASE_ENV: &str = "TABULA_HA_PREVIOUS_LEASE";
 /// The longest a takeover may take to open the controller.
 const OPEN_LIMIT: Duration = Duration::from_secs(60);
 /// The longest any one etcd call may take.
@@ -112,11 +114,19 @@ pub async fn run(
         leader: RwLock::new(None),
         members: RwLock::new(Vec::new()),
     });
+    // A leader that stepped down re-executed itself: its old lease goes at once (and with
+    // it its member key and the leader key), rather than when its TTL runs out.
+    if let Some(old) = std::env::var(PREVIOUS_LEASE_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok())
+    {
+        until_etcd_answers("revoking the previous run's lease", || async {
+            node.etcd.lease_revoke(old).await.map_err(HaError::from)
+        })
+        .await?;
+    }
     until_etcd_answers("taking an etcd lease", || node.grant_lease()).await?;
-    until_etcd_answers("reading the leader key", || {
-        node.clear_own_stale_leadership()
-    })
-    .await?;
+    until_etcd_answers("checking the name", || node.wait_for_name()).await?;
     // The admin port serves from the start: a standby's answers now, the leader's later.
     let limits = crate::http::Limits::default();
     let app = Arc::new(RwLock::new(standby_app(node.clone())));
@@ -179,10 +189,14 @@ pub async fn run(
     .await
     {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => step_down(&format!("the controller could not start: {e}")),
-        Err(_) => step_down(&format!(
-            "the controller did not start within {OPEN_LIMIT:?}"
-        )),
+        Ok(Err(e)) => step_down(
+            node.lease(),
+            &format!("the controller could not start: {e}"),
+        ),
+        Err(_) => step_down(
+            node.lease(),
+            &format!("the controller did not start within {OPEN_LIMIT:?}"),
+        ),
     };
     info!(
         ms = opening.elapsed().as_millis() as u64,
@@ -200,10 +214,10 @@ pub async fn run(
                 // lease may well live on in etcd. Lost for sure, or uncertain for a whole
                 // TTL (a standby may hold the key by now): step down.
                 if node.leadership.is_lost() {
-                    step_down("leadership was lost (a fenced commit, or etcd dropped the lease)");
+                    step_down(node.lease(), "leadership was lost (a fenced commit, or etcd dropped the lease)");
                 }
                 if node.leadership.lapsed_for() > node.ha.election_ttl {
-                    step_down("etcd has not renewed this leader's lease for a whole TTL");
+                    step_down(node.lease(), "etcd has not renewed this leader's lease for a whole TTL");
                 }
             }
         }
@@ -322,24 +336,39 @@ impl Node {
         Ok(())
     }
 
-    /// A leader key naming this controller with another lease was left by its previous
-    /// incarnation (killed, or re-executed on stepping down): nobody holds it, so it goes
-    /// now rather than when that lease runs out.
-    async fn clear_own_stale_leadership(&self) -> Result<(), HaError> {
-        if let Some(kv) = self.etcd.get(&self.keys.leader()).await? {
-            let info: Option<LeaderInfo> = serde_json::from_slice(&kv.value).ok();
-            if info.is_some_and(|l| l.name == self.ha.name) && kv.lease != self.lease() {
-                info!("removing the leader key this controller's previous run left");
-                self.etcd
-                    .txn(
-                        vec![Compare::ModRevision(self.keys.leader(), kv.mod_revision)],
-                        vec![Op::Delete(self.keys.leader())],
-                        vec![],
-                    )
-                    .await?;
+    /// Makes sure no other live controller runs under this name: a member key of the name
+    /// under another lease is either a previous run of this controller (killed: its lease
+    /// runs out within a TTL, and it is waited out) or another controller, refused.
+    async fn wait_for_name(&self) -> Result<(), HaError> {
+        let ttl = Duration::from_secs(self.ttl_secs() as u64);
+        let deadline = Instant::now() + ttl * 3 + Duration::from_secs(1);
+        let mut said = false;
+        loop {
+            let Some(kv) = self.etcd.get(&self.keys.member(&self.ha.name)).await? else {
+                return Ok(());
+            };
+            if kv.lease == self.lease() {
+                return Ok(());
             }
+            let other: Option<MemberInfo> = serde_json::from_slice(&kv.value).ok();
+            if Instant::now() > deadline {
+                return Err(HaError::Refused(format!(
+                    "another controller named {} is running{}: every controller needs its own --name",
+                    self.ha.name,
+                    other
+                        .map(|m| format!(" (at {})", m.api))
+                        .unwrap_or_default()
+                )));
+            }
+            if !said {
+                info!(
+                    name = self.ha.name,
+                    "a controller of this name was registered; waiting for its lease to end"
+                );
+                said = true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        Ok(())
     }
 
     /// Keeps the etcd lease alive (every TTL/4). A leader whose lease is gone has lost its
@@ -355,7 +384,7 @@ impl Node {
                 Ok(_) => {
                     if self.epoch.load(Ordering::Acquire) != 0 {
                         self.leadership.lose();
-                        step_down("etcd no longer has this leader's lease");
+                        step_down(self.lease(), "etcd no longer has this leader's lease");
                     }
                     warn!("etcd no longer has this controller's lease; taking a new one");
                     if let Err(e) = self.grant_lease().await {
@@ -658,13 +687,16 @@ impl Node {
 
 /// Leaves the leader role for good: the process runs itself again (same arguments, same
 /// pid) and comes back as a standby, so none of the old leader's state survives.
-fn step_down(why: &str) -> ! {
+fn step_down(lease: i64, why: &str) -> ! {
     error!(reason = why, "stepping down: restarting as a standby");
     let exe = std::env::current_exe();
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     if let Ok(exe) = exe {
         use std::os::unix::process::CommandExt;
-        let e = std::process::Command::new(exe).args(args).exec();
+        let e = std::process::Command::new(exe)
+            .args(args)
+            .env(PREVIOUS_LEASE_ENV, lease.to_string())
+            .exec();
         error!(error = %e, "cannot re-execute this controller; exiting");
     }
     std::process::exit(75)
