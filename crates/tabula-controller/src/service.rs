@@ -840,13 +840,19 @@ impl Controller {
     pub async fn refresh_tables(&self) {
         for id in self.agents.held_vdisks() {
             // One snapshot per table, whatever the number of holders.
-            let snap = {
+            let (snap, seq) = {
                 let meta = self.meta.lock().await;
-                if !meta.vdisks.contains_key(&id) {
+                let Some(v) = meta.vdisks.get(&id) else {
                     continue;
-                }
-                Self::snapshot_of(&meta, id)
+                };
+                (Self::snapshot_of(&meta, id), v.last_seq)
             };
+            // Only what is durable goes out, and only from a controller sure it leads: a
+            // commit can fail (fenced, etcd without quorum), and an agent must never be
+            // given a mapping that was not committed.
+            if self.journal.wait(seq).await.is_err() || !self.leading() {
+                return;
+            }
             // An ended session cannot take it (and resyncs if it registers again).
             for holder in self
                 .agents

@@ -124,6 +124,19 @@ impl Controller {
                  try again"
             ))
         };
+        // Right after a start (a restart, or a takeover by another controller), agents of the
+        // previous run may still write in place under their old lease without having
+        // registered here: they cannot be held, so nothing may be shared with a snapshot or
+        // rolled back under them until that lease has run out (the restart grace).
+        let now = Instant::now();
+        if now < self.grace_until {
+            info!(
+                wait_ms = (self.grace_until - now).as_millis() as u64,
+                "{what}: waiting for the restart grace: agents of the previous run may still \
+                 write in place until their lease runs out"
+            );
+            tokio::time::sleep_until(self.grace_until.into()).await;
+        }
         let mut waited: Vec<String> = Vec::new();
         for _ in 0..HOLD_TRIES {
             let meta = self.meta.lock().await;

@@ -132,6 +132,38 @@ async fn a_renewing_agent_is_waited_for_and_freed_space_follows_its_ack() {
     assert_consistent(&ctl).await;
 }
 
+/// A snapshot or rollback asked for right after a start (a restart, or a standby taking
+/// over) waits out the restart grace: an agent of the previous run may still write in place
+/// under its old lease without having registered, so it cannot be held, and the snapshot
+/// would share blocks it is still writing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_right_after_a_start_waits_out_the_restart_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let ctl = Controller::open(leased(dir.path(), 400, true))
+            .await
+            .unwrap();
+        ctl.ensure_default_container(64 * MIB).await.unwrap();
+        let v = ctl
+            .create_vdisk("vd", 16 * MIB, None, None, None)
+            .await
+            .unwrap();
+        ctl.fault(fault(v.id, FaultOp::Write, 0, 2)).await.unwrap();
+    }
+    let started = std::time::Instant::now();
+    let ctl = Controller::open(leased(dir.path(), 400, true))
+        .await
+        .unwrap();
+    ctl.create_snapshot("vd", "s").await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "the snapshot was taken {:?} after the start, inside the 400 ms grace",
+        started.elapsed()
+    );
+    ctl.rollback("vd", "s").await.unwrap();
+    assert_consistent(&ctl).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restart_freed_space_waits_out_one_lease() {
     let dir = tempfile::tempdir().unwrap();
