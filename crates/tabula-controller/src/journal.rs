@@ -74,6 +74,11 @@ impl Journal {
         seq
     }
 
+    /// Whether a commit failed: nothing more is acknowledged (fail-stop).
+    pub fn failed(&self) -> bool {
+        self.durable.borrow().failed.is_some()
+    }
+
     /// The ticket of the last queued change (0 if none).
     pub fn last(&self) -> u64 {
         self.next.lock().expect("journal lock").0

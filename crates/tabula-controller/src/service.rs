@@ -1310,6 +1310,11 @@ impl Controller {
         &self.store
     }
 
+    /// Whether a metadata commit failed, so that nothing more can be acknowledged.
+    pub fn metadata_failed(&self) -> bool {
+        self.journal.failed()
+    }
+
     /// Whether this controller may answer agents: always without high availability; with
     /// it, while its leadership is certain (`crate::ha`).
     pub fn leading(&self) -> bool {

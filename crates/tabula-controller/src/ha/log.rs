@@ -150,10 +150,7 @@ pub async fn read_after(
         let payload = match decode_record(&kv.value).map_err(EtcdError::Failed)? {
             Stored::Inline(p) => p,
             s @ Stored::Parts { .. } => {
-                let (from, to) = keys.parts(seq);
-                let (parts, _) = etcd.range(&from, &to, 0).await?;
-                let parts: Vec<Vec<u8>> = parts.into_iter().map(|kv| kv.value).collect();
-                join_parts(&s, &parts).map_err(EtcdError::Failed)?
+                join_parts(&s, &read_parts(etcd, keys, seq).await?).map_err(EtcdError::Failed)?
             }
         };
         out.push((seq, payload));
@@ -162,7 +159,29 @@ pub async fn read_after(
     Ok(Read::Records(out, rev))
 }
 
-/// Removes records up to `upto` (and their pieces) from etcd.
+/// Pieces of a record per read: a reply stays far below the client's 64 MiB limit however
+/// big the record (a snapshot of a large table is tens of pieces).
+const PARTS_PER_READ: i64 = 16;
+
+/// The pieces of split record `seq`, in order, a few per request.
+async fn read_parts(etcd: &Etcd, keys: &Keys, seq: u64) -> Result<Vec<Vec<u8>>, EtcdError> {
+    let (mut next, to) = keys.parts(seq);
+    let mut parts = Vec::new();
+    loop {
+        let (batch, _) = etcd.range(&next, &to, PARTS_PER_READ).await?;
+        let n = batch.len() as i64;
+        if let Some(last) = batch.last() {
+            // The smallest key after the last one read.
+            next = last.key.clone();
+            next.push(0);
+        }
+        parts.extend(batch.into_iter().map(|kv| kv.value));
+        if n < PARTS_PER_READ {
+            return Ok(parts);
+        }
+    }
+}
+
 /// Removes records up to `upto` (and their pieces) from etcd, and compacts etcd's history
 /// up to then (etcd 3.4 keeps every old revision otherwise, and its database fills).
 pub async fn truncate(etcd: &Etcd, keys: &Keys, upto: u64) -> Result<(), EtcdError> {
@@ -170,4 +189,72 @@ pub async fn truncate(etcd: &Etcd, keys: &Keys, upto: u64) -> Result<(), EtcdErr
     etcd.delete_range(&from, &to).await?;
     let rev = etcd.delete_range(&keys.log(0), &keys.log(upto + 1)).await?;
     etcd.compact(rev).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tabula_etcd::testing::EtcdCluster;
+
+    /// Against a real etcd: a record bigger than many pieces (and than one read of them)
+    /// comes back whole; a record written under another epoch is refused and leaves
+    /// nothing readable; a second writer of the same sequence number is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_round_trip_through_etcd_and_are_fenced() {
+        let Some(cluster) = EtcdCluster::try_start(1) else {
+            return;
+        };
+        let etcd = cluster.client(Duration::from_secs(5)).await;
+        let keys = Keys::new("/t");
+        let leader = etcd
+            .txn(
+                vec![Compare::CreateRevision(keys.leader(), 0)],
+                vec![Op::Put {
+                    key: keys.leader(),
+                    value: b"me".to_vec(),
+                    lease: 0,
+                }],
+                vec![],
+            )
+            .await
+            .unwrap();
+        let leadership = Arc::new(Leadership::default());
+        let log = |epoch| EtcdLog {
+            etcd: etcd.clone(),
+            keys: keys.clone(),
+            epoch,
+            leadership: leadership.clone(),
+            rt: tokio::runtime::Handle::current(),
+        };
+        let mine = log(leader.revision);
+        // 20 pieces: more than one read of them.
+        let big: Vec<u8> = (0..20 * super::super::records::PART_BYTES + 5)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let small = b"[]".to_vec();
+        tokio::task::block_in_place(|| {
+            mine.replicate(1, &big).unwrap();
+            mine.replicate(2, &small).unwrap();
+            assert!(
+                mine.replicate(2, b"x").is_err(),
+                "a second record 2 is refused"
+            );
+            assert!(
+                log(leader.revision + 1000).replicate(3, &small).is_err(),
+                "another epoch is fenced"
+            );
+        });
+        let Read::Records(got, _) = read_after(&etcd, &keys, 0, 10).await.unwrap() else {
+            panic!("no gap expected");
+        };
+        assert_eq!(got.len(), 2, "record 3 was never written");
+        assert!(got[0] == (1, big), "the split record comes back whole");
+        assert_eq!(got[1], (2, small));
+        truncate(&etcd, &keys, 1).await.unwrap();
+        assert!(matches!(
+            read_after(&etcd, &keys, 0, 10).await.unwrap(),
+            Read::Gap { first: 2 }
+        ));
+    }
 }

@@ -24,8 +24,9 @@ use crate::{Controller, ControllerConfig};
 
 /// `meta` key (local to each controller): the id of the control plane its store follows.
 const CLUSTER_ID: &str = "ha_cluster";
-/// Records read from etcd per request while catching up.
-const READ_BATCH: i64 = 256;
+/// Records read from etcd per request while catching up: each is at most 1 MiB inline, so a
+/// reply stays well below the client's 64 MiB limit.
+const READ_BATCH: i64 = 32;
 /// Newest records kept in etcd whatever members have applied: a controller that just
 /// installed an image follows on from them.
 pub const KEEP_RECORDS: u64 = 1000;
@@ -213,6 +214,12 @@ pub async fn run(
                 // A short lapse (a slow keep-alive) only pauses answers to agents; the
                 // lease may well live on in etcd. Lost for sure, or uncertain for a whole
                 // TTL (a standby may hold the key by now): step down.
+                // A local commit failure (the disk: ENOSPC, EIO) poisons the journal: this
+                // controller can acknowledge nothing more, so another must lead.
+                if ctl.metadata_failed() {
+                    node.leadership.lose();
+                    step_down(node.lease(), "a metadata commit failed here; another controller takes over");
+                }
                 if node.leadership.is_lost() {
                     step_down(node.lease(), "leadership was lost (a fenced commit, or etcd dropped the lease)");
                 }
