@@ -153,6 +153,13 @@ pub enum Event {
 }
 
 impl Event {
+    /// The key that changed.
+    pub fn key(&self) -> &[u8] {
+        match self {
+            Event::Put(kv) | Event::Delete(kv) => &kv.key,
+        }
+    }
+
     /// The revision of the change.
     pub fn revision(&self) -> i64 {
         match self {

@@ -494,22 +494,11 @@ impl Node {
             match self.etcd.watch(&from, &to, rev + 1).await {
                 Ok(mut w) => {
                     // Any change under the prefix but member refreshes is news.
+                    let members = self.keys.members().0;
                     let wait = async {
-                        loop {
-                            match w.next().await {
-                                Ok(Some((_, events))) => {
-                                    let members = self.keys.members().0;
-                                    if events.iter().any(|e| {
-                                        let k = match e {
-                                            tabula_etcd::Event::Put(kv)
-                                            | tabula_etcd::Event::Delete(kv) => &kv.key,
-                                        };
-                                        !k.starts_with(&members)
-                                    }) {
-                                        return;
-                                    }
-                                }
-                                _ => return,
+                        while let Ok(Some((_, events))) = w.next().await {
+                            if events.iter().any(|e| !e.key().starts_with(&members)) {
+                                return;
                             }
                         }
                     };
